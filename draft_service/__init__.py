@@ -1,0 +1,1 @@
+"""The draft service: a cheap causal LM that proposes gamma tokens per call for a session."""

@@ -1,0 +1,36 @@
+"""DraftService: unpack the request, run the drafter on the model worker, pack the reply."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from draft_service.drafter import propose
+from serving.errors import InvalidArgument
+from serving.model_service import ModelServiceBase, encode_to_message, timing
+from specdec_api import draft_pb2, draft_pb2_grpc
+from speculation.wire import encode_probs
+
+
+class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
+    def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
+        started = time.perf_counter_ns()
+        gamma = request.num_draft_tokens
+        if not 1 <= gamma <= self.max_draft_tokens:
+            raise InvalidArgument(f"num_draft_tokens must be in [1, {self.max_draft_tokens}], got {gamma}")
+        append = list(request.append_tokens)
+        self.check_session(request.session_id, request.prefix_len, append, gamma - 1)
+        sampling = self.sampling_from(request.sampling)
+        generator = None
+        if not sampling.greedy:
+            generator = torch.Generator().manual_seed(request.seed & ((1 << 63) - 1))
+
+        with self.session(request.session_id, request.prefix_len) as session:
+            done = self.worker.run(lambda: propose(self.runner, session.cache, append, gamma, sampling, generator))
+            cached_len = session.length
+        reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)
+        if done.result.draft_probs is not None:
+            encode_to_message(encode_probs(done.result.draft_probs), reply.draft_probs)
+        reply.timing.CopyFrom(timing(started, done.queue_us, done.compute_us))
+        return reply

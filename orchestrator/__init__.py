@@ -1,0 +1,1 @@
+"""The orchestrator: owns each generation (tokens, sampling, RNG, gamma, acceptance) and streams it."""

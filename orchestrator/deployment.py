@@ -1,0 +1,74 @@
+"""The orchestrator's view of its services: channels, stubs, model info, the tokenizer, and the
+startup checks that draft and target can be paired."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from transformers import AutoTokenizer
+
+from serving.grpc_server import CHANNEL_OPTIONS
+from specdec_api import common_pb2, draft_pb2_grpc, verify_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class IncompatibleModels(RuntimeError):
+    pass
+
+
+@dataclass
+class Deployment:
+    verify_stub: verify_pb2_grpc.VerifyServiceStub
+    draft_stub: draft_pb2_grpc.DraftServiceStub | None
+    verify_info: common_pb2.ModelInfo
+    draft_info: common_pb2.ModelInfo | None
+    tokenizer: object
+    tokenizer_name: str
+    channels: list[grpc.Channel]
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+
+def check_pair(draft: common_pb2.ModelInfo, target: common_pb2.ModelInfo) -> None:
+    """Draft and target must share a vocabulary, or draft_probs and target_probs are not comparable."""
+    if draft.tokenizer_fingerprint and target.tokenizer_fingerprint and \
+            draft.tokenizer_fingerprint != target.tokenizer_fingerprint:
+        raise IncompatibleModels(
+            f"draft {draft.model!r} and target {target.model!r} have different tokenizer vocabularies; "
+            "speculative decoding needs a draft trained with the target's tokenizer")
+    if draft.vocab_size != target.vocab_size:
+        raise IncompatibleModels(
+            f"draft {draft.model!r} has {draft.vocab_size} logits per token but target {target.model!r} has "
+            f"{target.vocab_size}; pick a draft with the target's vocabulary")
+
+
+def _channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def connect(verify_address: str, draft_address: str | None, tokenizer: str | None = None,
+            ready_timeout_s: float = 60.0) -> Deployment:
+    channels = []
+    verify_channel = _channel(verify_address)
+    channels.append(verify_channel)
+    verify_stub = verify_pb2_grpc.VerifyServiceStub(verify_channel)
+    verify_info = verify_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=ready_timeout_s,
+                                           wait_for_ready=True)
+    draft_stub = draft_info = None
+    if draft_address:
+        draft_channel = _channel(draft_address)
+        channels.append(draft_channel)
+        draft_stub = draft_pb2_grpc.DraftServiceStub(draft_channel)
+        draft_info = draft_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=ready_timeout_s,
+                                             wait_for_ready=True)
+        check_pair(draft_info, verify_info)
+    tokenizer_name = tokenizer or verify_info.model
+    loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+    log.info("target %s, draft %s, tokenizer %s", verify_info.model, draft_info.model if draft_info else None,
+             tokenizer_name)
+    return Deployment(verify_stub, draft_stub, verify_info, draft_info, loaded_tokenizer, tokenizer_name, channels)

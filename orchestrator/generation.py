@@ -1,0 +1,234 @@
+"""One generation: the draft -> verify -> accept loop, yielding committed tokens round by round.
+
+Knows the services only through DraftSession / VerifySession; the acceptance maths is in
+speculation/. Steps of a round are numbered as in the comments below.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import grpc
+import torch
+
+from orchestrator.service_clients import DraftSession, VerifySession
+from orchestrator.text_stream import TextStream
+from specdec_api import common_pb2, orchestrator_pb2
+from speculation.rejection import RoundOutcome, greedy_accept, rejection_sample
+from speculation.sampling import Sampling
+from speculation.wire import decode_probs
+
+log = logging.getLogger(__name__)
+
+# Draft failures that mean "carry on without speculation for a while" rather than "fail the request".
+DRAFT_OUTAGE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                      grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL}
+DRAFT_RETRY_AFTER_ROUNDS = 8
+
+
+@dataclass
+class GenerationSpec:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    seed: int
+    gamma: int  # fixed gamma, or the starting gamma of an adaptive policy
+    stop: list[str]
+    eos_token_ids: set[int]
+    max_context: int
+    adaptive: bool = False
+    max_gamma: int = 16
+
+
+@dataclass
+class RoundEvent:
+    """What one round committed, for the stream and for tracing."""
+    token_ids: list[int]
+    text: str
+    gamma: int
+    accepted: int
+    bonus: bool
+    finish_reason: int = orchestrator_pb2.FINISH_REASON_UNSPECIFIED
+
+
+@dataclass
+class Counters:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    recovered: int = 0
+    bonus: int = 0
+    target_only_rounds: int = 0
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    def record(self, gamma: int, outcome: RoundOutcome) -> None:
+        self.rounds += 1
+        self.drafted += gamma
+        self.accepted += outcome.accepted
+        if gamma == 0:
+            self.target_only_rounds += 1
+        elif outcome.bonus:
+            self.bonus += 1
+        else:
+            self.recovered += 1
+        while len(self.drafted_at) < gamma:
+            self.drafted_at.append(0)
+            self.accepted_at.append(0)
+        for i in range(gamma):
+            self.drafted_at[i] += 1
+            self.accepted_at[i] += i < outcome.accepted
+
+
+class Generation:
+    def __init__(self, spec: GenerationSpec, draft: DraftSession | None, verify: VerifySession,
+                 text: TextStream, gamma_policy=None, is_active: Callable[[], bool] = lambda: True,
+                 metadata=()):
+        self.spec, self.draft, self.verify, self.text = spec, draft, verify, text
+        self.gamma_policy = gamma_policy
+        self.is_active = is_active
+        self.metadata = metadata
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.counters = Counters()
+        self.committed = list(spec.prompt_ids)
+        self.generated: list[int] = []
+        self.finish_reason = orchestrator_pb2.FINISH_REASON_UNSPECIFIED
+        self.final_text = ""
+        self.started = 0.0
+        self.wall_s = 0.0
+        self._draft_down_until = -1
+        self.sampling_message = common_pb2.SamplingParams(
+            temperature=spec.sampling.temperature, top_k=spec.sampling.top_k, top_p=spec.sampling.top_p)
+
+    def _gamma(self) -> int:
+        spec = self.spec
+        gamma = self.gamma_policy.gamma if self.gamma_policy else spec.gamma
+        remaining = spec.max_new_tokens - len(self.generated)
+        room = spec.max_context - len(self.committed) - 1
+        gamma = min(gamma, remaining - 1, room)
+        if self.draft is None or self.counters.rounds < self._draft_down_until:
+            return 0
+        return max(0, gamma)
+
+    def rounds(self) -> Iterator[RoundEvent]:
+        spec = self.spec
+        self.started = time.perf_counter()
+        try:
+            while self.finish_reason == orchestrator_pb2.FINISH_REASON_UNSPECIFIED and self.is_active():
+                yield self._round()
+        finally:
+            self.wall_s = time.perf_counter() - self.started
+
+    def _round(self) -> RoundEvent:
+        spec = self.spec
+        gamma = self._gamma()
+
+        # 1. Draft: gamma tokens (and draft_probs when sampling) in one call.
+        draft_ids: list[int] = []
+        draft_probs = None
+        draft_base = 0
+        draft_cached = 0
+        if gamma > 0:
+            draft_seed = int(torch.randint(0, 1 << 62, (1,), generator=self.generator))
+            try:
+                proposal, draft_base = self.draft.propose(self.committed, gamma, self.sampling_message,
+                                                          draft_seed, self.metadata)
+                draft_ids, draft_cached = list(proposal.token_ids), proposal.cached_len
+                if not spec.sampling.greedy:
+                    m = proposal.draft_probs
+                    draft_probs = decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
+            except grpc.RpcError as error:
+                if error.code() not in DRAFT_OUTAGE_CODES:
+                    raise
+                log.warning("draft unavailable (%s: %s); target-only for %d rounds", error.code().name,
+                            error.details(), DRAFT_RETRY_AFTER_ROUNDS)
+                self._draft_down_until = self.counters.rounds + DRAFT_RETRY_AFTER_ROUNDS
+                gamma = 0
+
+        # 2. Verify: one target forward over the uncached committed tokens and the drafts.
+        scored, verify_base = self.verify.verify(self.committed, draft_ids, self.sampling_message, self.metadata)
+
+        # 3. Accept: greedy prefix match, or rejection sampling with the orchestrator's RNG.
+        if spec.sampling.greedy:
+            outcome = greedy_accept(draft_ids, list(scored.argmax_token_ids))
+        else:
+            m = scored.target_probs
+            target_probs = decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
+            if draft_probs is None:
+                draft_probs = torch.zeros(0, target_probs.shape[1])
+            outcome = rejection_sample(torch.tensor(draft_ids, dtype=torch.long), draft_probs, target_probs,
+                                       self.generator)
+        self.counters.record(gamma, outcome)
+
+        # 4. Roll back: each service's cache stays valid through the accepted drafts it was fed.
+        self.verify.advance(verify_base, scored.cached_len, outcome.accepted)
+        if gamma > 0:
+            self.draft.advance(draft_base, draft_cached, outcome.accepted)
+
+        # 5. Commit, cut at EOS / max_new_tokens / stop string, stream.
+        new_tokens = self._commit(outcome.tokens(draft_ids))
+
+        # 6. Adapt gamma from what this round measured.
+        if self.gamma_policy is not None and gamma > 0:
+            self.gamma_policy.update(gamma, outcome.accepted)
+
+        final = self.finish_reason != orchestrator_pb2.FINISH_REASON_UNSPECIFIED
+        text = self.text.decode(self.generated)
+        if final:
+            text = text[: self._stop_text_end] if self._stop_text_end is not None else text
+            self.final_text = text
+        return RoundEvent(new_tokens, self.text.delta(text, final), gamma, outcome.accepted, outcome.bonus,
+                          self.finish_reason)
+
+    _stop_text_end: int | None = None
+
+    def _commit(self, tokens: list[int]) -> list[int]:
+        spec = self.spec
+        first_new = len(self.generated)
+        kept: list[int] = []
+        for token in tokens:
+            kept.append(token)
+            if token in spec.eos_token_ids:
+                self.finish_reason = orchestrator_pb2.FINISH_REASON_EOS
+                break
+            if first_new + len(kept) >= spec.max_new_tokens:
+                self.finish_reason = orchestrator_pb2.FINISH_REASON_LENGTH
+                break
+        hit = self.text.find_stop(self.generated + kept, first_new + 1)
+        if hit is not None:
+            kept = kept[: hit.token_count - first_new]
+            self.finish_reason = orchestrator_pb2.FINISH_REASON_STOP_STRING
+            self._stop_text_end = hit.text_end
+        self.generated.extend(kept)
+        self.committed.extend(kept)
+        return kept
+
+    def stats(self) -> orchestrator_pb2.GenerationStats:
+        c = self.counters
+        if self.finish_reason:
+            self.wall_s = time.perf_counter() - self.started
+        draft_calls = self.draft.calls if self.draft else []
+        verify_calls = self.verify.calls
+        wall_ms = self.wall_s * 1000
+        draft_ms = sum(r.observed_ms for r in draft_calls)
+        verify_ms = sum(r.observed_ms for r in verify_calls)
+        return orchestrator_pb2.GenerationStats(
+            prompt_tokens=len(self.spec.prompt_ids), new_tokens=len(self.generated), rounds=c.rounds,
+            drafted_tokens=c.drafted, accepted_tokens=c.accepted,
+            acceptance_rate=c.accepted / c.drafted if c.drafted else 0.0,
+            mean_accepted_len=len(self.generated) / c.rounds if c.rounds else 0.0,
+            tokens_per_s=len(self.generated) / self.wall_s if self.wall_s else 0.0,
+            wall_ms=wall_ms, draft_ms=draft_ms, verify_ms=verify_ms,
+            other_ms=max(0.0, wall_ms - draft_ms - verify_ms),
+            draft_compute_ms=sum(r.compute_ms for r in draft_calls),
+            verify_compute_ms=sum(r.compute_ms for r in verify_calls),
+            network_ms=sum(r.network_ms for r in draft_calls) + sum(r.network_ms for r in verify_calls),
+            bytes_per_round=(sum(r.bytes for r in draft_calls) + sum(r.bytes for r in verify_calls)) / max(1, c.rounds),
+            reprefills=self.verify.reprefills + (self.draft.reprefills if self.draft else 0),
+            target_only_rounds=c.target_only_rounds,
+            acceptance_by_position=[a / d for a, d in zip(c.accepted_at, c.drafted_at)],
+            recovered_tokens=c.recovered, bonus_tokens=c.bonus,
+        )

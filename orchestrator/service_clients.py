@@ -1,0 +1,122 @@
+"""Calls to the draft and verify services for one session, with the bookkeeping the loop needs.
+
+Each client remembers how many committed tokens its service's cache is known to hold (`synced_len`),
+sends only the tokens after that, and when the service answers session-lost (evicted, restarted,
+another replica) re-sends the whole committed prefix once. Every call records client-observed time,
+server-reported time and bytes on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from serving.errors import ERROR_KIND_KEY, SESSION_LOST
+from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
+
+
+def is_session_lost(error: grpc.RpcError) -> bool:
+    if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return False
+    return any(k == ERROR_KIND_KEY and v == SESSION_LOST for k, v in (error.trailing_metadata() or ()))
+
+
+@dataclass
+class CallRecord:
+    observed_ms: float
+    server_total_ms: float
+    compute_ms: float
+    queue_ms: float
+    bytes: int
+
+    @property
+    def network_ms(self) -> float:
+        return max(0.0, self.observed_ms - self.server_total_ms)
+
+
+@dataclass
+class SessionClient:
+    session_id: str
+    timeout_s: float
+    synced_len: int = 0
+    reprefills: int = 0
+    calls: list[CallRecord] = field(default_factory=list)
+
+    retry_unavailable = False
+    wait_for_ready = True
+
+    def _call(self, method, build, committed: list[int], metadata):
+        """build(prefix_len, append_tokens) -> request. Returns (response, prefix_len, len(append))."""
+        deadline = time.monotonic() + self.timeout_s
+        reprefilled = False
+        backoff = 0.05
+        while True:
+            prefix = self.synced_len
+            request = build(prefix, committed[prefix:])
+            started = time.perf_counter()
+            try:
+                response = method(request, timeout=max(0.01, deadline - time.monotonic()), wait_for_ready=self.wait_for_ready,
+                                  metadata=metadata)
+            except grpc.RpcError as error:
+                if not reprefilled and prefix > 0 and is_session_lost(error):
+                    reprefilled = True
+                    self.reprefills += 1
+                    self.synced_len = 0
+                    continue
+                if (self.retry_unavailable and error.code() == grpc.StatusCode.UNAVAILABLE
+                        and time.monotonic() + backoff < deadline):
+                    # A restarting service: wait and retry; a fresh one will answer session-lost.
+                    time.sleep(backoff)
+                    backoff = min(1.0, backoff * 2)
+                    continue
+                raise
+            observed = (time.perf_counter() - started) * 1000
+            t = response.timing
+            self.calls.append(CallRecord(observed, t.total_us / 1000, t.compute_us / 1000, t.queue_us / 1000,
+                                         request.ByteSize() + response.ByteSize()))
+            return response, prefix, len(committed) - prefix
+
+    def advance(self, base: int, cached_len: int, accepted: int) -> None:
+        """After a round: the cache is valid through `base` committed tokens plus the accepted drafts it fed."""
+        self.synced_len = base + max(0, min(accepted, cached_len - base))
+
+
+class DraftSession(SessionClient):
+    # A draft that is down must not stall the round: fail fast and let the loop go target-only.
+    wait_for_ready = False
+
+    def __init__(self, stub: draft_pb2_grpc.DraftServiceStub, session_id: str, timeout_s: float):
+        super().__init__(session_id, timeout_s)
+        self.stub = stub
+
+    def propose(self, committed, gamma, sampling: common_pb2.SamplingParams, seed: int, metadata=()):
+        def build(prefix, append):
+            return draft_pb2.ProposeRequest(session_id=self.session_id, prefix_len=prefix, append_tokens=append,
+                                            num_draft_tokens=gamma, sampling=sampling, seed=seed)
+        response, prefix, appended = self._call(self.stub.Propose, build, committed, metadata)
+        return response, prefix + appended
+
+
+class VerifySession(SessionClient):
+    retry_unavailable = True  # without the target there is no generation; the draft falls back instead
+
+    def __init__(self, stub: verify_pb2_grpc.VerifyServiceStub, session_id: str, timeout_s: float):
+        super().__init__(session_id, timeout_s)
+        self.stub = stub
+
+    def verify(self, committed, draft_token_ids, sampling: common_pb2.SamplingParams, metadata=()):
+        def build(prefix, append):
+            return verify_pb2.VerifyRequest(session_id=self.session_id, prefix_len=prefix, append_tokens=append,
+                                            draft_token_ids=draft_token_ids, sampling=sampling)
+        response, prefix, appended = self._call(self.stub.Verify, build, committed, metadata)
+        return response, prefix + appended
+
+
+def release(stub, session_id: str, timeout_s: float = 2.0) -> None:
+    """Best effort: a service that is down has already lost the session."""
+    try:
+        stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session_id), timeout=timeout_s)
+    except grpc.RpcError:
+        pass

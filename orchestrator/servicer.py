@@ -1,0 +1,105 @@
+"""Orchestrator.Generate: check the request, run a Generation, stream its rounds, free its sessions."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+
+from orchestrator.deployment import Deployment
+from orchestrator.generation import Generation, GenerationSpec
+from orchestrator.service_clients import DraftSession, VerifySession, release
+from orchestrator.text_stream import TextStream
+from serving.errors import InvalidArgument, OutOfRange
+from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
+from speculation.gamma_policy import AdaptiveGamma
+from speculation.sampling import Sampling
+
+log = logging.getLogger(__name__)
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+    def __init__(self, deployment: Deployment, default_gamma: int = 4, max_gamma: int = 16,
+                 rpc_timeout_s: float = 30.0, adaptive_cost_ratio: float | None = None,
+                 draft_timeout_s: float = 5.0):
+        self.deployment = deployment
+        self.default_gamma = default_gamma
+        self.max_gamma = min(max_gamma, deployment.verify_info.max_draft_tokens or max_gamma,
+                             deployment.draft_info.max_draft_tokens if deployment.draft_info else max_gamma)
+        self.rpc_timeout_s = rpc_timeout_s
+        self.draft_timeout_s = draft_timeout_s
+        self.adaptive_cost_ratio = adaptive_cost_ratio
+
+    # -- request checks ---------------------------------------------------------------------------
+    def spec_from(self, request: orchestrator_pb2.GenerateRequest) -> GenerationSpec:
+        info = self.deployment.verify_info
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            if not request.text:
+                raise InvalidArgument("the prompt is empty; send text or token_ids with at least one token")
+            prompt_ids = list(self.deployment.tokenizer(request.text)["input_ids"])
+        elif which == "token_ids":
+            prompt_ids = list(request.token_ids.ids)
+            bad = [t for t in prompt_ids if not 0 <= t < info.vocab_size]
+            if bad:
+                raise InvalidArgument(f"prompt token ids outside the vocabulary [0, {info.vocab_size}): {bad[:5]}")
+        else:
+            raise InvalidArgument("no prompt: set `text` or `token_ids`")
+        if not prompt_ids:
+            raise InvalidArgument("the prompt tokenizes to zero tokens; send a non-empty prompt")
+        if request.max_new_tokens <= 0:
+            raise InvalidArgument(f"max_new_tokens must be > 0, got {request.max_new_tokens}")
+        if len(prompt_ids) + request.max_new_tokens > info.max_context:
+            raise OutOfRange(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
+                f"target's context of {info.max_context} tokens; shorten the prompt or lower max_new_tokens")
+        sampling = Sampling(
+            temperature=request.temperature if request.HasField("temperature") else 0.0,
+            top_k=request.top_k if request.HasField("top_k") else 0,
+            top_p=request.top_p if request.HasField("top_p") else 1.0)
+        problems = sampling.problems()
+        if problems:
+            raise InvalidArgument("; ".join(problems))
+        adaptive = not request.HasField("num_draft_tokens") and self.adaptive_cost_ratio is not None
+        gamma = request.num_draft_tokens if request.HasField("num_draft_tokens") else self.default_gamma
+        if not 0 <= gamma <= self.max_gamma:
+            raise InvalidArgument(f"num_draft_tokens must be in [0, {self.max_gamma}] (0 = no speculation), "
+                                  f"got {gamma}")
+        if any(len(s) > 1000 for s in request.stop) or len(request.stop) > 16:
+            raise InvalidArgument("at most 16 stop strings of at most 1000 characters each")
+        seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+        return GenerationSpec(
+            prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens, sampling=sampling, seed=seed,
+            gamma=gamma, stop=list(request.stop), eos_token_ids=set(info.eos_token_ids),
+            max_context=info.max_context, adaptive=adaptive, max_gamma=self.max_gamma)
+
+    # -- RPCs -------------------------------------------------------------------------------------
+    def Generate(self, request, context):
+        spec = self.spec_from(request)
+        session_id = request.request_id + "-" + uuid.uuid4().hex if request.request_id else uuid.uuid4().hex
+        d = self.deployment
+        draft = DraftSession(d.draft_stub, session_id, self.draft_timeout_s) if d.draft_stub else None
+        verify = VerifySession(d.verify_stub, session_id, self.rpc_timeout_s)
+        policy = None
+        if spec.adaptive:
+            policy = AdaptiveGamma(max_gamma=spec.max_gamma, gamma=spec.gamma, cost_ratio=self.adaptive_cost_ratio)
+        generation = Generation(spec, draft, verify, TextStream(d.tokenizer, spec.stop), policy,
+                                is_active=context.is_active)
+        try:
+            for event in generation.rounds():
+                chunk = orchestrator_pb2.GenerateChunk(token_ids=event.token_ids, text=event.text,
+                                                       finish_reason=event.finish_reason)
+                if event.finish_reason:
+                    chunk.stats.CopyFrom(generation.stats())
+                yield chunk
+        finally:
+            release(d.verify_stub, session_id)
+            if d.draft_stub is not None:
+                release(d.draft_stub, session_id)
+
+    def GetInfo(self, request, context):
+        d = self.deployment
+        return orchestrator_pb2.OrchestratorInfo(
+            target_model=d.verify_info.model, draft_model=d.draft_info.model if d.draft_info else "",
+            tokenizer=d.tokenizer_name, vocab_size=d.verify_info.vocab_size, max_context=d.verify_info.max_context,
+            default_num_draft_tokens=self.default_gamma, max_draft_tokens=self.max_gamma)

@@ -1,0 +1,40 @@
+"""Starting a model service (draft or verify) from flags: load, build the servicer, serve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from serving.grpc_server import RunningServer, start_server
+from serving.model_loading import load_model
+from serving.sessions import SessionStore
+
+
+@dataclass
+class ModelServerSettings:
+    model: str
+    port: int = 0
+    host: str = "[::]"
+    device: str = "cpu"
+    dtype: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    session_memory_mb: int = 4096
+    max_sessions: int = 1024
+    session_ttl_s: float = 600.0
+    max_draft_tokens: int = 32
+    max_workers: int = 64
+
+
+def start_model_server(settings: ModelServerSettings, servicer_class, add_to_server, service_name: str,
+                       interceptors=()) -> RunningServer:
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    loaded = load_model(settings.model, settings.device, settings.dtype)
+    store = SessionStore(max_bytes=settings.session_memory_mb << 20, max_sessions=settings.max_sessions,
+                         ttl_s=settings.session_ttl_s)
+    servicer = servicer_class(loaded, store, max_draft_tokens=settings.max_draft_tokens)
+    running = start_server([(add_to_server, servicer)], [service_name], settings.port, settings.host,
+                           settings.max_workers, interceptors)
+    running.servicer = servicer
+    return running

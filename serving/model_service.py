@@ -1,0 +1,83 @@
+"""What the draft and verify servicers share: request checks, session use on the worker, info, release."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+from speculation.sampling import Sampling
+from specdec_api import common_pb2
+
+from serving.errors import InvalidArgument, OutOfRange
+from serving.kv_cache import ModelRunner
+from serving.model_loading import LoadedModel
+from serving.model_worker import ModelWorker
+from serving.sessions import Session, SessionStore
+
+MAX_SESSION_ID_LEN = 256
+
+
+class ModelServiceBase:
+    def __init__(self, loaded: LoadedModel, store: SessionStore, max_draft_tokens: int = 32):
+        self.loaded = loaded
+        self.store = store
+        self.max_draft_tokens = max_draft_tokens
+        self.runner = ModelRunner(loaded.model, loaded.device)
+        self.worker = ModelWorker()
+
+    # -- checks shared by Propose and Verify -------------------------------------------------------
+    def check_tokens(self, what: str, token_ids: Sequence[int]) -> None:
+        vocab = self.loaded.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidArgument(f"{what} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+
+    def check_session(self, session_id: str, prefix_len: int, append: Sequence[int], extra: int) -> None:
+        if not session_id or len(session_id) > MAX_SESSION_ID_LEN:
+            raise InvalidArgument(f"session_id must be 1..{MAX_SESSION_ID_LEN} characters")
+        if prefix_len < 0:
+            raise InvalidArgument(f"prefix_len must be >= 0, got {prefix_len}")
+        if not append:
+            raise InvalidArgument("append_tokens must hold at least one token (the last committed token)")
+        self.check_tokens("append_tokens", append)
+        total = prefix_len + len(append) + extra
+        if total > self.loaded.max_context:
+            raise OutOfRange(f"the session would reach {total} tokens, past the model's context of "
+                             f"{self.loaded.max_context}")
+
+    @staticmethod
+    def sampling_from(message: common_pb2.SamplingParams) -> Sampling:
+        sampling = Sampling(message.temperature, message.top_k, message.top_p or 1.0)
+        problems = sampling.problems()
+        if problems:
+            raise InvalidArgument("; ".join(problems))
+        return sampling
+
+    @contextmanager
+    def session(self, session_id: str, prefix_len: int) -> Iterator[Session]:
+        with self.store.use(session_id, prefix_len) as session:
+            yield session
+
+    # -- RPCs shared by both services --------------------------------------------------------------
+    def ReleaseSession(self, request, context):
+        return common_pb2.ReleaseSessionResponse(released=self.store.release(request.session_id))
+
+    def GetModelInfo(self, request, context):
+        loaded = self.loaded
+        return common_pb2.ModelInfo(
+            model=loaded.name_or_path, vocab_size=loaded.vocab_size, max_context=loaded.max_context,
+            eos_token_ids=loaded.eos_token_ids, tokenizer_fingerprint=loaded.tokenizer_fingerprint,
+            device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
+            num_parameters=loaded.num_parameters, max_draft_tokens=self.max_draft_tokens)
+
+
+def timing(started_ns: int, queue_us: int, compute_us: int, batch_size: int = 1) -> common_pb2.ServerTiming:
+    return common_pb2.ServerTiming(queue_us=queue_us, compute_us=compute_us, batch_size=batch_size,
+                                   total_us=(time.perf_counter_ns() - started_ns) // 1000)
+
+
+def encode_to_message(encoded, message: common_pb2.ProbMatrix) -> None:
+    message.rows, message.cols = encoded.rows, encoded.cols
+    message.dense, message.row_offsets = encoded.dense, encoded.row_offsets
+    message.col_indices, message.values = encoded.col_indices, encoded.values

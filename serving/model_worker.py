@@ -1,0 +1,45 @@
+"""The one thread that runs forward passes, so queue wait and compute time are measured apart.
+
+gRPC handler threads submit jobs and block on the result; the worker runs them one at a time (torch on
+a CPU core or one accelerator gains nothing from interleaving), recording how long each waited.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class Timed:
+    result: Any
+    queue_us: int
+    compute_us: int
+
+
+class ModelWorker:
+    def __init__(self, name: str = "model-worker"):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, job: Callable[[], Any]) -> Timed:
+        future: Future = Future()
+        self._jobs.put((job, future, time.perf_counter_ns()))
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            job, future, enqueued = self._jobs.get()
+            started = time.perf_counter_ns()
+            try:
+                result = job()
+            except BaseException as error:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(error)
+                continue
+            finished = time.perf_counter_ns()
+            future.set_result(Timed(result, (started - enqueued) // 1000, (finished - started) // 1000))

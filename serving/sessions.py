@@ -1,0 +1,148 @@
+"""Per-session KV caches keyed by session id: thread-safe, bounded, disposable.
+
+The orchestrator owns the truth (DESIGN.md, principle 1), so losing a session is never an error of
+correctness: a call that assumes more than the store holds gets SessionLost and the orchestrator
+re-sends the whole prefix. Bounds: a byte budget over all caches, a session count, an idle TTL; idle
+sessions are evicted least-recently-used first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from serving.errors import InvalidArgument, ResourceExhausted, SessionLost
+from serving.kv_cache import KVCache
+
+
+@dataclass
+class Session:
+    session_id: str
+    cache: KVCache = field(default_factory=KVCache)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    last_used: float = field(default_factory=time.monotonic)
+    nbytes: int = 0
+    in_use: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+
+@dataclass
+class StoreStats:
+    live_sessions: int
+    bytes_used: int
+    evictions: int
+    created: int
+
+
+class SessionStore:
+    def __init__(self, max_bytes: int = 4 << 30, max_sessions: int = 1024, ttl_s: float = 600.0):
+        self.max_bytes, self.max_sessions, self.ttl_s = max_bytes, max_sessions, ttl_s
+        self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+        self.evictions = 0
+        self.created = 0
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(len(self._sessions), sum(s.nbytes for s in self._sessions.values()),
+                              self.evictions, self.created)
+
+    def __contains__(self, session_id: str) -> bool:
+        with self._lock:
+            return session_id in self._sessions
+
+    def release(self, session_id: str) -> bool:
+        with self._lock:
+            return self._sessions.pop(session_id, None) is not None
+
+    def drop_all(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+
+    @contextmanager
+    def use(self, session_id: str, prefix_len: int) -> Iterator[Session]:
+        """The session cropped to prefix_len, locked for the caller. prefix_len 0 starts it anew.
+
+        If the body raises, the session is dropped: its cache may hold a half-applied step.
+        """
+        if not session_id:
+            raise InvalidArgument("session_id is required")
+        if prefix_len < 0:
+            raise InvalidArgument(f"prefix_len must be >= 0, got {prefix_len}")
+        session = self._checkout(session_id, prefix_len)
+        try:
+            with session.lock:
+                if prefix_len > session.length:
+                    raise SessionLost(
+                        f"session {session_id!r} holds {session.length} tokens but the call assumes "
+                        f"{prefix_len}; resend the whole prefix with prefix_len=0")
+                session.cache.crop(prefix_len)
+                try:
+                    yield session
+                except BaseException:
+                    self.release(session_id)
+                    raise
+                session.nbytes = session.cache.nbytes()
+        finally:
+            with self._lock:
+                session.in_use -= 1
+                session.last_used = time.monotonic()
+            self._enforce_budget()
+
+    def _checkout(self, session_id: str, prefix_len: int) -> Session:
+        with self._lock:
+            self._expire_locked()
+            session = self._sessions.get(session_id)
+            if prefix_len == 0:
+                if session is None or session.in_use == 0:
+                    if session is None and len(self._sessions) >= self.max_sessions:
+                        self._evict_locked(need_slot=True)
+                    session = Session(session_id)
+                    self._sessions[session_id] = session
+                    self.created += 1
+            elif session is None:
+                raise SessionLost(f"session {session_id!r} is not held here (evicted, expired or the "
+                                  "service restarted); resend the whole prefix with prefix_len=0")
+            self._sessions.move_to_end(session_id)
+            session.in_use += 1
+            return session
+
+    def _expire_locked(self) -> None:
+        now = time.monotonic()
+        for sid, session in list(self._sessions.items()):
+            if session.in_use == 0 and now - session.last_used > self.ttl_s:
+                del self._sessions[sid]
+                self.evictions += 1
+
+    def _evict_locked(self, need_slot: bool) -> None:
+        """Evict idle sessions, least recently used first, until the bounds hold."""
+        def over() -> bool:
+            used = sum(s.nbytes for s in self._sessions.values())
+            return used > self.max_bytes or (need_slot and len(self._sessions) >= self.max_sessions)
+
+        for sid, session in list(self._sessions.items()):
+            if not over():
+                return
+            if session.in_use == 0:
+                del self._sessions[sid]
+                self.evictions += 1
+        if over():
+            raise ResourceExhausted(
+                f"session memory is full: {len(self._sessions)} sessions in use hold "
+                f"{sum(s.nbytes for s in self._sessions.values()) >> 20} MiB of a {self.max_bytes >> 20} MiB "
+                f"budget (max {self.max_sessions} sessions) and none is idle; retry later or raise "
+                "--session-memory-mb / --max-sessions")
+
+    def _enforce_budget(self) -> None:
+        with self._lock:
+            try:
+                self._evict_locked(need_slot=False)
+            except ResourceExhausted:
+                pass  # every session is busy; the next checkout of a new session will report it

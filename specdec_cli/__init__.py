@@ -1,0 +1,1 @@
+"""The `specdec` console script: serve, generate, demo, train-pair, bench, trace-report, study."""

@@ -1,0 +1,3 @@
+from specdec_cli.main import app
+
+app()

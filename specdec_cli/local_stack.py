@@ -1,0 +1,95 @@
+"""Starting draft, verify and orchestrator as local subprocesses (demo, bench, study)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from specdec_cli.paths import REPO_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(address: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"service for {address} exited with code {process.returncode}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.2)
+    raise TimeoutError(f"{address} not healthy after {timeout_s:.0f}s")
+
+
+@dataclass
+class LocalStack:
+    orchestrator: str
+    draft: str
+    verify: str
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+
+def spawn(args: list[str], cpu: int | None, env_extra: dict | None = None, log_path=None) -> subprocess.Popen:
+    command = [sys.executable, "-m", "specdec_cli", *args]
+    if cpu is not None and sys.platform.startswith("linux"):
+        command = ["taskset", "-c", str(cpu), *command]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           **(env_extra or {})}
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def local_stack(target: str, draft: str, *, draft_cpu: int | None = None, verify_cpu: int | None = None,
+                orchestrator_cpu: int | None = None, threads: int = 1, orchestrator_args: tuple[str, ...] = (),
+                env_extra: dict | None = None, log_dir=None, draft_address: str | None = None,
+                verify_address: str | None = None, timeout_s: float = 180.0) -> Iterator[LocalStack]:
+    """Draft, verify and orchestrator processes on free loopback ports; stopped (SIGTERM) on exit.
+
+    draft_address / verify_address override where the orchestrator reaches them (a delay relay)."""
+    ports = {name: free_port() for name in ("draft", "verify", "orchestrator")}
+    processes: list[subprocess.Popen] = []
+
+    def log(name):
+        return (log_dir / f"{name}.log") if log_dir else None
+
+    try:
+        processes.append(spawn(["serve", "draft", "--model", draft, "--port", str(ports["draft"]),
+                                "--threads", str(threads)], draft_cpu, env_extra, log("draft")))
+        processes.append(spawn(["serve", "verify", "--model", target, "--port", str(ports["verify"]),
+                                "--threads", str(threads)], verify_cpu, env_extra, log("verify")))
+        wait_healthy(f"127.0.0.1:{ports['draft']}", timeout_s, processes[0])
+        wait_healthy(f"127.0.0.1:{ports['verify']}", timeout_s, processes[1])
+        processes.append(spawn(["serve", "orchestrator", "--port", str(ports["orchestrator"]),
+                                "--draft", draft_address or f"127.0.0.1:{ports['draft']}",
+                                "--verify", verify_address or f"127.0.0.1:{ports['verify']}",
+                                *orchestrator_args], orchestrator_cpu, env_extra, log("orchestrator")))
+        wait_healthy(f"127.0.0.1:{ports['orchestrator']}", timeout_s, processes[2])
+        yield LocalStack(f"127.0.0.1:{ports['orchestrator']}", f"127.0.0.1:{ports['draft']}",
+                         f"127.0.0.1:{ports['verify']}", processes)
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()

@@ -1,0 +1,157 @@
+"""`specdec`: one console script for every process and tool of the project.
+
+Every flag of `serve` also reads an environment variable (SPECDEC_<FLAG>), the Kubernetes way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+class Role(str, Enum):
+    draft = "draft"
+    verify = "verify"
+    orchestrator = "orchestrator"
+
+
+def _env(name: str) -> str:
+    return "SPECDEC_" + name.upper().replace("-", "_")
+
+
+@app.command()
+def serve(
+    role: Role = typer.Argument(..., help="which service this process runs"),
+    model: Optional[str] = typer.Option(None, envvar=_env("model"), help="draft/verify: HF name or local path"),
+    port: int = typer.Option(50051, envvar=_env("port")),
+    host: str = typer.Option("[::]", envvar=_env("host")),
+    device: str = typer.Option("cpu", envvar=_env("device"), help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", envvar=_env("dtype"), help="auto, float32, bfloat16, float16"),
+    threads: int = typer.Option(0, envvar=_env("threads"), help="torch threads (0: torch default)"),
+    session_memory_mb: int = typer.Option(4096, envvar=_env("session_memory_mb"), help="KV cache budget"),
+    max_sessions: int = typer.Option(1024, envvar=_env("max_sessions")),
+    session_ttl_s: float = typer.Option(600.0, envvar=_env("session_ttl_s"), help="idle sessions expire"),
+    max_draft_tokens: int = typer.Option(32, envvar=_env("max_draft_tokens"), help="largest gamma accepted"),
+    draft: Optional[str] = typer.Option(None, envvar=_env("draft"), help="orchestrator: draft HOST:PORT"),
+    verify: Optional[str] = typer.Option(None, envvar=_env("verify"), help="orchestrator: verify HOST:PORT"),
+    tokenizer: Optional[str] = typer.Option(None, envvar=_env("tokenizer"),
+                                            help="orchestrator: default is the target's model path"),
+    num_draft_tokens: int = typer.Option(4, envvar=_env("num_draft_tokens"), help="orchestrator: default gamma"),
+    adaptive_cost_ratio: Optional[float] = typer.Option(
+        None, envvar=_env("adaptive_cost_ratio"),
+        help="orchestrator: adapt gamma per session from measured acceptance at this draft/target cost ratio"),
+    rpc_timeout_s: float = typer.Option(30.0, envvar=_env("rpc_timeout_s"), help="orchestrator: verify call deadline"),
+    draft_timeout_s: float = typer.Option(5.0, envvar=_env("draft_timeout_s"),
+                                          help="orchestrator: draft call deadline; past it the round goes target-only"),
+    log_level: str = typer.Option("INFO", envvar=_env("log_level")),
+):
+    """Run one service: `draft`, `verify` (both need --model) or `orchestrator` (needs --verify)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if role is Role.orchestrator:
+        from orchestrator.server import OrchestratorSettings, start
+
+        if not verify:
+            raise typer.BadParameter("the orchestrator needs --verify HOST:PORT (and usually --draft HOST:PORT)")
+        try:
+            running = start(OrchestratorSettings(
+                verify=verify, draft=draft, port=port, host=host, tokenizer=tokenizer,
+                num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
+                adaptive_cost_ratio=adaptive_cost_ratio, rpc_timeout_s=rpc_timeout_s,
+                draft_timeout_s=draft_timeout_s))
+        except Exception as error:  # startup refusals are for a person to read, not a traceback
+            typer.echo(f"specdec: orchestrator refused to start: {error}", err=True)
+            raise typer.Exit(2)
+    else:
+        from serving.model_server import ModelServerSettings
+
+        if not model:
+            raise typer.BadParameter(f"`serve {role.value}` needs --model PATH_OR_ID")
+        settings = ModelServerSettings(
+            model=model, port=port, host=host, device=device, dtype=dtype, threads=threads,
+            session_memory_mb=session_memory_mb, max_sessions=max_sessions, session_ttl_s=session_ttl_s,
+            max_draft_tokens=max_draft_tokens)
+        if role is Role.draft:
+            from draft_service.server import start
+        else:
+            from verify_service.server import start
+        running = start(settings)
+    typer.echo(f"{role.value} listening on port {running.port}", err=True)
+    running.wait_for_termination()
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="prompt text"),
+    server: str = typer.Option("localhost:50051", envvar=_env("server"), help="orchestrator HOST:PORT"),
+    max_new_tokens: int = typer.Option(128),
+    temperature: Optional[float] = typer.Option(None, help="0 (default) = greedy"),
+    top_k: Optional[int] = typer.Option(None),
+    top_p: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    num_draft_tokens: Optional[int] = typer.Option(None, help="gamma (default: the server's)"),
+    stop: List[str] = typer.Option([], help="stop string; repeatable"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object: text, token_ids, stats"),
+    timeout: float = typer.Option(300.0, help="seconds for the whole call"),
+):
+    """Generate from a running orchestrator, streaming the text (or one JSON object with --json)."""
+    from specdec_client import Client, SpecDecError
+    from specdec_client.results import GenerationResult
+
+    result = GenerationResult()
+    try:
+        with Client(server, timeout=timeout) as client:
+            for chunk in client.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       seed=seed, num_draft_tokens=num_draft_tokens, stop=stop):
+                result.add(chunk)
+                if not as_json:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+    except SpecDecError as error:
+        typer.echo(f"specdec: {error}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                               "finish_reason": result.finish_reason, "stats": result.stats}))
+    else:
+        typer.echo("")
+        s = result.stats
+        typer.echo(f"[{result.finish_reason}] {s.get('new_tokens', 0)} tokens, {s.get('tokens_per_s', 0):.1f} tok/s, "
+                   f"acceptance {s.get('acceptance_rate', 0):.2f}, {s.get('mean_accepted_len', 0):.2f} tokens/round",
+                   err=True)
+
+
+@app.command()
+def demo(
+    target: str = typer.Option(str(DEFAULT_TARGET), help="target model (default: the shipped reference pair)"),
+    draft: str = typer.Option(str(DEFAULT_DRAFT)),
+    prompts: Path = typer.Option(DEFAULT_PROMPTS, help="JSONL with a `prompt` field"),
+    count: int = typer.Option(3, help="how many prompts"),
+    max_new_tokens: int = typer.Option(64),
+    num_draft_tokens: int = typer.Option(4),
+):
+    """Start draft, verify and orchestrator locally, generate from a few prompts, print text and stats."""
+    from specdec_cli.demo import run_demo
+
+    run_demo(target, draft, prompts, count, max_new_tokens, num_draft_tokens)
+
+
+@app.command("train-pair", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_pair(ctx: typer.Context):
+    """Train the reference tokenizer, target and distilled draft (`specdec train-pair --help`)."""
+    from reference_pair.cli import main
+
+    main(list(ctx.args))
+
+
+if __name__ == "__main__":
+    app()

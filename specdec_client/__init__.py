@@ -1,0 +1,16 @@
+"""Client SDK for the specdec orchestrator. Imports grpcio and protobuf only (no torch, no transformers).
+
+    from specdec_client import Client
+    with Client("localhost:50051") as client:
+        result = client.generate("def fib(n):", max_new_tokens=64)
+        for chunk in client.stream("import os", max_new_tokens=32):
+            print(chunk.text, end="")
+"""
+
+from specdec_client.client import AsyncClient, Client
+from specdec_client.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, OutOfRange,
+                                   ResourceExhausted, SpecDecError, Unavailable)
+from specdec_client.results import Chunk, GenerationResult
+
+__all__ = ["AsyncClient", "Client", "Chunk", "GenerationResult", "SpecDecError", "InvalidArgument",
+           "OutOfRange", "FailedPrecondition", "ResourceExhausted", "Unavailable", "DeadlineExceeded"]

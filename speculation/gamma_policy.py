@@ -1,0 +1,52 @@
+"""Choosing gamma (num_draft_tokens) from measured acceptance and costs.
+
+Leviathan et al. 2023, Theorem 3.8 / Eq. 1: with acceptance rate alpha and cost ratio c (one draft
+step over one target step), the expected speedup of gamma drafts per round is
+    (1 - alpha^(gamma + 1)) / ((1 - alpha) * (gamma * c + 1)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def expected_tokens_per_round(alpha: float, gamma: int) -> float:
+    """Expected committed tokens per round (accepted + the recovered or bonus token)."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def expected_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
+    return expected_tokens_per_round(alpha, gamma) / (gamma * cost_ratio + 1.0)
+
+
+def best_gamma(alpha: float, cost_ratio: float, max_gamma: int) -> int:
+    """The gamma in [0, max_gamma] with the highest expected speedup (0 = speculation does not pay)."""
+    return max(range(max_gamma + 1), key=lambda g: (expected_speedup(alpha, g, cost_ratio), -g))
+
+
+@dataclass
+class AdaptiveGamma:
+    """Per-session gamma from a moving average of the measured acceptance, at a fixed cost ratio.
+
+    The cost ratio c (one draft step over one verify call) is measured by the deployment, not per
+    round, so a seeded generation stays reproducible: gamma depends only on the accepted counts, which
+    the seed determines.
+    """
+
+    max_gamma: int
+    gamma: int
+    cost_ratio: float
+    smoothing: float = 0.2
+    alpha: float = 0.7  # prior until rounds are measured
+
+    def update(self, drafted: int, accepted: int) -> int:
+        if drafted <= 0:
+            return self.gamma
+        # Per-token alpha from a truncated round: `accepted` successes, then one failure unless all
+        # were accepted.
+        trials = accepted + (0 if accepted == drafted else 1)
+        self.alpha = (1 - self.smoothing) * self.alpha + self.smoothing * (accepted / trials)
+        self.gamma = max(1, best_gamma(min(self.alpha, 0.999), self.cost_ratio, self.max_gamma))
+        return self.gamma

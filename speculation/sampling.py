@@ -1,0 +1,68 @@
+"""The one logits -> probabilities transform, used by the draft, the target and the tests.
+
+Order follows HF transformers' warpers: temperature, then top-k, then top-p. Temperature 0 is the
+greedy limit and returns the one-hot distribution of the argmax, so greedy is a special case of the
+same maths rather than a separate code path with its own rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def bounds_support(self) -> bool:
+        """Whether the distribution is sparse enough to send as (token, prob) pairs."""
+        return self.greedy or self.top_k > 0 or self.top_p < 1.0
+
+    def problems(self) -> list[str]:
+        """Human-readable reasons these settings are invalid; empty when they are fine."""
+        found = []
+        if not self.temperature >= 0.0:  # also catches NaN
+            found.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            found.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            found.append(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        return found
+
+
+def logits_to_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """[rows, vocab] logits -> [rows, vocab] float32 probabilities under `sampling`."""
+    logits = logits.float()
+    if sampling.greedy:
+        one_hot = torch.zeros_like(logits)
+        return one_hot.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    logits = logits / sampling.temperature
+    vocab = logits.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]  # [rows, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [rows, vocab]
+        # A token stays while the mass of the more likely tokens has not reached top_p; the most
+        # likely token always stays.
+        drop_sorted = mass_before >= sampling.top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """[rows, vocab] -> [rows] token ids; one draw per row."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

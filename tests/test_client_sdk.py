@@ -1,0 +1,55 @@
+"""The SDK: no torch or transformers on import, asyncio and sync agree, typed errors, timeouts."""
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+
+from specdec_client import AsyncClient, Client, DeadlineExceeded, InvalidArgument, Unavailable
+from tests.conftest import PROMPTS
+
+
+def test_sdk_imports_without_torch_or_transformers():
+    code = ("import sys, specdec_client; from specdec_client import Client, AsyncClient; "
+            "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]; "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_async_client_streams_the_same_tokens_as_the_sync_client(stacks):
+    stack = stacks("noisy")
+    with stack.client() as client:
+        expected = client.generate(PROMPTS[1], max_new_tokens=20, num_draft_tokens=3)
+
+    async def run():
+        async with AsyncClient(stack.address) as client:
+            chunks = [c async for c in client.stream(PROMPTS[1], max_new_tokens=20, num_draft_tokens=3)]
+            whole = await client.generate(PROMPTS[1], max_new_tokens=20, num_draft_tokens=3)
+            with pytest.raises(InvalidArgument):
+                await client.generate(PROMPTS[1], max_new_tokens=0)
+            return chunks, whole
+
+    chunks, whole = asyncio.run(run())
+    assert [t for c in chunks for t in c.token_ids] == expected.token_ids == whole.token_ids
+    assert whole.text == expected.text and whole.finish_reason == "length"
+
+
+def test_unreachable_server_raises_unavailable_within_the_timeout():
+    with Client("localhost:1", timeout=2.0) as client:
+        with pytest.raises((Unavailable, DeadlineExceeded)):
+            client.generate("x", max_new_tokens=2)
+
+
+def test_a_timeout_too_short_for_the_generation_is_deadline_exceeded(stacks):
+    with stacks("noisy").client() as client:
+        with pytest.raises(DeadlineExceeded):
+            client.generate(PROMPTS[0], max_new_tokens=200, timeout=0.001)
+
+
+def test_info_describes_the_deployment(stacks, tiny):
+    with stacks("different").client() as client:
+        info = client.info()
+    assert info.target_model == str(tiny.target) and info.draft_model == str(tiny.draft)
+    assert info.vocab_size > 0 and info.max_context == 256 and info.default_num_draft_tokens == 4

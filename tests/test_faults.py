@@ -1,0 +1,119 @@
+"""A service that loses a session (eviction, restart) or a draft outage never changes the tokens."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+
+import verify_service.server as verify_server
+from draft_service.servicer import DraftServicer
+from serving.grpc_server import start_server
+from serving.model_loading import load_model
+from serving.model_server import ModelServerSettings, start_model_server
+from serving.sessions import SessionStore
+from specdec_api import verify_pb2_grpc
+from tests.conftest import PROMPTS, Stack, start_stack
+from verify_service.servicer import VerifyServicer
+
+PROMPT = PROMPTS[4]
+
+
+def _solo(stacks, **kw):
+    with stacks("noisy").client() as client:
+        return client.generate(PROMPT, max_new_tokens=30, num_draft_tokens=2, **kw)
+
+
+class DroppingVerify(VerifyServicer):
+    """Drops every session after its 2nd and 4th call: an eviction between two rounds."""
+    calls = 0
+
+    def Verify(self, request, context):
+        reply = super().Verify(request, context)
+        DroppingVerify.calls += 1
+        if DroppingVerify.calls in (2, 4):
+            self.store.drop_all()
+        return reply
+
+
+def test_evicted_sessions_are_reprefilled_and_tokens_unchanged(tiny, stacks):
+    expected = _solo(stacks)
+    sampled_expected = _solo(stacks, temperature=1.0, seed=5)
+    verify = start_model_server(ModelServerSettings(str(tiny.target), host="localhost"), DroppingVerify,
+                                verify_pb2_grpc.add_VerifyServiceServicer_to_server, verify_server.SERVICE_NAME)
+    import draft_service.server as draft_server
+    import orchestrator.server as orchestrator_server
+
+    draft = draft_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost", max_sessions=1))
+    orch = orchestrator_server.start(orchestrator_server.OrchestratorSettings(
+        verify=f"localhost:{verify.port}", draft=f"localhost:{draft.port}", host="localhost"))
+    stack = Stack(verify, draft, orch)
+    try:
+        with stack.client() as client:
+            result = client.generate(PROMPT, max_new_tokens=30, num_draft_tokens=2)
+            DroppingVerify.calls = 0
+            sampled = client.generate(PROMPT, max_new_tokens=30, num_draft_tokens=2, temperature=1.0, seed=5)
+        assert result.token_ids == expected.token_ids
+        assert result.stats["reprefills"] >= 2
+        assert sampled.token_ids == sampled_expected.token_ids and sampled.stats["reprefills"] >= 2
+    finally:
+        stack.stop()
+
+
+def test_verify_restart_between_rounds_completes_with_the_same_tokens(tiny, stacks):
+    expected = _solo(stacks)
+    loaded = load_model(str(tiny.target))
+    servers = {}
+    restarted = threading.Event()
+
+    class RestartingVerify(VerifyServicer):
+        calls = 0
+
+        def Verify(self, request, context):
+            reply = super().Verify(request, context)
+            RestartingVerify.calls += 1
+            if RestartingVerify.calls == 3 and not restarted.is_set():
+                threading.Thread(target=restart).start()
+            return reply
+
+    def serve(port):
+        servicer = RestartingVerify(loaded, SessionStore())
+        return start_server([(verify_pb2_grpc.add_VerifyServiceServicer_to_server, servicer)],
+                            [verify_server.SERVICE_NAME], port, "localhost")
+
+    def restart():
+        old = servers["verify"]
+        old.stop(grace=0.5)
+        servers["verify"] = serve(old.port)  # a fresh process would hold no sessions either
+        restarted.set()
+
+    servers["verify"] = serve(0)
+    import draft_service.server as draft_server
+    import orchestrator.server as orchestrator_server
+
+    draft = draft_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost"))
+    orch = orchestrator_server.start(orchestrator_server.OrchestratorSettings(
+        verify=f"localhost:{servers['verify'].port}", draft=f"localhost:{draft.port}", host="localhost"))
+    try:
+        with Stack(servers["verify"], draft, orch).client() as client:
+            result = client.generate(PROMPT, max_new_tokens=30, num_draft_tokens=2)
+        assert restarted.is_set()
+        assert result.token_ids == expected.token_ids
+        assert result.stats["reprefills"] >= 1
+    finally:
+        orch.stop(None)
+        draft.stop(None)
+        servers["verify"].stop(None)
+
+
+def test_draft_outage_falls_back_to_target_only_with_the_same_tokens(tiny, stacks):
+    expected = _solo(stacks)
+    stack = start_stack(tiny.target, tiny.noisy_draft)
+    try:
+        stack.draft.stop(grace=None)  # the draft is gone before the first round
+        with stack.client() as client:
+            result = client.generate(PROMPT, max_new_tokens=30, num_draft_tokens=2)
+        assert result.token_ids == expected.token_ids
+        assert result.stats["target_only_rounds"] >= 1
+    finally:
+        stack.stop()

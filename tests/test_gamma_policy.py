@@ -1,0 +1,28 @@
+"""Leviathan's speedup formula and the gamma choices made from it."""
+
+import pytest
+
+from speculation.gamma_policy import AdaptiveGamma, best_gamma, expected_speedup, expected_tokens_per_round
+
+
+def test_formula_matches_the_paper_values():
+    # (1 - a^(g+1)) / ((1 - a)(g c + 1)); e.g. alpha 0.8, gamma 4, c 0.05 -> 3.3616 / 1.2
+    assert expected_speedup(0.8, 4, 0.05) == pytest.approx((1 - 0.8 ** 5) / (0.2 * 1.2))
+    assert expected_tokens_per_round(1.0, 5) == 6
+    assert expected_speedup(0.0, 3, 0.1) == pytest.approx(1 / 1.3)
+
+
+def test_best_gamma_grows_with_alpha_and_shrinks_with_cost():
+    assert best_gamma(0.9, 0.05, 16) > best_gamma(0.6, 0.05, 16) > 0
+    assert best_gamma(0.8, 0.02, 16) >= best_gamma(0.8, 0.2, 16)
+    assert best_gamma(0.05, 0.5, 16) == 0  # speculation does not pay
+
+
+def test_adaptive_gamma_follows_measured_acceptance():
+    policy = AdaptiveGamma(max_gamma=12, gamma=4, cost_ratio=0.05)
+    for _ in range(30):
+        policy.update(drafted=policy.gamma, accepted=policy.gamma)  # everything accepted
+    high = policy.gamma
+    for _ in range(30):
+        policy.update(drafted=policy.gamma, accepted=0)  # nothing accepted
+    assert high >= 8 and policy.gamma == 1 and policy.alpha < 0.1

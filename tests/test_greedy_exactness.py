@@ -1,0 +1,127 @@
+"""Greedy speculative output is token-identical to the target's own `generate`, over real gRPC."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from tests.conftest import PROMPTS
+
+MAX_NEW = 24
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(model_id: int, prompt: str, max_new: int, stop: tuple[str, ...] = ()):
+    model, tokenizer = _REFS[model_id]
+    inputs = tokenizer(prompt, return_tensors="pt")
+    kwargs = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
+    with torch.inference_mode():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new, **kwargs)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+_REFS: dict[int, tuple] = {}
+
+
+@pytest.fixture(scope="module")
+def reference(target_model, tokenizer):
+    _REFS[id(target_model)] = (target_model, tokenizer)
+    return lambda prompt, max_new=MAX_NEW, stop=(): _reference(id(target_model), prompt, max_new, tuple(stop))
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+@pytest.mark.parametrize("draft_kind", ["different", "self", "disagreeing", "noisy"])
+def test_greedy_output_equals_target_generate(stacks, reference, draft_kind, gamma):
+    stack = stacks(draft_kind)
+    drafted = accepted = 0
+    with stack.client() as client:
+        for prompt in PROMPTS:
+            result = client.generate(prompt, max_new_tokens=MAX_NEW, num_draft_tokens=gamma)
+            assert result.token_ids == reference(prompt), f"prompt {prompt!r}, draft {draft_kind}, gamma {gamma}"
+            drafted += result.stats["drafted_tokens"]
+            accepted += result.stats["accepted_tokens"]
+    assert drafted > 0
+    if draft_kind == "self":  # every token accepted: each round ends on the bonus path
+        assert accepted == drafted
+    if draft_kind == "disagreeing":  # every round ends on a recovered token
+        assert accepted == 0
+    if draft_kind == "noisy":  # a partial-agreement draft exercises both branches
+        assert 0 < accepted < drafted
+
+
+def test_generation_that_ends_on_eos_matches_and_includes_the_eos_token(tiny, tokenizer, reference, tmp_path):
+    """A copy of the target whose EOS is a token it often emits, so generations stop on it."""
+    import shutil
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from tests.conftest import start_stack
+
+    counts = Counter(t for p in PROMPTS for t in set(reference(p)))  # prompts whose output has t
+    eos = counts.most_common(1)[0][0]
+    eos_target = tmp_path / "eos_target"
+    shutil.copytree(tiny.target, eos_target)
+    GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.eos_token_id).save_pretrained(eos_target)
+    model = AutoModelForCausalLM.from_pretrained(eos_target)
+    stack = start_stack(eos_target, tiny.noisy_draft)
+    try:
+        ended_on_eos = 0
+        with stack.client() as client:
+            for prompt in PROMPTS:
+                inputs = tokenizer(prompt, return_tensors="pt")
+                expected = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)[0, inputs["input_ids"].shape[1]:].tolist()
+                result = client.generate(prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
+                assert result.token_ids == expected, prompt
+                if result.finish_reason == "eos":
+                    ended_on_eos += 1
+                    assert result.token_ids[-1] == eos and eos not in result.token_ids[:-1]
+        assert ended_on_eos >= 3
+    finally:
+        stack.stop()
+
+
+def test_stop_strings_cut_where_generate_stops(stacks, reference, tokenizer):
+    stopped = 0
+    with stacks("noisy").client() as client:
+        for prompt in PROMPTS:
+            full = reference(prompt)
+            text = tokenizer.decode(full, skip_special_tokens=True)
+            if len(text) < 8:
+                continue
+            stop = text[len(text) // 2: len(text) // 2 + 2]
+            if not stop.isprintable() or "\ufffd" in stop or not stop.strip():
+                continue  # a random model's partial bytes; HF matches stop strings on token text
+            expected = reference(prompt, MAX_NEW, (stop,))
+            result = client.generate(prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3, stop=[stop])
+            assert result.token_ids == expected, (prompt, stop)
+            assert result.finish_reason == "stop"
+            full_text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+            assert result.text == full_text[: full_text.index(stop)]
+            stopped += 1
+    assert stopped >= 6
+
+
+def test_prompt_as_token_ids_equals_prompt_as_text(stacks, tokenizer, reference):
+    prompt = PROMPTS[0]
+    with stacks("different").client() as client:
+        result = client.generate(tokenizer(prompt)["input_ids"], max_new_tokens=MAX_NEW)
+    assert result.token_ids == reference(prompt)
+
+
+def test_streamed_chunks_add_up_to_the_final_text_and_stats(stacks, tokenizer):
+    with stacks("noisy").client() as client:
+        chunks = list(client.stream(PROMPTS[2], max_new_tokens=MAX_NEW, num_draft_tokens=3))
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert len(chunks) > 1 and all(c.stats is None for c in chunks[:-1])
+    assert "".join(c.text for c in chunks) == tokenizer.decode(tokens, skip_special_tokens=True)
+    stats = chunks[-1].stats
+    assert stats["new_tokens"] == len(tokens) == MAX_NEW
+    assert stats["rounds"] == len(chunks)
+    assert stats["mean_accepted_len"] == pytest.approx(len(tokens) / stats["rounds"])
+    assert stats["acceptance_rate"] == pytest.approx(stats["accepted_tokens"] / stats["drafted_tokens"])
+    assert stats["wall_ms"] > 0 and stats["tokens_per_s"] > 0
+    assert stats["draft_ms"] + stats["verify_ms"] + stats["other_ms"] == pytest.approx(stats["wall_ms"], rel=1e-6)
+    assert stats["bytes_per_round"] > 0

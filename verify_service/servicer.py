@@ -1,0 +1,31 @@
+"""VerifyService: unpack the request, score on the model worker, pack the reply."""
+
+from __future__ import annotations
+
+import time
+
+from serving.errors import InvalidArgument
+from serving.model_service import ModelServiceBase, encode_to_message, timing
+from specdec_api import verify_pb2, verify_pb2_grpc
+from speculation.wire import encode_probs
+from verify_service.verifier import score
+
+
+class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
+    def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
+        started = time.perf_counter_ns()
+        append, drafts = list(request.append_tokens), list(request.draft_token_ids)
+        if len(drafts) > self.max_draft_tokens:
+            raise InvalidArgument(f"at most {self.max_draft_tokens} draft tokens per call, got {len(drafts)}")
+        self.check_tokens("draft_token_ids", drafts)
+        self.check_session(request.session_id, request.prefix_len, append, len(drafts))
+        sampling = self.sampling_from(request.sampling)
+
+        with self.session(request.session_id, request.prefix_len) as session:
+            done = self.worker.run(lambda: score(self.runner, session.cache, append, drafts, sampling))
+            cached_len = session.length
+        reply = verify_pb2.VerifyResponse(argmax_token_ids=done.result.argmax_token_ids, cached_len=cached_len)
+        if done.result.target_probs is not None:
+            encode_to_message(encode_probs(done.result.target_probs), reply.target_probs)
+        reply.timing.CopyFrom(timing(started, done.queue_us, done.compute_us))
+        return reply

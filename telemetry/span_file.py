@@ -1,0 +1,65 @@
+"""The local span file: one JSON object per finished span, one span per line, for machines without a collector.
+
+Each process appends to its own file; a batch goes out in one O_APPEND write, so lines stay whole even
+when processes share a file. Fields: trace_id, span_id, parent_span_id (hex, or null for a root),
+parent_is_remote, name, kind (SERVER, CLIENT, INTERNAL, ...), start_time_unix_nano, end_time_unix_nano,
+attributes, status, resource (its attributes, service.name among them).
+
+Knows the span data model, not what any span means.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+
+def span_record(span: ReadableSpan) -> dict:
+    context = span.get_span_context()
+    parent = span.parent
+    return {
+        "trace_id": f"{context.trace_id:032x}",
+        "span_id": f"{context.span_id:016x}",
+        "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
+        "parent_is_remote": bool(parent is not None and parent.is_remote),
+        "name": span.name,
+        "kind": span.kind.name,
+        "start_time_unix_nano": span.start_time,
+        "end_time_unix_nano": span.end_time,
+        "attributes": dict(span.attributes or {}),
+        "status": span.status.status_code.name,
+        "resource": dict(span.resource.attributes),
+    }
+
+
+class JsonlSpanExporter(SpanExporter):
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        data = "".join(json.dumps(span_record(s), default=str) + "\n" for s in spans).encode()
+        with self._lock:
+            if self._fd < 0:
+                return SpanExportResult.FAILURE
+            view = memoryview(data)
+            while view:  # a regular file takes it all at once; the loop is for the rare short write
+                view = view[os.write(self._fd, view):]
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True  # every export is already written through to the file

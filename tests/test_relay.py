@@ -1,0 +1,135 @@
+"""The delay relay (netlab): bytes arrive whole and in order, each direction is held the set delay once per
+chunk (not once per chunk in flight), the delay can change on open connections, and closes pass through."""
+
+from __future__ import annotations
+
+import os
+import socket
+import socketserver
+import statistics
+import threading
+import time
+
+import pytest
+
+from netlab.relay_process import RelayProcess
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := self.request.recv(1 << 16):
+            self.request.sendall(data)
+        self.request.sendall(b"bye")  # after the client's EOF: proves half-close went through
+
+
+@pytest.fixture(scope="module")
+def echo_server():
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def relay(echo_server, tmp_path):
+    with RelayProcess([("127.0.0.1:0", echo_server), (f"unix:{tmp_path / 'echo.sock'}", echo_server)],
+                      tmp_path / "relay.ctl") as running:
+        yield running
+
+
+def _connect(address) -> socket.socket:
+    if address.is_unix:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(address.path)
+    else:
+        sock = socket.create_connection((address.host, address.port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(10)
+    return sock
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "connection closed early"
+        data += chunk
+    return bytes(data)
+
+
+def _median_round_trip_ms(sock: socket.socket, count: int = 25) -> float:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        sock.sendall(b"x")
+        _recv_exactly(sock, 1)
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def test_every_byte_arrives_in_order_over_tcp_and_unix_listeners(relay):
+    payload = os.urandom(1 << 20)
+    relay.set_delay(1.0)
+    for address in relay.bound:
+        with _connect(address) as sock:
+            received = bytearray()
+
+            def read_back():
+                received.extend(_recv_exactly(sock, len(payload)))
+
+            reader = threading.Thread(target=read_back)
+            reader.start()
+            for start in range(0, len(payload), 1000):  # many small writes: many chunks held at once
+                sock.sendall(payload[start:start + 1000])
+            reader.join(30)
+            assert bytes(received) == payload
+
+
+def test_round_trip_grows_by_twice_the_one_way_delay(relay):
+    with _connect(relay.bound[0]) as sock:
+        relay.set_delay(0)
+        base = _median_round_trip_ms(sock)
+        relay.set_delay(5)  # changed on an open connection
+        delayed = _median_round_trip_ms(sock)
+    added = delayed - base
+    assert abs(added - 10.0) <= 1.0 + 0.4, f"round trip {base:.2f} -> {delayed:.2f} ms, expected +10 ms"
+
+
+def test_chunks_in_flight_are_held_once_not_one_after_another(relay):
+    relay.set_delay(20)
+    with _connect(relay.bound[0]) as sock:
+        started = time.perf_counter()
+        for _ in range(20):  # 20 separate chunks, 1 ms apart, all in flight together
+            sock.sendall(b"y")
+            time.sleep(0.001)
+        _recv_exactly(sock, 20)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+    # Held one after another they would take 20 * 40 ms; held once each, about 40 ms plus the 20 ms of sends.
+    assert 40 <= elapsed_ms < 40 + 20 + 40, elapsed_ms
+
+
+def test_half_close_reaches_the_upstream_after_the_held_bytes(relay):
+    relay.set_delay(5)
+    with _connect(relay.bound[1]) as sock:
+        sock.sendall(b"last words")
+        sock.shutdown(socket.SHUT_WR)
+        data = bytearray()
+        while chunk := sock.recv(100):
+            data += chunk
+    assert bytes(data) == b"last wordsbye"
+
+
+def test_a_refused_upstream_closes_the_client_connection(tmp_path):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with RelayProcess([("127.0.0.1:0", f"127.0.0.1:{closed_port}")], tmp_path / "ctl") as relay:
+        with _connect(relay.bound[0]) as sock:
+            try:
+                assert sock.recv(10) == b""
+            except ConnectionResetError:
+                pass  # a reset is as good as an EOF: the caller learns the upstream is not there

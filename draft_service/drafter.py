@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.kv_cache import KVCache, ModelRunner
 from speculation.sampling import Sampling, logits_to_probs, sample
 
 
@@ -19,7 +18,7 @@ class Proposal:
     draft_probs: torch.Tensor | None  # [gamma, vocab] when sampling, else None
 
 
-def propose(runner: ModelRunner, cache: KVCache, append: list[int], gamma: int, sampling: Sampling,
+def propose(runner, cache, append: list[int], gamma: int, sampling: Sampling,
             generator: torch.Generator | None) -> Proposal:
     """Append the committed tokens, then draw gamma tokens. The cache ends holding all but the last
     proposed token (it was never fed back), which the caller learns from the cache length."""

@@ -9,12 +9,13 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import DynamicCache
+
+from serving.growable_cache import new_cache
 
 
 class KVCache:
-    def __init__(self) -> None:
-        self.cache = DynamicCache()
+    def __init__(self, config) -> None:
+        self.cache = new_cache(config)
 
     @property
     def length(self) -> int:
@@ -27,6 +28,9 @@ class KVCache:
     def nbytes(self) -> int:
         total = 0
         for layer in getattr(self.cache, "layers", []):
+            if hasattr(layer, "nbytes"):
+                total += layer.nbytes()
+                continue
             for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
@@ -34,12 +38,17 @@ class KVCache:
 
 
 class ModelRunner:
-    """Runs a causal LM on a KVCache and returns only the logits the caller needs."""
+    """Runs a causal LM through its own HF forward on a KVCache; returns only the logits needed."""
+
+    name = "hf"
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model = model
         self.device = device
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.model.config)
 
     @torch.inference_mode()
     def extend(self, cache: KVCache, token_ids: list[int], keep: int) -> torch.Tensor:
@@ -48,3 +57,23 @@ class ModelRunner:
         kwargs = {"logits_to_keep": keep} if self._keeps_logits else {}
         out = self.model(input_ids=input_ids, past_key_values=cache.cache, use_cache=True, **kwargs)
         return out.logits[0, -keep:].float()
+
+
+RUNTIMES = ("auto", "hf", "lean")
+
+
+def make_runner(model: torch.nn.Module, device: torch.device, runtime: str = "hf"):
+    """`hf`: the model's own forward (what the target uses, so greedy output equals `generate`).
+    `lean`: serving/lean_llama.py for Llama models (what drafts use). `auto`: lean where supported."""
+    from serving import lean_llama
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    if runtime == "lean" and not lean_llama.supports(model.config):
+        raise ValueError(f"--runtime lean supports Llama models with default RoPE; "
+                         f"{model.config.model_type!r} needs --runtime hf")
+    if runtime == "lean" or (runtime == "auto" and lean_llama.supports(model.config)):
+        runner = lean_llama.LeanLlama(model)
+        runner.name = "lean"
+        return runner
+    return ModelRunner(model, device)

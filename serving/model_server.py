@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.grpc_server import RunningServer, start_server
+from serving.kv_cache import make_runner
 from serving.model_loading import load_model
 from serving.sessions import SessionStore
 
@@ -24,6 +25,7 @@ class ModelServerSettings:
     session_ttl_s: float = 600.0
     max_draft_tokens: int = 32
     max_workers: int = 64
+    runtime: str = "hf"  # hf | lean | auto (serving/kv_cache.py: make_runner)
 
 
 def start_model_server(settings: ModelServerSettings, servicer_class, add_to_server, service_name: str,
@@ -31,9 +33,10 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     loaded = load_model(settings.model, settings.device, settings.dtype)
-    store = SessionStore(max_bytes=settings.session_memory_mb << 20, max_sessions=settings.max_sessions,
+    runner = make_runner(loaded.model, loaded.device, settings.runtime)
+    store = SessionStore(runner.new_cache, max_bytes=settings.session_memory_mb << 20, max_sessions=settings.max_sessions,
                          ttl_s=settings.session_ttl_s)
-    servicer = servicer_class(loaded, store, max_draft_tokens=settings.max_draft_tokens)
+    servicer = servicer_class(loaded, runner, store, max_draft_tokens=settings.max_draft_tokens)
     running = start_server([(add_to_server, servicer)], [service_name], settings.port, settings.host,
                            settings.max_workers, interceptors)
     running.servicer = servicer

@@ -10,7 +10,6 @@ from speculation.sampling import Sampling
 from specdec_api import common_pb2
 
 from serving.errors import InvalidArgument, OutOfRange
-from serving.kv_cache import ModelRunner
 from serving.model_loading import LoadedModel
 from serving.model_worker import ModelWorker
 from serving.sessions import Session, SessionStore
@@ -19,11 +18,11 @@ MAX_SESSION_ID_LEN = 256
 
 
 class ModelServiceBase:
-    def __init__(self, loaded: LoadedModel, store: SessionStore, max_draft_tokens: int = 32):
+    def __init__(self, loaded: LoadedModel, runner, store: SessionStore, max_draft_tokens: int = 32):
         self.loaded = loaded
+        self.runner = runner
         self.store = store
         self.max_draft_tokens = max_draft_tokens
-        self.runner = ModelRunner(loaded.model, loaded.device)
         self.worker = ModelWorker()
 
     # -- checks shared by Propose and Verify -------------------------------------------------------

@@ -13,16 +13,15 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from serving.errors import InvalidArgument, ResourceExhausted, SessionLost
-from serving.kv_cache import KVCache
 
 
 @dataclass
 class Session:
     session_id: str
-    cache: KVCache = field(default_factory=KVCache)
+    cache: object  # KVCache or LeanCache: length, crop(n), nbytes()
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_used: float = field(default_factory=time.monotonic)
     nbytes: int = 0
@@ -42,7 +41,9 @@ class StoreStats:
 
 
 class SessionStore:
-    def __init__(self, max_bytes: int = 4 << 30, max_sessions: int = 1024, ttl_s: float = 600.0):
+    def __init__(self, new_cache: Callable[[], object], max_bytes: int = 4 << 30, max_sessions: int = 1024,
+                 ttl_s: float = 600.0):
+        self.new_cache = new_cache
         self.max_bytes, self.max_sessions, self.ttl_s = max_bytes, max_sessions, ttl_s
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
@@ -104,7 +105,7 @@ class SessionStore:
                 if session is None or session.in_use == 0:
                     if session is None and len(self._sessions) >= self.max_sessions:
                         self._evict_locked(need_slot=True)
-                    session = Session(session_id)
+                    session = Session(session_id, self.new_cache())
                     self._sessions[session_id] = session
                     self.created += 1
             elif session is None:

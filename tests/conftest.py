@@ -88,7 +88,8 @@ def start_stack(target: Path, draft: Path | None, verify_settings: dict | None =
     verify = verify_server.start(ModelServerSettings(str(target), host="localhost", **(verify_settings or {})))
     drafter = None
     if draft is not None:
-        drafter = draft_server.start(ModelServerSettings(str(draft), host="localhost", **(draft_settings or {})))
+        drafter = draft_server.start(ModelServerSettings(str(draft), host="localhost",
+                                                         **{"runtime": "auto", **(draft_settings or {})}))
     orchestrator = orchestrator_server.start(orchestrator_server.OrchestratorSettings(
         verify=f"localhost:{verify.port}", draft=f"localhost:{drafter.port}" if drafter else None,
         host="localhost", **orchestrator_settings))

@@ -11,6 +11,7 @@ from draft_service.servicer import DraftServicer
 from serving.grpc_server import start_server
 from serving.model_loading import load_model
 from serving.model_server import ModelServerSettings, start_model_server
+from serving.kv_cache import ModelRunner
 from serving.sessions import SessionStore
 from specdec_api import verify_pb2_grpc
 from tests.conftest import PROMPTS, Stack, start_stack
@@ -44,7 +45,7 @@ def test_evicted_sessions_are_reprefilled_and_tokens_unchanged(tiny, stacks):
     import draft_service.server as draft_server
     import orchestrator.server as orchestrator_server
 
-    draft = draft_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost", max_sessions=1))
+    draft = draft_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost", max_sessions=1, runtime="auto"))
     orch = orchestrator_server.start(orchestrator_server.OrchestratorSettings(
         verify=f"localhost:{verify.port}", draft=f"localhost:{draft.port}", host="localhost"))
     stack = Stack(verify, draft, orch)
@@ -77,7 +78,8 @@ def test_verify_restart_between_rounds_completes_with_the_same_tokens(tiny, stac
             return reply
 
     def serve(port):
-        servicer = RestartingVerify(loaded, SessionStore())
+        runner = ModelRunner(loaded.model, loaded.device)
+        servicer = RestartingVerify(loaded, runner, SessionStore(runner.new_cache))
         return start_server([(verify_pb2_grpc.add_VerifyServiceServicer_to_server, servicer)],
                             [verify_server.SERVICE_NAME], port, "localhost")
 
@@ -91,7 +93,7 @@ def test_verify_restart_between_rounds_completes_with_the_same_tokens(tiny, stac
     import draft_service.server as draft_server
     import orchestrator.server as orchestrator_server
 
-    draft = draft_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost"))
+    draft = draft_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost", runtime="auto"))
     orch = orchestrator_server.start(orchestrator_server.OrchestratorSettings(
         verify=f"localhost:{servers['verify'].port}", draft=f"localhost:{draft.port}", host="localhost"))
     try:

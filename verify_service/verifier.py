@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.kv_cache import KVCache, ModelRunner
 from speculation.sampling import Sampling, logits_to_probs
 
 
@@ -20,7 +19,7 @@ class Scores:
     target_probs: torch.Tensor | None  # [gamma + 1, vocab] when sampling
 
 
-def score(runner: ModelRunner, cache: KVCache, append: list[int], draft_token_ids: list[int],
+def score(runner, cache, append: list[int], draft_token_ids: list[int],
           sampling: Sampling) -> Scores:
     positions = len(draft_token_ids) + 1
     logits = runner.extend(cache, append + draft_token_ids, keep=positions)  # [gamma + 1, vocab]

@@ -1,0 +1,154 @@
+"""A lean forward pass for Llama-architecture models, for drafting.
+
+Why: a small draft model spends almost all of its per-token time in eager-mode op overhead (HF's Llama
+layer runs ~70 small ops); the draft's cost ratio c is what speculation's speedup hinges on. This
+runner reads the same HF weights and runs ~15 ops per layer: fused QKV and gate/up projections with
+pre-transposed weights (MKL's small-M path is much faster for x @ W^T stored contiguous), one rms_norm
+op per norm, rotary tables precomputed, and its own preallocated KV buffers.
+
+Its logits match HF's to float rounding, not bit for bit. That is safe for a drafter: rejection
+sampling is exact for any proposal distribution, as long as draft_probs are the ones the draft sampled
+from, which they are. The verify service keeps the HF forward, so greedy output stays identical to the
+target's own `generate`.
+
+Knows nothing about sessions or gRPC. Supports model_type "llama" with default RoPE and SiLU MLP;
+`supports(config)` says when to fall back to the HF runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def supports(config) -> bool:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return (getattr(config, "model_type", "") == "llama" and getattr(config, "hidden_act", "") == "silu"
+            and rope.get("rope_type", "default") == "default" and not getattr(config, "mlp_bias", False))
+
+
+@dataclass
+class _Layer:
+    norm1: torch.Tensor
+    qkv_t: torch.Tensor  # [hidden, (heads + 2 * kv_heads) * head_dim]
+    qkv_bias: torch.Tensor | None
+    o_t: torch.Tensor  # [heads * head_dim, hidden]
+    norm2: torch.Tensor
+    gate_up_t: torch.Tensor  # [hidden, 2 * intermediate]
+    down_t: torch.Tensor  # [intermediate, hidden]
+
+
+class LeanCache:
+    """Per-session KV buffers [layers][kv_heads, capacity, head_dim], grown by doubling."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype, device):
+        self.shape = (layers, kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length = 0
+
+    def reserve(self, needed: int) -> None:
+        capacity = self.keys[0].shape[1] if self.keys else 0
+        if needed <= capacity:
+            return
+        layers, kv_heads, head_dim = self.shape
+        new_capacity = max(needed, 2 * capacity, 64)
+        for store in (self.keys, self.values):
+            for i in range(layers):
+                buffer = torch.empty(kv_heads, new_capacity, head_dim, dtype=self.dtype, device=self.device)
+                if store and self.length:
+                    buffer[:, : self.length] = store[i][:, : self.length]
+                if len(store) == layers:
+                    store[i] = buffer
+                else:
+                    store.append(buffer)
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class LeanLlama:
+    def __init__(self, model: torch.nn.Module):
+        config = model.config
+        self.config = config
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        inner = model.model
+        weight = inner.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.embed = weight.detach()
+        self.final_norm = inner.norm.weight.detach()
+        self.lm_head_t = model.lm_head.weight.detach().t().contiguous()  # [hidden, vocab]
+        self.layers = []
+        for layer in inner.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+            self.layers.append(_Layer(
+                norm1=layer.input_layernorm.weight.detach(),
+                qkv_t=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().t().contiguous(),
+                qkv_bias=torch.cat(biases).detach() if biases[0] is not None else None,
+                o_t=attn.o_proj.weight.detach().t().contiguous(),
+                norm2=layer.post_attention_layernorm.weight.detach(),
+                gate_up_t=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().t().contiguous(),
+                down_t=mlp.down_proj.weight.detach().t().contiguous(),
+            ))
+        rotary = inner.rotary_emb
+        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=self.device)
+        freqs = positions[:, None] * rotary.inv_freq.float()[None, :]  # [max_pos, head_dim / 2]
+        table = torch.cat([freqs, freqs], dim=-1)
+        scale = getattr(rotary, "attention_scaling", 1.0)
+        self.cos = (table.cos() * scale).to(self.dtype)  # [max_pos, head_dim]
+        self.sin = (table.sin() * scale).to(self.dtype)
+
+    def new_cache(self) -> LeanCache:
+        return LeanCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def extend(self, cache: LeanCache, token_ids: list[int], keep: int) -> torch.Tensor:
+        """Append tokens; return float32 logits of the last `keep` positions [keep, vocab]."""
+        n, start = len(token_ids), cache.length
+        end = start + n
+        cache.reserve(end)
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        x = self.embed[torch.tensor(token_ids, device=self.device)]  # [n, hidden]
+        cos, sin = self.cos[start:end][None], self.sin[start:end][None]  # [1, n, head_dim]
+        mask = None
+        if n > 1:  # causal within the new tokens, everything before them visible
+            mask = (torch.arange(end, device=self.device)[None, :]
+                    <= torch.arange(start, end, device=self.device)[:, None])  # [n, end]
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        for i, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), layer.norm1, self.eps)
+            qkv = h @ layer.qkv_t  # [n, (heads + 2 kv_heads) * head_dim]
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
+            q = qkv[:, :q_size].view(n, heads, head_dim).transpose(0, 1)  # [heads, n, head_dim]
+            k = qkv[:, q_size:q_size + kv_size].view(n, kv_heads, head_dim).transpose(0, 1)
+            v = qkv[:, q_size + kv_size:].view(n, kv_heads, head_dim).transpose(0, 1)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            cache.keys[i][:, start:end] = k
+            cache.values[i][:, start:end] = v
+            attn = F.scaled_dot_product_attention(
+                q, cache.keys[i][:, :end], cache.values[i][:, :end], attn_mask=mask,
+                enable_gqa=kv_heads != heads)  # [heads, n, head_dim]
+            x = x + attn.transpose(0, 1).reshape(n, q_size) @ layer.o_t
+            h = F.rms_norm(x, (x.shape[-1],), layer.norm2, self.eps)
+            gate, up = (h @ layer.gate_up_t).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ layer.down_t
+        cache.length = end
+        x = F.rms_norm(x[-keep:], (x.shape[-1],), self.final_norm, self.eps)
+        return (x @ self.lm_head_t).float()

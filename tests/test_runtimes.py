@@ -1,0 +1,59 @@
+"""The two model runtimes: the HF forward with the growable KV cache, and the lean Llama forward."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from serving.kv_cache import KVCache, ModelRunner, make_runner
+from serving.lean_llama import LeanLlama
+
+
+def tiny_llama(kv_heads=4, bias=False):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=128,
+                         attention_bias=bias)
+    return LlamaForCausalLM(config).eval()
+
+
+def steps(run, cache):
+    """Prefill, decode, crop (a rollback) and a multi-token append: the service's whole repertoire."""
+    out = [run(cache, list(range(10, 40)), 3)]
+    out += [run(cache, [t], 1) for t in (5, 6, 7)]
+    cache.crop(31)
+    out.append(run(cache, [8, 9, 10, 11], 4))
+    return torch.cat(out)
+
+
+def test_growable_cache_gives_bitwise_the_same_logits_as_dynamic_cache():
+    model = tiny_llama()
+
+    @torch.inference_mode()
+    def dynamic(cache, ids, keep):
+        return model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -keep:]
+
+    reference = DynamicCache()
+    expected = [dynamic(reference, list(range(10, 40)), 3)] + [dynamic(reference, [t], 1) for t in (5, 6, 7)]
+    reference.crop(31 - reference.get_seq_length())
+    expected.append(dynamic(reference, [8, 9, 10, 11], 4))
+    ours = steps(ModelRunner(model, torch.device("cpu")).extend, KVCache(model.config))
+    assert torch.equal(ours, torch.cat(expected))
+
+
+@pytest.mark.parametrize("kv_heads,bias", [(4, False), (2, False), (4, True)], ids=["mha", "gqa", "qkv-bias"])
+def test_lean_llama_matches_the_hf_forward_to_rounding(kv_heads, bias):
+    model = tiny_llama(kv_heads, bias)
+    hf = ModelRunner(model, torch.device("cpu"))
+    lean = LeanLlama(model)
+    expected = steps(hf.extend, hf.new_cache())
+    ours = steps(lean.extend, lean.new_cache())
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert ours.argmax(-1).tolist() == expected.argmax(-1).tolist()
+
+
+def test_runtime_choice():
+    model = tiny_llama()
+    assert make_runner(model, torch.device("cpu"), "auto").name == "lean"
+    assert make_runner(model, torch.device("cpu"), "hf").name == "hf"
+    with pytest.raises(ValueError, match="--runtime"):
+        make_runner(model, torch.device("cpu"), "fastest")

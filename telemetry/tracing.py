@@ -1,5 +1,6 @@
 """Tracing setup for one process: the global TracerProvider, its exporters, and the gRPC interceptors that
-carry W3C tracecontext in call metadata (opentelemetry-instrumentation-grpc, not hand-rolled propagation).
+carry W3C tracecontext in call metadata (OpenTelemetry's propagator; the server side is
+opentelemetry-instrumentation-grpc's interceptor, the client side telemetry.grpc_client's).
 
 Exporters come from the standard environment variables: OTEL_TRACES_EXPORTER=otlp|console|none (a comma
 list), OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT and OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL=grpc|http/protobuf
@@ -133,15 +134,17 @@ def server_interceptors() -> list:
 
 
 def traced_channel(channel: grpc.Channel, tracer_provider=None) -> grpc.Channel:
-    """The channel with a client span per call and tracecontext in its metadata; unchanged while tracing is off.
+    """The channel with a CLIENT span per call and tracecontext in its metadata; unchanged while tracing is off.
 
     `tracer_provider` traces this one channel with a provider of its own (a client that keeps its spans
     in memory) whether or not the process-wide tracing is on."""
     if tracer_provider is None and _provider is None:
         return channel
-    from opentelemetry.instrumentation.grpc import client_interceptor
+    from telemetry.grpc_client import TracingClientInterceptor
 
-    return grpc.intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
+    tracer = tracer_provider.get_tracer("specdec.grpc") if tracer_provider is not None else \
+        trace.get_tracer("specdec.grpc")
+    return grpc.intercept_channel(channel, TracingClientInterceptor(tracer))
 
 
 def shutdown_tracing() -> None:

@@ -1,0 +1,214 @@
+"""`specdec study --delay-ms D`: a latency study. Draft and verify run in network namespaces of their own
+(netlab.delay_path; loopback when namespaces cannot be made, and the output says so), the orchestrator in the
+root namespace reaches them through a one-way delay of D ms on each link (netem, else the delay relay), and a
+traced client drives a few generations per delay level. From the spans it reports, per level, the round
+breakdown and the one-way network time measured as (client-observed - server-reported) / 2.
+
+Every run starts with a 0 ms calibration level on the same path: its one-way time is what the gRPC stack and
+the relay cost by themselves, so `recovered_one_way_ms` (measured minus calibration) is the delay the
+traces recover, comparable with `injected_one_way_ms`.
+
+Knows processes, levels and span files; the arithmetic is telemetry.breakdown's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from netlab.delay_path import DelayPath, delay_path
+from specdec_cli.local_stack import free_port, wait_healthy
+from specdec_cli.paths import REPO_ROOT
+from telemetry.breakdown import PARTS, Round, rounds_from_spans, summarize
+from telemetry.span_reader import read_spans
+
+SERVICES = ["draft", "verify"]
+CALIBRATION = "calibration"
+
+
+@dataclass
+class StudyPlan:
+    target: str
+    draft: str
+    prompts: list[str]
+    delays_ms: list[float]
+    out_dir: Path
+    max_new_tokens: int = 16
+    gamma: int = 4
+    warmup: int = 1  # generations per level not counted: the first calls on a changed path
+    threads: int = 1
+    isolation: str = "auto"  # auto | netns | loopback
+    timeout_s: float = 180.0
+
+
+@dataclass
+class Level:
+    name: str
+    delay_ms: float
+    traces: set[str] = field(default_factory=set)
+    new_tokens: int = 0
+    wall_s: float = 0.0
+
+
+def _spawn(args: list[str], prefix: list[str], env: dict, log_path: Path) -> subprocess.Popen:
+    environment = {**os.environ, **env,
+                   "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log_path, "w") as log:
+        return subprocess.Popen([*prefix, sys.executable, "-m", "specdec_cli", *args], cwd=REPO_ROOT,
+                                env=environment, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM, so each service drains and its span exporter flushes at exit."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _client_tracing(path: Path):
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    from telemetry.span_file import JsonlSpanExporter
+
+    # A provider of the study's own: the client's spans go to their file without making tracing global here.
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "specdec-study-client"}))
+    provider.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(path)))
+    return provider
+
+
+def _drive(plan: StudyPlan, orchestrator: str, path: DelayPath, levels: list[Level], provider) -> None:
+    from specdec_client import Client
+    from telemetry.tracing import traced_channel
+
+    tracer = provider.get_tracer("specdec.study")
+    channel = traced_channel(grpc.insecure_channel(orchestrator), tracer_provider=provider)
+    with Client(orchestrator, timeout=plan.timeout_s, channel=channel) as client:
+        for level in levels:
+            path.set_delay(level.delay_ms)
+            for i, prompt in enumerate([plan.prompts[0]] * plan.warmup + plan.prompts):
+                warmup = i < plan.warmup
+                with tracer.start_as_current_span("study.generation", attributes={
+                        "specdec.study.level": level.name, "specdec.study.delay_ms": level.delay_ms,
+                        "specdec.study.warmup": warmup}) as span:
+                    started = time.perf_counter()
+                    result = client.generate(prompt, plan.max_new_tokens, num_draft_tokens=plan.gamma)
+                    elapsed = time.perf_counter() - started
+                if not warmup:
+                    level.traces.add(f"{span.get_span_context().trace_id:032x}")
+                    level.new_tokens += len(result.token_ids)
+                    level.wall_s += elapsed
+
+
+def _level_result(level: Level, rounds: list[Round], calibration: dict, path: DelayPath) -> dict:
+    summary = summarize(rounds)
+    measured = summary["one_way_ms_p50"]
+    return {
+        "level": level.name,
+        "injected_one_way_ms": level.delay_ms,
+        "delay_method": path.method,
+        "isolation": path.isolation,
+        "isolation_note": path.note,
+        "generations": summary["traces"],
+        "rounds": summary["rounds"],
+        "new_tokens": level.new_tokens,
+        "tokens_per_s": level.new_tokens / level.wall_s if level.wall_s else 0.0,
+        "measured_one_way_ms_p50": measured,
+        "stack_one_way_ms_p50": calibration["one_way_ms_p50"],
+        "recovered_one_way_ms": measured - calibration["one_way_ms_p50"],
+        "draft_compute_ms_p50": summary["compute_ms_p50"]["draft"],
+        "verify_compute_ms_p50": summary["compute_ms_p50"]["verify"],
+        "round_ms_p50": summary["round_ms"]["median_ms"],
+        "round_ms_p90": summary["round_ms"]["p90_ms"],
+        "breakdown": {name: {k: summary["parts"][name][k] for k in ("median_ms", "p90_ms", "share")}
+                      for name in PARTS},
+        "breakdown_covers_wall_fraction": summary["covers_wall_fraction"],
+    }
+
+
+def run_study(plan: StudyPlan) -> list[dict]:
+    """One result per requested delay level (the calibration level is in each as stack_one_way_ms_p50)."""
+    from telemetry.chart import groups_chart
+    from telemetry.perfetto import write_trace_events
+
+    out = plan.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.jsonl"):
+        old.unlink()  # span files append: a rerun into the same directory must not mix runs
+    levels = [Level(CALIBRATION, 0.0)] + [Level(f"{d:g} ms", d) for d in plan.delays_ms]
+    env = {"SPECDEC_TRACE_FILE": str(out / "{service}.jsonl")}
+    provider = _client_tracing(out / "client.jsonl")
+    with delay_path(SERVICES, plan.isolation) as path:
+        processes: list[subprocess.Popen] = []
+        try:
+            for service, model in zip(SERVICES, (plan.draft, plan.target)):
+                host, port = path.bind[service]
+                processes.append(_spawn(["serve", service, "--model", model, "--host", host, "--port", str(port),
+                                         "--threads", str(plan.threads)], path.prefix[service], env,
+                                        out / f"{service}.log"))
+            for service, process in zip(SERVICES, processes):
+                wait_healthy(path.reach[service], plan.timeout_s, process)
+            port = free_port()
+            processes.insert(0, _spawn(["serve", "orchestrator", "--host", "127.0.0.1", "--port", str(port),
+                                        "--draft", path.reach["draft"], "--verify", path.reach["verify"],
+                                        "--num-draft-tokens", str(plan.gamma)], [], env, out / "orchestrator.log"))
+            wait_healthy(f"127.0.0.1:{port}", plan.timeout_s, processes[0])
+            _drive(plan, f"127.0.0.1:{port}", path, levels, provider)
+        finally:
+            provider.shutdown()
+            _stop(processes)
+        rounds = rounds_from_spans(read_spans(sorted(out.glob("*.jsonl"))))
+        by_level = {level.name: [r for r in rounds if r.trace_id in level.traces] for level in levels}
+        if not any(by_level.values()):
+            raise RuntimeError(f"no `round` spans from the orchestrator in {out}: is tracing wired into "
+                               "`specdec serve` (SPECDEC_TRACE_FILE)? See orchestrator.log")
+        calibration = summarize(by_level[CALIBRATION])
+        results = [_level_result(level, by_level[level.name], calibration, path) for level in levels[1:]]
+    groups_chart(by_level, out / "breakdown.png", "mean round breakdown by injected one-way delay")
+    write_trace_events([r for rs in by_level.values() for r in rs], out / "rounds.perfetto.json")
+    for result in results:
+        result.update(run_dir=str(out), chart=str(out / "breakdown.png"),
+                      perfetto=str(out / "rounds.perfetto.json"))
+    (out / "study.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+def format_level(result: dict) -> str:
+    lines = [f"== injected {result['injected_one_way_ms']:g} ms one way ({result['delay_method']}, "
+             f"{result['isolation']}) ==",
+             f"one-way network p50: measured {result['measured_one_way_ms_p50']:.3f} ms, stack alone "
+             f"{result['stack_one_way_ms_p50']:.3f} ms, recovered delay {result['recovered_one_way_ms']:.3f} ms",
+             f"compute p50: draft {result['draft_compute_ms_p50']:.3f} ms, verify {result['verify_compute_ms_p50']:.3f} ms;"
+             f" round p50 {result['round_ms_p50']:.3f} ms, p90 {result['round_ms_p90']:.3f} ms; "
+             f"{result['tokens_per_s']:.1f} tokens/s over {result['generations']} generations, {result['rounds']} rounds",
+             f"{'part':<22}{'median ms':>10}{'p90 ms':>10}{'share':>9}"]
+    for name, part in result["breakdown"].items():
+        lines.append(f"{name:<22}{part['median_ms']:>10.3f}{part['p90_ms']:>10.3f}{part['share']:>9.1%}")
+    lines.append(f"{'sum of parts / round wall':<42}{result['breakdown_covers_wall_fraction']:>9.1%}")
+    return "\n".join(lines)
+
+
+def print_study(results: list[dict], as_json: bool) -> None:
+    if as_json:
+        for result in results:  # one JSON object per delay level, one per line
+            print(json.dumps(result))
+        return
+    print(f"network: {results[0]['isolation_note']}")
+    for result in results:
+        print(format_level(result))
+    print(f"spans, logs, chart and Perfetto timeline in {results[0]['run_dir']}")

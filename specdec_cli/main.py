@@ -210,57 +210,5 @@ def study(
     print_study(results, as_json)
 
 
-@app.command("trace-report")
-def trace_report_command(
-    files: List[Path] = typer.Argument(..., help="span files (JSONL from SPECDEC_TRACE_FILE, or a collector's "
-                                                 "OTLP/JSON) or directories of them"),
-    png: Optional[Path] = typer.Option(None, help="chart path (default: FILE.breakdown.png)"),
-    perfetto: Optional[Path] = typer.Option(None, help="trace-event JSON path (default: FILE.perfetto.json)"),
-    trace: Optional[str] = typer.Option(None, help="only this trace id (or its prefix)"),
-    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
-):
-    """Per-round breakdown of exported spans (median, p90, share of wall), a PNG chart and a Perfetto timeline."""
-    from specdec_cli.trace_report import trace_report
-
-    try:
-        trace_report(files, png, perfetto, as_json, trace)
-    except (ValueError, FileNotFoundError) as error:
-        typer.echo(f"specdec: {error}", err=True)
-        raise typer.Exit(1)
-
-
-@app.command()
-def study(
-    delay_ms: List[float] = typer.Option(..., help="one-way delay on each service link; repeatable"),
-    as_json: bool = typer.Option(False, "--json", help="one JSON object per delay level, one per line"),
-    target: str = typer.Option(str(DEFAULT_TARGET)),
-    draft: str = typer.Option(str(DEFAULT_DRAFT)),
-    prompts: Path = typer.Option(DEFAULT_PROMPTS, help="JSONL with a `prompt` field"),
-    count: int = typer.Option(3, help="generations per delay level"),
-    max_new_tokens: int = typer.Option(16),
-    num_draft_tokens: int = typer.Option(4),
-    isolation: str = typer.Option("auto", help="auto | netns | loopback"),
-    out: Optional[Path] = typer.Option(None, help="run directory (default: runs/study-TIMESTAMP)"),
-):
-    """Latency study: services in network namespaces behind a one-way delay, breakdown from the traces."""
-    import signal
-    import time
-
-    from specdec_cli.paths import load_prompts
-    from specdec_cli.study import StudyPlan, print_study, run_study
-
-    # SIGTERM unwinds like Ctrl-C, so the namespaces and processes are cleaned up.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out = out or Path("runs") / time.strftime("study-%Y%m%d-%H%M%S")
-    plan = StudyPlan(target, draft, load_prompts(prompts, count), list(delay_ms), out, max_new_tokens,
-                     num_draft_tokens, isolation=isolation)
-    try:
-        results = run_study(plan)
-    except RuntimeError as error:
-        typer.echo(f"specdec: study failed: {error}", err=True)
-        raise typer.Exit(1)
-    print_study(results, as_json)
-
-
 if __name__ == "__main__":
     app()

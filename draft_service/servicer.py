@@ -8,7 +8,7 @@ import torch
 
 from draft_service.drafter import propose
 from serving.errors import InvalidArgument
-from serving.model_service import ModelServiceBase, encode_to_message, timing
+from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import draft_pb2, draft_pb2_grpc
 from speculation.wire import encode_probs
 
@@ -29,6 +29,7 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
         with self.session(request.session_id, request.prefix_len) as session:
             done = self.worker.run(lambda: propose(self.runner, session.cache, append, gamma, sampling, generator))
             cached_len = session.length
+        record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + gamma - 1})
         reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)
         if done.result.draft_probs is not None:
             encode_to_message(encode_probs(done.result.draft_probs), reply.draft_probs)

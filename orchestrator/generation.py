@@ -20,6 +20,8 @@ from specdec_api import common_pb2, orchestrator_pb2
 from speculation.rejection import RoundOutcome, greedy_accept, rejection_sample
 from speculation.sampling import Sampling
 from speculation.wire import decode_probs
+from telemetry.metrics import record_round
+from telemetry.tracing import get_tracer
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,12 @@ class Counters:
 class Generation:
     def __init__(self, spec: GenerationSpec, draft: DraftSession | None, verify: VerifySession,
                  text: TextStream, gamma_policy=None, is_active: Callable[[], bool] = lambda: True,
-                 metadata=()):
+                 metadata=(), trace_context=None):
         self.spec, self.draft, self.verify, self.text = spec, draft, verify, text
         self.gamma_policy = gamma_policy
         self.is_active = is_active
         self.metadata = metadata
+        self.trace_context = trace_context  # the "generation" span's context: parent of every round
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.counters = Counters()
         self.committed = list(spec.prompt_ids)
@@ -123,6 +126,39 @@ class Generation:
             self.wall_s = time.perf_counter() - self.started
 
     def _round(self) -> RoundEvent:
+        with get_tracer().start_as_current_span("round", context=self.trace_context) as span:
+            round_started = time.perf_counter()
+            event = self._round_steps()
+            round_ms = (time.perf_counter() - round_started) * 1000
+            self._report_round(span, event, round_ms)
+            return event
+
+    def _report_round(self, span, event: "RoundEvent", round_ms: float) -> None:
+        """Round span attributes and metrics: the measured split of this round's wall time."""
+        draft = self.draft.calls[-1] if (self.draft and event.gamma > 0 and self.draft.calls) else None
+        verify = self.verify.calls[-1]
+        outcome = "target_only" if event.gamma == 0 else ("bonus" if event.bonus else "recovered")
+        draft_ms = draft.observed_ms if draft else 0.0
+        network_ms = verify.network_ms + (draft.network_ms if draft else 0.0)
+        record_round(event.gamma, event.accepted, outcome, round_ms, draft_ms, verify.observed_ms, network_ms,
+                     max(0.0, round_ms - draft_ms - verify.observed_ms))
+        if not span.is_recording():
+            return
+        attributes = {
+            "specdec.round": self.counters.rounds, "specdec.gamma": event.gamma,
+            "specdec.accepted": event.accepted, "specdec.outcome": outcome,
+            "specdec.session_id": self.verify.session_id, "specdec.round_ms": round_ms,
+            "specdec.committed": len(event.token_ids),
+            "specdec.verify.observed_ms": verify.observed_ms, "specdec.verify.server_ms": verify.server_total_ms,
+            "specdec.verify.compute_ms": verify.compute_ms, "specdec.verify.queue_ms": verify.queue_ms,
+        }
+        if draft is not None:
+            attributes.update({
+                "specdec.draft.observed_ms": draft.observed_ms, "specdec.draft.server_ms": draft.server_total_ms,
+                "specdec.draft.compute_ms": draft.compute_ms, "specdec.draft.queue_ms": draft.queue_ms})
+        span.set_attributes(attributes)
+
+    def _round_steps(self) -> RoundEvent:
         spec = self.spec
         gamma = self._gamma()
 
@@ -152,16 +188,10 @@ class Generation:
         scored, verify_base = self.verify.verify(self.committed, draft_ids, self.sampling_message, self.metadata)
 
         # 3. Accept: greedy prefix match, or rejection sampling with the orchestrator's RNG.
-        if spec.sampling.greedy:
-            outcome = greedy_accept(draft_ids, list(scored.argmax_token_ids))
-        else:
-            m = scored.target_probs
-            target_probs = decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
-            if draft_probs is None:
-                draft_probs = torch.zeros(0, target_probs.shape[1])
-            outcome = rejection_sample(torch.tensor(draft_ids, dtype=torch.long), draft_probs, target_probs,
-                                       self.generator)
+        with get_tracer().start_as_current_span("accept"):
+            outcome = self._accept(gamma, draft_ids, draft_probs, scored)
         self.counters.record(gamma, outcome)
+
 
         # 4. Roll back: each service's cache stays valid through the accepted drafts it was fed.
         self.verify.advance(verify_base, scored.cached_len, outcome.accepted)
@@ -184,6 +214,15 @@ class Generation:
                           self.finish_reason)
 
     _stop_text_end: int | None = None
+
+    def _accept(self, gamma: int, draft_ids: list[int], draft_probs, scored) -> RoundOutcome:
+        if self.spec.sampling.greedy:
+            return greedy_accept(draft_ids, list(scored.argmax_token_ids))
+        m = scored.target_probs
+        target_probs = decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
+        if draft_probs is None:
+            draft_probs = torch.zeros(0, target_probs.shape[1])
+        return rejection_sample(torch.tensor(draft_ids, dtype=torch.long), draft_probs, target_probs, self.generator)
 
     def _commit(self, tokens: list[int]) -> list[int]:
         spec = self.spec

@@ -6,6 +6,8 @@ import logging
 import secrets
 import uuid
 
+from opentelemetry import trace
+
 from orchestrator.deployment import Deployment
 from orchestrator.generation import Generation, GenerationSpec
 from orchestrator.service_clients import DraftSession, VerifySession, release
@@ -14,6 +16,8 @@ from serving.errors import InvalidArgument, OutOfRange
 from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
 from speculation.gamma_policy import AdaptiveGamma
 from speculation.sampling import Sampling
+from telemetry.metrics import record_generation
+from telemetry.tracing import get_tracer
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +87,27 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         policy = None
         if spec.adaptive:
             policy = AdaptiveGamma(max_gamma=spec.max_gamma, gamma=spec.gamma, cost_ratio=self.adaptive_cost_ratio)
+        # Not made current: the handler yields between rounds, so each round names it as parent instead.
+        span = get_tracer().start_span("generation", attributes={
+            "specdec.session_id": session_id, "specdec.request_id": request.request_id,
+            "specdec.prompt_tokens": len(spec.prompt_ids), "specdec.max_new_tokens": spec.max_new_tokens,
+            "specdec.temperature": spec.sampling.temperature, "specdec.gamma": spec.gamma})
         generation = Generation(spec, draft, verify, TextStream(d.tokenizer, spec.stop), policy,
-                                is_active=context.is_active)
+                                is_active=context.is_active, trace_context=trace.set_span_in_context(span))
         try:
             for event in generation.rounds():
                 chunk = orchestrator_pb2.GenerateChunk(token_ids=event.token_ids, text=event.text,
                                                        finish_reason=event.finish_reason)
                 if event.finish_reason:
-                    chunk.stats.CopyFrom(generation.stats())
+                    stats = generation.stats()
+                    chunk.stats.CopyFrom(stats)
+                    record_generation(stats.new_tokens, stats.rounds, stats.tokens_per_s, stats.acceptance_rate,
+                                      stats.mean_accepted_len)
+                    span.set_attributes({"specdec.new_tokens": stats.new_tokens, "specdec.rounds": stats.rounds,
+                                         "specdec.acceptance_rate": stats.acceptance_rate})
                 yield chunk
         finally:
+            span.end()
             release(d.verify_stub, session_id)
             if d.draft_stub is not None:
                 release(d.draft_stub, session_id)

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.errors import StatusInterceptor
+from telemetry.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def start_server(
 ) -> RunningServer:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[*interceptors, StatusInterceptor()],
+        interceptors=[*server_interceptors(), *interceptors, StatusInterceptor()],
         options=CHANNEL_OPTIONS,
     )
     for add, servicer in registrations:

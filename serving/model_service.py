@@ -11,7 +11,8 @@ from specdec_api import common_pb2
 
 from serving.errors import InvalidArgument, OutOfRange
 from serving.model_loading import LoadedModel
-from serving.model_worker import ModelWorker
+from serving.model_worker import ModelWorker, Timed
+from telemetry.tracing import get_tracer, tracing_enabled
 from serving.sessions import Session, SessionStore
 
 MAX_SESSION_ID_LEN = 256
@@ -69,6 +70,17 @@ class ModelServiceBase:
             eos_token_ids=loaded.eos_token_ids, tokenizer_fingerprint=loaded.tokenizer_fingerprint,
             device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
             num_parameters=loaded.num_parameters, max_draft_tokens=self.max_draft_tokens)
+
+
+def record_worker_spans(done: Timed, **attributes) -> None:
+    """queue_wait and forward spans under the current (gRPC server) span, from the worker's clocks."""
+    if not tracing_enabled():
+        return
+    tracer = get_tracer()
+    for name, start, end in (("queue_wait", done.enqueued_unix_ns, done.started_unix_ns),
+                             ("forward", done.started_unix_ns, done.finished_unix_ns)):
+        span = tracer.start_span(name, start_time=start, attributes=attributes)
+        span.end(end_time=end)
 
 
 def timing(started_ns: int, queue_us: int, compute_us: int, batch_size: int = 1) -> common_pb2.ServerTiming:

@@ -19,6 +19,10 @@ class Timed:
     result: Any
     queue_us: int
     compute_us: int
+    # Wall-clock (epoch) nanoseconds, for spans drawn after the fact.
+    enqueued_unix_ns: int = 0
+    started_unix_ns: int = 0
+    finished_unix_ns: int = 0
 
 
 class ModelWorker:
@@ -29,12 +33,12 @@ class ModelWorker:
 
     def run(self, job: Callable[[], Any]) -> Timed:
         future: Future = Future()
-        self._jobs.put((job, future, time.perf_counter_ns()))
+        self._jobs.put((job, future, time.perf_counter_ns(), time.time_ns()))
         return future.result()
 
     def _loop(self) -> None:
         while True:
-            job, future, enqueued = self._jobs.get()
+            job, future, enqueued, enqueued_unix = self._jobs.get()
             started = time.perf_counter_ns()
             try:
                 result = job()
@@ -42,4 +46,6 @@ class ModelWorker:
                 future.set_exception(error)
                 continue
             finished = time.perf_counter_ns()
-            future.set_result(Timed(result, (started - enqueued) // 1000, (finished - started) // 1000))
+            queue_ns, compute_ns = started - enqueued, finished - started
+            future.set_result(Timed(result, queue_ns // 1000, compute_ns // 1000, enqueued_unix,
+                                    enqueued_unix + queue_ns, enqueued_unix + queue_ns + compute_ns))

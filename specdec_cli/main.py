@@ -57,10 +57,20 @@ def serve(
     rpc_timeout_s: float = typer.Option(30.0, envvar=_env("rpc_timeout_s"), help="orchestrator: verify call deadline"),
     draft_timeout_s: float = typer.Option(5.0, envvar=_env("draft_timeout_s"),
                                           help="orchestrator: draft call deadline; past it the round goes target-only"),
+    metrics_port: Optional[int] = typer.Option(None, envvar=_env("metrics_port"),
+                                               help="serve Prometheus metrics on this port"),
     log_level: str = typer.Option("INFO", envvar=_env("log_level")),
 ):
-    """Run one service: `draft`, `verify` (both need --model) or `orchestrator` (needs --verify)."""
+    """Run one service: `draft`, `verify` (both need --model) or `orchestrator` (needs --verify).
+
+    Tracing and metrics exporters follow the standard OTEL_* variables; SPECDEC_TRACE_FILE writes spans
+    to a local JSONL file instead (see `specdec trace-report`)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from telemetry.metrics import configure_metrics, shutdown_metrics
+    from telemetry.tracing import configure_tracing, shutdown_tracing
+
+    configure_tracing(f"specdec-{role.value}")
+    configure_metrics(f"specdec-{role.value}", metrics_port)
     if role is Role.orchestrator:
         from orchestrator.server import OrchestratorSettings, start
 
@@ -92,6 +102,8 @@ def serve(
         running = start(settings)
     typer.echo(f"{role.value} listening on port {running.port}", err=True)
     running.wait_for_termination()
+    shutdown_tracing()
+    shutdown_metrics()
 
 
 @app.command()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from serving.errors import InvalidArgument
-from serving.model_service import ModelServiceBase, encode_to_message, timing
+from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import verify_pb2, verify_pb2_grpc
 from speculation.wire import encode_probs
 from verify_service.verifier import score
@@ -24,6 +24,7 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
         with self.session(request.session_id, request.prefix_len) as session:
             done = self.worker.run(lambda: score(self.runner, session.cache, append, drafts, sampling))
             cached_len = session.length
+        record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + len(drafts)})
         reply = verify_pb2.VerifyResponse(argmax_token_ids=done.result.argmax_token_ids, cached_len=cached_len)
         if done.result.target_probs is not None:
             encode_to_message(encode_probs(done.result.target_probs), reply.target_probs)

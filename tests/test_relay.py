@@ -133,3 +133,29 @@ def test_a_refused_upstream_closes_the_client_connection(tmp_path):
                 assert sock.recv(10) == b""
             except ConnectionResetError:
                 pass  # a reset is as good as an EOF: the caller learns the upstream is not there
+
+
+def test_loopback_path_puts_the_relay_in_front_of_each_service_and_says_why():
+    from netlab.delay_path import delay_path
+
+    with delay_path(["draft", "verify"], isolation="loopback") as path:
+        servers = []
+        for service in ("draft", "verify"):
+            socketserver.TCPServer.allow_reuse_address = True
+            server = socketserver.ThreadingTCPServer(path.bind[service], _Echo)
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            servers.append(server)
+        try:
+            assert (path.isolation, path.method) == ("loopback", "relay") and "unavailable" in path.note
+            from netlab.addresses import Address
+
+            with _connect(Address.parse(path.reach["verify"])) as sock:
+                base = _median_round_trip_ms(sock, 15)
+                path.set_delay(3)
+                added = _median_round_trip_ms(sock, 15) - base
+            assert abs(added - 6.0) <= 0.6 + 0.4
+        finally:
+            for server in servers:
+                server.shutdown()
+                server.server_close()

@@ -1,0 +1,170 @@
+"""Tracing end to end: one generation's span tree across the client, the orchestrator, the draft and the
+verify processes (W3C tracecontext over gRPC metadata), the local span file and its setup from the
+environment, metrics on the orchestrator's Prometheus endpoint, and tracing off installing nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections import defaultdict
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from specdec_cli.local_stack import free_port, local_stack
+from specdec_cli.paths import REPO_ROOT
+from specdec_client import Client
+from telemetry.span_file import span_record
+from telemetry.span_reader import read_spans
+from telemetry.tracing import traced_channel
+
+PROPOSE = "/specdec.v1.DraftService/Propose"
+VERIFY = "/specdec.v1.VerifyService/Verify"
+GENERATE = "/specdec.v1.Orchestrator/Generate"
+
+
+def _python(code: str, env: dict) -> str:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SPECDEC_"))}
+    done = subprocess.run([sys.executable, "-c", code], env={**clean, "PYTHONPATH": str(REPO_ROOT), **env},
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_without_an_exporter_tracing_installs_nothing():
+    out = _python("""
+import json, grpc
+from opentelemetry import trace
+from telemetry.tracing import configure_tracing, get_tracer, server_interceptors, traced_channel, tracing_enabled
+from telemetry.metrics import configure_metrics
+channel = grpc.insecure_channel("localhost:1")
+print(json.dumps({"configured": configure_tracing("svc"), "enabled": tracing_enabled(),
+                  "interceptors": len(server_interceptors()), "same_channel": traced_channel(channel) is channel,
+                  "provider": type(trace.get_tracer_provider()).__name__,
+                  "recording": get_tracer().start_span("x").is_recording(),
+                  "metrics": configure_metrics("svc", None)}))
+""", {})
+    assert json.loads(out) == {"configured": False, "enabled": False, "interceptors": 0, "same_channel": True,
+                               "provider": "ProxyTracerProvider", "recording": False, "metrics": False}
+
+
+def test_trace_file_from_the_environment_gets_one_span_per_line_with_parents_and_service(tmp_path):
+    _python("""
+from telemetry.tracing import configure_tracing, get_tracer, shutdown_tracing
+assert configure_tracing("specdec-test")
+with get_tracer().start_as_current_span("outer", attributes={"n": 1}):
+    with get_tracer().start_as_current_span("inner"):
+        pass
+shutdown_tracing()
+""", {"SPECDEC_TRACE_FILE": str(tmp_path / "{service}.jsonl")})
+    spans = {s["name"]: s for s in read_spans([tmp_path / "specdec-test.jsonl"])}
+    assert set(spans) == {"outer", "inner"}
+    assert spans["inner"]["parent_span_id"] == spans["outer"]["span_id"]
+    assert spans["outer"]["parent_span_id"] is None and spans["outer"]["attributes"] == {"n": 1}
+    assert spans["inner"]["trace_id"] == spans["outer"]["trace_id"]
+    assert spans["outer"]["resource"]["service.name"] == "specdec-test"
+    assert spans["outer"]["start_time_unix_nano"] <= spans["inner"]["start_time_unix_nano"] \
+        <= spans["inner"]["end_time_unix_nano"] <= spans["outer"]["end_time_unix_nano"]
+
+
+@pytest.fixture(scope="module")
+def traced_generation(tiny, tmp_path_factory):
+    """One greedy generation through three traced processes; the client's spans kept in memory."""
+    run = tmp_path_factory.mktemp("traced")
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    metrics_port = free_port()
+    with local_stack(str(tiny.target), str(tiny.draft), env_extra={"SPECDEC_TRACE_FILE": str(run / "{service}.jsonl")},
+                     orchestrator_args=("--metrics-port", str(metrics_port)), log_dir=run) as stack:
+        channel = traced_channel(grpc.insecure_channel(stack.orchestrator), tracer_provider=provider)
+        with Client(stack.orchestrator, timeout=120, channel=channel) as client:
+            result = client.generate("def main():\n", max_new_tokens=12, num_draft_tokens=3)
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    # Leaving the stack stopped the services (SIGTERM), which flushed their span files.
+    spans = [span_record(s) for s in memory.get_finished_spans()] + read_spans(sorted(run.glob("*.jsonl")))
+    return result, spans, scraped
+
+
+def _tree(spans):
+    by_id = {s["span_id"]: s for s in spans}
+    children = defaultdict(list)
+    for s in spans:
+        children[s["parent_span_id"]].append(s)
+    return by_id, children
+
+
+def test_one_generation_is_one_trace_from_the_client_to_both_model_services(traced_generation):
+    result, spans, _ = traced_generation
+    client_span = next(s for s in spans if s["name"] == GENERATE and s["kind"] == "CLIENT")
+    trace = [s for s in spans if s["trace_id"] == client_span["trace_id"]]
+    by_id, children = _tree(trace)
+    service = lambda s: s["resource"].get("service.name")  # noqa: E731
+
+    (server,) = [s for s in children[client_span["span_id"]] if s["kind"] == "SERVER"]
+    assert server["name"] == GENERATE and server["parent_is_remote"] and service(server) == "specdec-orchestrator"
+    (generation,) = [s for s in children[server["span_id"]] if s["name"] == "generation"]
+    assert generation["attributes"]["specdec.prompt_tokens"] > 0
+    assert generation["attributes"]["specdec.new_tokens"] == len(result.token_ids)
+    assert generation["attributes"]["specdec.temperature"] == 0
+    session = generation["attributes"]["specdec.session_id"]
+
+    rounds = sorted((s for s in children[generation["span_id"]] if s["name"] == "round"),
+                    key=lambda s: s["start_time_unix_nano"])
+    assert len(rounds) == result.stats["rounds"] > 0
+    for r in rounds:
+        a = r["attributes"]
+        assert a["specdec.session_id"] == session
+        assert a["specdec.outcome"] in {"recovered", "bonus", "target_only"}
+        assert 0 <= a["specdec.accepted"] <= a["specdec.gamma"] <= 3
+        assert a["specdec.round_ms"] > 0
+        kids = {k["name"]: k for k in children[r["span_id"]]}
+        assert "accept" in kids
+        calls = [(VERIFY, "verify", "specdec-verify")]
+        if a["specdec.gamma"] > 0:
+            calls.append((PROPOSE, "draft", "specdec-draft"))
+        for method, side, service_name in calls:
+            client_call = kids[method]
+            assert client_call["kind"] == "CLIENT"
+            assert a[f"specdec.{side}.observed_ms"] >= a[f"specdec.{side}.server_ms"] \
+                >= a[f"specdec.{side}.compute_ms"] > 0
+            (server_call,) = children[client_call["span_id"]]
+            assert (server_call["name"], server_call["kind"], service(server_call), server_call["parent_is_remote"]) \
+                == (method, "SERVER", service_name, True)
+            steps = {s["name"]: s for s in children[server_call["span_id"]]}
+            assert set(steps) == {"queue_wait", "forward"}
+            # Same host, so the clocks agree here: the forward pass follows the queue wait inside the call.
+            assert steps["queue_wait"]["end_time_unix_nano"] <= steps["forward"]["start_time_unix_nano"] + 1000
+            assert server_call["start_time_unix_nano"] <= steps["forward"]["start_time_unix_nano"]
+            assert steps["forward"]["end_time_unix_nano"] <= server_call["end_time_unix_nano"]
+    assert {service(s) for s in trace} >= {"specdec-orchestrator", "specdec-draft", "specdec-verify"}
+    assert all(s["parent_span_id"] in by_id for s in trace if s is not client_span)  # no orphans
+
+
+def test_orchestrator_metrics_count_the_generations_rounds_and_draft_positions(traced_generation):
+    result, _, scraped = traced_generation
+    samples = {}
+    for line in scraped.splitlines():
+        if line and not line.startswith("#"):
+            name_labels, value = line.rsplit(" ", 1)
+            samples[name_labels] = float(value)
+
+    def total(name, **labels):
+        return sum(v for k, v in samples.items() if k.split("{")[0] == name
+                   and all(f'{key}="{val}"' in k for key, val in labels.items()))
+
+    stats = result.stats
+    assert total("specdec_rounds_total") == stats["rounds"]
+    assert total("specdec_generations_total") == 1
+    assert total("specdec_tokens_total") == stats["new_tokens"]
+    assert total("specdec_draft_accepted_total") == stats["accepted_tokens"]
+    assert total("specdec_draft_proposed_total") == stats["drafted_tokens"]
+    assert total("specdec_draft_proposed_total", position=0) >= total("specdec_draft_proposed_total", position=2)
+    assert total("specdec_round_duration_milliseconds_count") == stats["rounds"]
+    assert total("specdec_round_network_duration_milliseconds_count") == stats["rounds"]

@@ -54,6 +54,7 @@ class RoundEvent:
     accepted: int
     bonus: bool
     finish_reason: int = orchestrator_pb2.FINISH_REASON_UNSPECIFIED
+    timing: orchestrator_pb2.RoundTiming | None = None
 
 
 @dataclass
@@ -140,8 +141,15 @@ class Generation:
         outcome = "target_only" if event.gamma == 0 else ("bonus" if event.bonus else "recovered")
         draft_ms = draft.observed_ms if draft else 0.0
         network_ms = verify.network_ms + (draft.network_ms if draft else 0.0)
+        orchestrator_ms = max(0.0, round_ms - draft_ms - verify.observed_ms)
+        event.timing = orchestrator_pb2.RoundTiming(
+            num_draft_tokens=event.gamma, accepted=event.accepted, round_ms=round_ms, draft_ms=draft_ms,
+            verify_ms=verify.observed_ms, draft_compute_ms=draft.compute_ms if draft else 0.0,
+            verify_compute_ms=verify.compute_ms, queue_ms=verify.queue_ms + (draft.queue_ms if draft else 0.0),
+            network_ms=network_ms, orchestrator_ms=orchestrator_ms,
+            bytes=verify.bytes + (draft.bytes if draft else 0))
         record_round(event.gamma, event.accepted, outcome, round_ms, draft_ms, verify.observed_ms, network_ms,
-                     max(0.0, round_ms - draft_ms - verify.observed_ms))
+                     orchestrator_ms)
         if not span.is_recording():
             return
         attributes = {

@@ -97,7 +97,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         try:
             for event in generation.rounds():
                 chunk = orchestrator_pb2.GenerateChunk(token_ids=event.token_ids, text=event.text,
-                                                       finish_reason=event.finish_reason)
+                                                       finish_reason=event.finish_reason, round=event.timing)
                 if event.finish_reason:
                     stats = generation.stats()
                     chunk.stats.CopyFrom(stats)

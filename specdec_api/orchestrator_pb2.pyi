@@ -94,17 +94,45 @@ class GenerationStats(_message.Message):
     bonus_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., wall_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., other_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., reprefills: _Optional[int] = ..., target_only_rounds: _Optional[int] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., recovered_tokens: _Optional[int] = ..., bonus_tokens: _Optional[int] = ...) -> None: ...
 
+class RoundTiming(_message.Message):
+    __slots__ = ("num_draft_tokens", "accepted", "round_ms", "draft_ms", "verify_ms", "draft_compute_ms", "verify_compute_ms", "queue_ms", "network_ms", "orchestrator_ms", "bytes")
+    NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ROUND_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_MS_FIELD_NUMBER: _ClassVar[int]
+    ORCHESTRATOR_MS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    num_draft_tokens: int
+    accepted: int
+    round_ms: float
+    draft_ms: float
+    verify_ms: float
+    draft_compute_ms: float
+    verify_compute_ms: float
+    queue_ms: float
+    network_ms: float
+    orchestrator_ms: float
+    bytes: int
+    def __init__(self, num_draft_tokens: _Optional[int] = ..., accepted: _Optional[int] = ..., round_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., orchestrator_ms: _Optional[float] = ..., bytes: _Optional[int] = ...) -> None: ...
+
 class GenerateChunk(_message.Message):
-    __slots__ = ("token_ids", "text", "finish_reason", "stats")
+    __slots__ = ("token_ids", "text", "finish_reason", "stats", "round")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
     finish_reason: FinishReason
     stats: GenerationStats
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ...) -> None: ...
+    round: RoundTiming
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[GenerationStats, _Mapping]] = ..., round: _Optional[_Union[RoundTiming, _Mapping]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

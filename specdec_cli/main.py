@@ -162,6 +162,65 @@ def demo(
     run_demo(target, draft, prompts, count, max_new_tokens, num_draft_tokens)
 
 
+@app.command()
+def bench(
+    target: str = typer.Option(str(DEFAULT_TARGET)),
+    draft: str = typer.Option(str(DEFAULT_DRAFT)),
+    prompts: Path = typer.Option(DEFAULT_PROMPTS),
+    count: int = typer.Option(8, help="how many held-out prompts"),
+    max_new_tokens: int = typer.Option(128),
+    num_draft_tokens: int = typer.Option(4, help="gamma for specdec"),
+    pinned: bool = typer.Option(True, help="target side on core 1, draft + orchestrator on core 0"),
+    greedy_only: bool = typer.Option(False, help="skip the temperature-1 runs"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    png: Path = typer.Option(Path("bench.png"), help="chart of the results"),
+):
+    """target_only vs hf_assisted vs specdec on the reference pair: tokens/s, speedup, alpha, round split."""
+    from benchmarking.bench import BenchSettings, add_leviathan_bound, plot, run_bench
+    from specdec_cli.paths import load_prompts
+
+    settings = BenchSettings(target=target, draft=draft, prompts=load_prompts(prompts, count),
+                             max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, pinned=pinned,
+                             modes=("greedy",) if greedy_only else ("greedy", "temperature_1"))
+    report = run_bench(settings)
+    ours, base = report["specdec"], report["target_only"]
+    draft_step_ms = ours["round_split_ms_p50"]["draft_compute_ms"] / max(1, ours["num_draft_tokens"])
+    add_leviathan_bound(report, draft_step_ms / base["p50_ms_per_token"] if base["p50_ms_per_token"] else 0.0)
+    plot(report, png)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    for mode in settings.modes:
+        typer.secho(f"\n{mode} ({'pinned' if pinned else 'unpinned'})", bold=True)
+        for system, r in report[mode].items():
+            extra = ""
+            if system == "specdec":
+                extra = (f" alpha {r['alpha']:.3f}  accepted/round {r['mean_accepted_len']:.2f}  round p50 "
+                         f"{r['round_ms_p50']:.1f} ms  overhead p50 {r['overhead_ms_p50']:.2f} ms  "
+                         f"{r['bytes_per_round']:.0f} B/round")
+            typer.echo(f"  {system:12s} {r['tokens_per_s']:8.1f} tok/s  x{r['speedup_vs_target_only']:.2f}  "
+                       f"p50 {r['p50_ms_per_token']:.1f} ms/tok  p99 {r['p99_ms_per_token']:.1f}{extra}")
+    typer.echo(f"\ngreedy outputs identical: {report['greedy_outputs_identical']}; "
+               f"Leviathan bound x{ours['leviathan_predicted_speedup']} (c={ours['cost_ratio_c']}), "
+               f"achieved {ours['fraction_of_leviathan_bound']:.2f} of it; chart: {png}")
+
+
+@app.command("pair-report")
+def pair_report(
+    target: str = typer.Option(str(DEFAULT_TARGET)),
+    draft: str = typer.Option(str(DEFAULT_DRAFT)),
+    prompts: Path = typer.Option(DEFAULT_PROMPTS),
+    new_tokens: int = typer.Option(64, help="greedy tokens per prompt for the acceptance measurement"),
+    context: int = typer.Option(256, help="context length for the decode timings"),
+):
+    """Measure a pair: cost ratio c, greedy and temperature-1 acceptance, Leviathan's predicted speedup.
+
+    The protocol runs on one core with one thread: `taskset -c 1 specdec pair-report`."""
+    from reference_pair.evaluate import evaluate
+
+    typer.echo(json.dumps(evaluate(target, draft, str(prompts), new_tokens, context), indent=2))
+
+
 @app.command("train-pair", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_pair(ctx: typer.Context):
     """Train the reference tokenizer, target and distilled draft (`specdec train-pair --help`)."""

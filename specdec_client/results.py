@@ -21,6 +21,7 @@ class Chunk:
     text: str
     finish_reason: str | None = None  # "length" | "eos" | "stop" on the last chunk
     stats: dict | None = None  # on the last chunk
+    round: dict | None = None  # the measured split of the round that produced this chunk
 
     @classmethod
     def from_message(cls, message: orchestrator_pb2.GenerateChunk) -> "Chunk":
@@ -28,7 +29,12 @@ class Chunk:
         if message.HasField("stats"):
             stats = MessageToDict(message.stats, preserving_proto_field_name=True,
                                   always_print_fields_with_no_presence=True)
-        return cls(list(message.token_ids), message.text, FINISH_REASONS.get(message.finish_reason), stats)
+        round_timing = None
+        if message.HasField("round"):
+            round_timing = MessageToDict(message.round, preserving_proto_field_name=True,
+                                         always_print_fields_with_no_presence=True)
+        return cls(list(message.token_ids), message.text, FINISH_REASONS.get(message.finish_reason), stats,
+                   round_timing)
 
 
 @dataclass

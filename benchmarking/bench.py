@@ -1,0 +1,197 @@
+"""Runs target_only, hf_assisted and specdec side by side on the same prompts and summarises them.
+
+Protocol (the deployment we sell, emulated on one machine by pinning): everything that runs on the
+target's hardware -- target_only, hf_assisted (both models share one accelerator in-process) and the
+verify service -- on core `target_cpu` with one torch thread; the draft service and the orchestrator on
+core `draft_cpu`. `pinned=False` runs the same with no pinning (labelled as such).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from specdec_cli.local_stack import REPO_ROOT, local_stack
+from specdec_client import Client
+from specdec_client.results import GenerationResult
+from speculation.gamma_policy import expected_speedup
+
+
+@dataclass
+class BenchSettings:
+    target: str
+    draft: str
+    prompts: list[str]
+    max_new_tokens: int = 128
+    num_draft_tokens: int = 4
+    pinned: bool = True
+    target_cpu: int = 1
+    draft_cpu: int = 0
+    seed: int = 0
+    modes: tuple[str, ...] = ("greedy", "temperature_1")
+    orchestrator_args: tuple[str, ...] = ()
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _summary(rows: list[dict]) -> dict:
+    tokens = sum(len(r["token_ids"]) for r in rows)
+    wall = sum(r["wall_s"] for r in rows)
+    per_token_ms = [t * 1000 for r in rows for t in r["per_token_s"]]
+    return {"tokens": tokens, "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2) if wall else 0.0,
+            "p50_ms_per_token": round(percentile(per_token_ms, 50), 3),
+            "p99_ms_per_token": round(percentile(per_token_ms, 99), 3)}
+
+
+def run_hf(system: str, settings: BenchSettings, sample: bool) -> dict:
+    command = [sys.executable, "-m", "benchmarking.hf_baselines", "--system", system, "--target", settings.target,
+               "--draft", settings.draft, "--prompts", json.dumps(settings.prompts),
+               "--max-new-tokens", str(settings.max_new_tokens), "--seed", str(settings.seed), "--threads", "1"]
+    if sample:
+        command.append("--sample")
+    if settings.pinned:
+        command = ["taskset", "-c", str(settings.target_cpu), *command]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{system} failed:\n{done.stderr[-3000:]}")
+    rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
+    return {**_summary(rows), "token_ids": [r["token_ids"] for r in rows]}
+
+
+def run_specdec(settings: BenchSettings, sample: bool, client: Client) -> dict:
+    rows, rounds, stats = [], [], []
+    options = {"num_draft_tokens": settings.num_draft_tokens}
+    client.generate(settings.prompts[0], max_new_tokens=8, **options)  # warm-up
+    for i, prompt in enumerate(settings.prompts):
+        if sample:
+            options.update(temperature=1.0, seed=settings.seed + i)
+        result, per_token = GenerationResult(), []
+        started = last = time.perf_counter()
+        for chunk in client.stream(prompt, settings.max_new_tokens, **options):
+            now = time.perf_counter()
+            if chunk.token_ids:
+                per_token.extend([(now - last) / len(chunk.token_ids)] * len(chunk.token_ids))
+            last = now
+            result.add(chunk)
+            if chunk.round:
+                rounds.append(chunk.round)
+        rows.append({"token_ids": result.token_ids, "wall_s": time.perf_counter() - started, "per_token_s": per_token})
+        stats.append(result.stats)
+    drafted = sum(s["drafted_tokens"] for s in stats)
+    accepted = sum(s["accepted_tokens"] for s in stats)
+
+    def median(key):
+        return round(statistics.median(float(r[key]) for r in rounds), 3) if rounds else 0.0
+
+    overheads = [float(r["round_ms"]) - float(r["draft_compute_ms"]) - float(r["verify_compute_ms"]) for r in rounds]
+    return {
+        **_summary(rows), "token_ids": [r["token_ids"] for r in rows],
+        "alpha": round(accepted / drafted, 4) if drafted else 0.0,
+        "mean_accepted_len": round(sum(len(r["token_ids"]) for r in rows) / max(1, len(rounds)), 3),
+        "num_draft_tokens": settings.num_draft_tokens, "rounds": len(rounds),
+        "round_ms_p50": median("round_ms"),
+        "overhead_ms_p50": round(percentile(overheads, 50), 3),
+        "round_split_ms_p50": {k: median(k) for k in ("draft_ms", "verify_ms", "draft_compute_ms",
+                                                        "verify_compute_ms", "network_ms", "orchestrator_ms")},
+        "bytes_per_round": round(statistics.mean(int(r["bytes"]) for r in rounds), 1) if rounds else 0.0,
+    }
+
+
+def run_bench(settings: BenchSettings) -> dict:
+    report: dict = {"protocol": {
+        "pinned": settings.pinned, "target_cpu": settings.target_cpu if settings.pinned else None,
+        "draft_cpu": settings.draft_cpu if settings.pinned else None, "threads_per_process": 1,
+        "prompts": len(settings.prompts), "max_new_tokens": settings.max_new_tokens,
+        "num_draft_tokens": settings.num_draft_tokens, "target": settings.target, "draft": settings.draft}}
+    cpu = (lambda c: c) if settings.pinned else (lambda c: None)
+    steps = [(mode, system) for mode in settings.modes for system in ("target_only", "hf_assisted", "specdec")]
+    progress = tqdm(total=len(steps), desc="bench", unit="run", file=sys.stderr)
+    with local_stack(settings.target, settings.draft, draft_cpu=cpu(settings.draft_cpu),
+                     verify_cpu=cpu(settings.target_cpu), orchestrator_cpu=cpu(settings.draft_cpu), threads=1,
+                     orchestrator_args=settings.orchestrator_args) as stack, Client(stack.orchestrator) as client:
+        for mode, system in steps:
+            progress.set_postfix_str(f"{mode} {system}")
+            sample = mode != "greedy"
+            if system == "specdec":
+                result = run_specdec(settings, sample, client)
+            else:
+                result = run_hf(system, settings, sample)
+            report.setdefault(mode, {})[system] = result
+            progress.update(1)
+    progress.close()
+    for mode, systems in report.items():
+        if mode == "protocol":
+            continue
+        base = systems["target_only"]["tokens_per_s"]
+        for result in systems.values():
+            result["speedup_vs_target_only"] = round(result["tokens_per_s"] / base, 3) if base else 0.0
+    greedy = report.get("greedy")
+    if greedy:
+        ids = [greedy[s]["token_ids"] for s in ("target_only", "hf_assisted", "specdec")]
+        report["greedy_outputs_identical"] = ids[0] == ids[1] == ids[2]
+        # Top-level entries per system are the greedy results (the headline numbers).
+        for system, result in greedy.items():
+            report[system] = {k: v for k, v in result.items() if k != "token_ids"}
+    for mode in settings.modes:
+        for result in report[mode].values():
+            result.pop("token_ids", None)
+    return report
+
+
+def add_leviathan_bound(report: dict, cost_ratio: float) -> None:
+    """Leviathan's predicted speedup at the measured alpha, the given c and the gamma used."""
+    ours = report.get("specdec")
+    if not ours:
+        return
+    gamma = ours["num_draft_tokens"]
+    bound = expected_speedup(min(ours["alpha"], 0.999), gamma, cost_ratio)
+    ours["cost_ratio_c"] = round(cost_ratio, 4)
+    ours["leviathan_predicted_speedup"] = round(bound, 3)
+    ours["fraction_of_leviathan_bound"] = round(ours["speedup_vs_target_only"] / bound, 3) if bound else 0.0
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("greedy", "temperature_1") if m in report]
+    systems = ["target_only", "hf_assisted", "specdec"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.25
+    for i, system in enumerate(systems):
+        values = [report[m][system]["tokens_per_s"] for m in modes]
+        axes[0].bar([x + i * width for x in range(len(modes))], values, width, label=system)
+    axes[0].set_xticks([x + width for x in range(len(modes))], modes)
+    axes[0].set_ylabel("tokens / s")
+    axes[0].set_title("throughput, batch 1" + (" (pinned)" if report["protocol"]["pinned"] else " (unpinned)"))
+    axes[0].legend()
+    split = report.get("specdec", {}).get("round_split_ms_p50", {})
+    parts = ["draft_compute_ms", "verify_compute_ms", "network_ms", "orchestrator_ms"]
+    bottom = 0.0
+    for part in parts:
+        value = split.get(part, 0.0)
+        axes[1].bar(["specdec round (p50)"], [value], bottom=bottom, label=part.removesuffix("_ms"))
+        bottom += value
+    axes[1].set_ylabel("ms")
+    axes[1].set_title("where a round's time goes")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,87 @@
+"""The baselines a user would pick instead of us, run in one process (pinned by the caller):
+
+  target_only   model.generate with the KV cache (greedy or sampled)
+  hf_assisted   model.generate(assistant_model=draft): HF's in-process assisted generation
+
+    python -m benchmarking.hf_baselines --system target_only --target T --draft D --prompts P ...
+
+Prints one JSON object: per prompt the generated ids, wall seconds and per-token times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
+
+
+class TokenClock(BaseStreamer):
+    """Times each generated token: a put() of k tokens after dt seconds gives each of them dt / k."""
+
+    def __init__(self):
+        self.last = None
+        self.per_token_s: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value):
+        now = time.perf_counter()
+        if not self.prompt_seen:  # generate() puts the prompt first
+            self.prompt_seen = True
+            self.last = now
+            return
+        count = int(value.numel())
+        self.per_token_s.extend([(now - self.last) / count] * count)
+        self.last = now
+
+    def end(self):
+        pass
+
+
+def run(system: str, target_dir: str, draft_dir: str, prompts: list[str], max_new_tokens: int, sample: bool,
+        seed: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.eos_token_id}
+    if sample:
+        kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
+    if system == "hf_assisted":
+        kwargs["assistant_model"] = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+    with torch.inference_mode():  # warm-up
+        target.generate(**tokenizer(prompts[0], return_tensors="pt"), **{**kwargs, "max_new_tokens": 8})
+    rows = []
+    for i, prompt in enumerate(prompts):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        clock = TokenClock()
+        torch.manual_seed(seed + i)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = target.generate(**inputs, streamer=clock, **kwargs)
+        wall = time.perf_counter() - started
+        rows.append({"token_ids": out[0, inputs["input_ids"].shape[1]:].tolist(), "wall_s": wall,
+                     "per_token_s": clock.per_token_s})
+    return {"system": system, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--system", choices=["target_only", "hf_assisted"], required=True)
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--draft", required=True)
+    parser.add_argument("--prompts", required=True, help="JSON list of prompt strings")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--sample", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    prompts = json.loads(args.prompts)
+    print(json.dumps(run(args.system, args.target, args.draft, prompts, args.max_new_tokens, args.sample, args.seed,
+                         args.threads)))
+
+
+if __name__ == "__main__":
+    main()

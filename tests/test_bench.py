@@ -1,0 +1,31 @@
+"""`specdec bench` end to end on tiny models: every system runs for real and the report is complete."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import PROMPTS
+
+
+def test_bench_json_reports_every_system_and_identical_greedy_outputs(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]))
+    done = subprocess.run(
+        [sys.executable, "-m", "specdec_cli", "bench", "--target", str(tiny.target), "--draft", str(tiny.noisy_draft),
+         "--prompts", str(prompts), "--count", "2", "--max-new-tokens", "12", "--num-draft-tokens", "3",
+         "--no-pinned", "--greedy-only", "--json", "--png", str(tmp_path / "bench.png")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["greedy_outputs_identical"] is True
+    for system in ("target_only", "hf_assisted", "specdec"):
+        assert report[system]["tokens_per_s"] > 0
+        assert report[system]["tokens"] == 24
+    ours = report["specdec"]
+    for key in ("alpha", "mean_accepted_len", "round_ms_p50", "overhead_ms_p50", "bytes_per_round",
+                "p50_ms_per_token", "p99_ms_per_token", "leviathan_predicted_speedup"):
+        assert key in ours
+    assert 0 < ours["alpha"] < 1 and ours["rounds"] >= 2 and ours["bytes_per_round"] > 0
+    assert report["protocol"]["pinned"] is False
+    assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from draft_service.drafter import propose
+from draft_service.drafter import ProposeJob, propose_batch
 from serving.errors import InvalidArgument
 from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import draft_pb2, draft_pb2_grpc
@@ -14,6 +14,9 @@ from speculation.wire import encode_probs
 
 
 class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
+    def run_batch(self, jobs):
+        return propose_batch(self.runner, jobs)
+
     def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
         started = time.perf_counter_ns()
         gamma = request.num_draft_tokens
@@ -27,11 +30,12 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
             generator = torch.Generator().manual_seed(request.seed & ((1 << 63) - 1))
 
         with self.session(request.session_id, request.prefix_len) as session:
-            done = self.worker.run(lambda: propose(self.runner, session.cache, append, gamma, sampling, generator))
+            done = self.worker.submit(ProposeJob(session.cache, append, gamma, sampling, generator),
+                                      alive=self.caller_alive(context))
             cached_len = session.length
         record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + gamma - 1})
         reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)
         if done.result.draft_probs is not None:
             encode_to_message(encode_probs(done.result.draft_probs), reply.draft_probs)
-        reply.timing.CopyFrom(timing(started, done.queue_us, done.compute_us))
+        reply.timing.CopyFrom(timing(started, done.queue_us, done.compute_us, done.batch_size))
         return reply

@@ -59,11 +59,13 @@ def start_server(
     host: str = "[::]",
     max_workers: int = 32,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    max_concurrent_rpcs: int | None = None,
 ) -> RunningServer:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
         interceptors=[*server_interceptors(), *interceptors, StatusInterceptor()],
         options=CHANNEL_OPTIONS,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     for add, servicer in registrations:
         add(servicer, server)

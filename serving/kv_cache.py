@@ -58,6 +58,11 @@ class ModelRunner:
         out = self.model(input_ids=input_ids, past_key_values=cache.cache, use_cache=True, **kwargs)
         return out.logits[0, -keep:].float()
 
+    def extend_batch(self, caches: list[KVCache], token_lists: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
+        """One session after another: the HF forward cannot share a pass between caches of different
+        lengths without copying them into a padded batch (costlier here than the weights themselves)."""
+        return [self.extend(c, t, k) for c, t, k in zip(caches, token_lists, keeps)]
+
 
 RUNTIMES = ("auto", "hf", "lean")
 

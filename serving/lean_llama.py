@@ -117,38 +117,58 @@ class LeanLlama:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    @torch.inference_mode()
     def extend(self, cache: LeanCache, token_ids: list[int], keep: int) -> torch.Tensor:
         """Append tokens; return float32 logits of the last `keep` positions [keep, vocab]."""
-        n, start = len(token_ids), cache.length
-        end = start + n
-        cache.reserve(end)
+        return self.extend_batch([cache], [token_ids], [keep])[0]
+
+    @torch.inference_mode()
+    def extend_batch(self, caches: list[LeanCache], token_lists: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
+        """One forward for several sessions of different lengths (ragged: no padding, no cache copies).
+
+        The projections and MLP run once over all sessions' new tokens stacked together, which is where
+        batching pays (the weights are read once); attention runs per session over its own KV buffer.
+        Returns each session's float32 logits for its last `keep` positions.
+        """
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        x = self.embed[torch.tensor(token_ids, device=self.device)]  # [n, hidden]
-        cos, sin = self.cos[start:end][None], self.sin[start:end][None]  # [1, n, head_dim]
-        mask = None
-        if n > 1:  # causal within the new tokens, everything before them visible
-            mask = (torch.arange(end, device=self.device)[None, :]
-                    <= torch.arange(start, end, device=self.device)[:, None])  # [n, end]
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        spans = []  # (row offset, token count, cache start) per session
+        offset = 0
+        for cache, tokens in zip(caches, token_lists):
+            cache.reserve(cache.length + len(tokens))
+            spans.append((offset, len(tokens), cache.length))
+            offset += len(tokens)
+        flat = [t for tokens in token_lists for t in tokens]
+        x = self.embed[torch.tensor(flat, device=self.device)]  # [total, hidden]
+        positions = torch.cat([torch.arange(start, start + n, device=self.device) for _, n, start in spans])
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [total, 1, head_dim]
+        masks = []
+        for _, n, start in spans:  # causal within the new tokens, everything cached before them visible
+            masks.append(None if n == 1 else (torch.arange(start + n, device=self.device)[None, :]
+                                              <= torch.arange(start, start + n, device=self.device)[:, None]))
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.norm1, self.eps)
-            qkv = h @ layer.qkv_t  # [n, (heads + 2 kv_heads) * head_dim]
+            qkv = h @ layer.qkv_t  # [total, (heads + 2 kv_heads) * head_dim]
             if layer.qkv_bias is not None:
                 qkv = qkv + layer.qkv_bias
-            q = qkv[:, :q_size].view(n, heads, head_dim).transpose(0, 1)  # [heads, n, head_dim]
-            k = qkv[:, q_size:q_size + kv_size].view(n, kv_heads, head_dim).transpose(0, 1)
-            v = qkv[:, q_size + kv_size:].view(n, kv_heads, head_dim).transpose(0, 1)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            cache.keys[i][:, start:end] = k
-            cache.values[i][:, start:end] = v
-            attn = F.scaled_dot_product_attention(
-                q, cache.keys[i][:, :end], cache.values[i][:, :end], attn_mask=mask,
-                enable_gqa=kv_heads != heads)  # [heads, n, head_dim]
-            x = x + attn.transpose(0, 1).reshape(n, q_size) @ layer.o_t
+            q = self._rotate(qkv[:, :q_size].view(-1, heads, head_dim), cos, sin)  # [total, heads, head_dim]
+            k = self._rotate(qkv[:, q_size:q_size + kv_size].view(-1, kv_heads, head_dim), cos, sin)
+            v = qkv[:, q_size + kv_size:].view(-1, kv_heads, head_dim)
+            outputs = []
+            for (row, n, start), cache, mask in zip(spans, caches, masks):
+                end = start + n
+                cache.keys[i][:, start:end] = k[row:row + n].transpose(0, 1)
+                cache.values[i][:, start:end] = v[row:row + n].transpose(0, 1)
+                attn = F.scaled_dot_product_attention(
+                    q[row:row + n].transpose(0, 1), cache.keys[i][:, :end], cache.values[i][:, :end],
+                    attn_mask=mask, enable_gqa=kv_heads != heads)  # [heads, n, head_dim]
+                outputs.append(attn.transpose(0, 1).reshape(n, q_size))
+            x = x + (outputs[0] if len(outputs) == 1 else torch.cat(outputs)) @ layer.o_t
             h = F.rms_norm(x, (x.shape[-1],), layer.norm2, self.eps)
             gate, up = (h @ layer.gate_up_t).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ layer.down_t
-        cache.length = end
-        x = F.rms_norm(x[-keep:], (x.shape[-1],), self.final_norm, self.eps)
-        return (x @ self.lm_head_t).float()
+        for (_, n, start), cache in zip(spans, caches):
+            cache.length = start + n
+        rows = torch.cat([torch.arange(row + n - keep, row + n, device=self.device)
+                          for (row, n, _), keep in zip(spans, keeps)])
+        logits = (F.rms_norm(x[rows], (x.shape[-1],), self.final_norm, self.eps) @ self.lm_head_t).float()
+        return list(logits.split(list(keeps)))

@@ -8,6 +8,7 @@ import torch
 
 from serving.grpc_server import RunningServer, start_server
 from serving.kv_cache import make_runner
+from serving.metrics import watch_sessions
 from serving.model_loading import load_model
 from serving.sessions import SessionStore
 
@@ -20,12 +21,16 @@ class ModelServerSettings:
     device: str = "cpu"
     dtype: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
-    session_memory_mb: int = 4096
+    session_memory_mb: float = 4096.0
     max_sessions: int = 1024
     session_ttl_s: float = 600.0
     max_draft_tokens: int = 32
     max_workers: int = 64
     runtime: str = "hf"  # hf | lean | auto (serving/kv_cache.py: make_runner)
+    max_batch: int = 32  # sessions per forward pass (batching needs the lean runtime)
+    max_wait_ms: float = 0.0  # wait this long for a batch to fill; 0 batches only what is already queued
+    max_queue: int = 256  # requests waiting for the worker before RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int | None = None  # gRPC refuses calls beyond this with RESOURCE_EXHAUSTED
 
 
 def start_model_server(settings: ModelServerSettings, servicer_class, add_to_server, service_name: str,
@@ -34,10 +39,13 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
         torch.set_num_threads(settings.threads)
     loaded = load_model(settings.model, settings.device, settings.dtype)
     runner = make_runner(loaded.model, loaded.device, settings.runtime)
-    store = SessionStore(runner.new_cache, max_bytes=settings.session_memory_mb << 20, max_sessions=settings.max_sessions,
+    store = SessionStore(runner.new_cache, max_bytes=int(settings.session_memory_mb * (1 << 20)), max_sessions=settings.max_sessions,
                          ttl_s=settings.session_ttl_s)
-    servicer = servicer_class(loaded, runner, store, max_draft_tokens=settings.max_draft_tokens)
+    servicer = servicer_class(loaded, runner, store, max_draft_tokens=settings.max_draft_tokens,
+                              max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
+                              max_queue=settings.max_queue)
     running = start_server([(add_to_server, servicer)], [service_name], settings.port, settings.host,
-                           settings.max_workers, interceptors)
+                           settings.max_workers, interceptors, settings.max_concurrent_rpcs)
+    watch_sessions(service_name, store)
     running.servicer = servicer
     return running

@@ -11,6 +11,7 @@ from specdec_api import common_pb2
 
 from serving.errors import InvalidArgument, OutOfRange
 from serving.model_loading import LoadedModel
+from serving.metrics import record_batch
 from serving.model_worker import ModelWorker, Timed
 from telemetry.tracing import get_tracer, tracing_enabled
 from serving.sessions import Session, SessionStore
@@ -19,12 +20,25 @@ MAX_SESSION_ID_LEN = 256
 
 
 class ModelServiceBase:
-    def __init__(self, loaded: LoadedModel, runner, store: SessionStore, max_draft_tokens: int = 32):
+    def __init__(self, loaded: LoadedModel, runner, store: SessionStore, max_draft_tokens: int = 32,
+                 max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 256):
         self.loaded = loaded
         self.runner = runner
         self.store = store
         self.max_draft_tokens = max_draft_tokens
-        self.worker = ModelWorker()
+        self.worker = ModelWorker(self.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                  max_queue=max_queue, on_batch=record_batch)
+
+    def run_batch(self, payloads):
+        raise NotImplementedError
+
+    @staticmethod
+    def caller_alive(context):
+        """Whether the RPC still has a caller: not cancelled and not past its deadline."""
+        def alive() -> bool:
+            remaining = context.time_remaining()
+            return context.is_active() and (remaining is None or remaining > 0)
+        return alive
 
     # -- checks shared by Propose and Verify -------------------------------------------------------
     def check_tokens(self, what: str, token_ids: Sequence[int]) -> None:

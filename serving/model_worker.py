@@ -1,7 +1,10 @@
-"""The one thread that runs forward passes, so queue wait and compute time are measured apart.
+"""The one thread that runs forward passes: it measures queue wait apart from compute, batches work
+from different sessions, and pushes back when it is overloaded.
 
-gRPC handler threads submit jobs and block on the result; the worker runs them one at a time (torch on
-a CPU core or one accelerator gains nothing from interleaving), recording how long each waited.
+gRPC handler threads `submit` a payload and block on the result. The worker takes the oldest job,
+waits up to `max_wait_ms` for more (up to `max_batch`), drops jobs whose caller has gone (cancelled,
+or past its deadline), and hands the rest to `run_batch(payloads) -> results` as one batch. A full
+queue is refused at once with RESOURCE_EXHAUSTED rather than accepted and served late.
 """
 
 from __future__ import annotations
@@ -11,7 +14,15 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+from serving.errors import ResourceExhausted, ServiceError
+
+import grpc
+
+
+class CallerGone(ServiceError):
+    code = grpc.StatusCode.CANCELLED
 
 
 @dataclass
@@ -23,29 +34,85 @@ class Timed:
     enqueued_unix_ns: int = 0
     started_unix_ns: int = 0
     finished_unix_ns: int = 0
+    batch_size: int = 1
+
+
+@dataclass
+class _Job:
+    payload: Any
+    future: Future
+    enqueued: int
+    enqueued_unix: int
+    alive: Callable[[], bool]
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    jobs: int = 0
+    dropped: int = 0
+    rejected: int = 0
 
 
 class ModelWorker:
-    def __init__(self, name: str = "model-worker"):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+    def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int = 1,
+                 max_wait_ms: float = 0.0, max_queue: int = 256, name: str = "model-worker",
+                 on_batch: Callable[[int, float], None] | None = None):
+        self.run_batch = run_batch
+        self.max_batch, self.max_wait_s, self.max_queue = max(1, max_batch), max_wait_ms / 1000, max_queue
+        self.on_batch = on_batch  # (batch size, queue wait ms of its oldest job): metrics hook
+        self.stats = WorkerStats()
+        self._jobs: queue.Queue[_Job] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def run(self, job: Callable[[], Any]) -> Timed:
+    def submit(self, payload: Any, alive: Callable[[], bool] = lambda: True) -> Timed:
+        """Run `payload` (in a batch) and return its result; `alive` says whether the caller still waits."""
+        if self._jobs.qsize() >= self.max_queue:
+            self.stats.rejected += 1
+            raise ResourceExhausted(f"the model worker's queue is full ({self.max_queue} requests waiting); "
+                                    "retry with backoff or add replicas")
         future: Future = Future()
-        self._jobs.put((job, future, time.perf_counter_ns(), time.time_ns()))
+        self._jobs.put(_Job(payload, future, time.perf_counter_ns(), time.time_ns(), alive))
         return future.result()
+
+    def _collect(self) -> list[_Job]:
+        batch = [self._jobs.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     def _loop(self) -> None:
         while True:
-            job, future, enqueued, enqueued_unix = self._jobs.get()
+            batch = self._collect()
+            live = []
+            for job in batch:
+                if job.alive():
+                    live.append(job)
+                else:  # cancelled or past its deadline: do not spend the forward pass on it
+                    self.stats.dropped += 1
+                    job.future.set_exception(CallerGone("the caller cancelled or its deadline passed"))
+            if not live:
+                continue
             started = time.perf_counter_ns()
             try:
-                result = job()
-            except BaseException as error:  # noqa: BLE001 - handed to the waiting caller
-                future.set_exception(error)
+                results = self.run_batch([job.payload for job in live])
+            except BaseException as error:  # noqa: BLE001 - handed to every waiting caller
+                for job in live:
+                    job.future.set_exception(error)
                 continue
             finished = time.perf_counter_ns()
-            queue_ns, compute_ns = started - enqueued, finished - started
-            future.set_result(Timed(result, queue_ns // 1000, compute_ns // 1000, enqueued_unix,
-                                    enqueued_unix + queue_ns, enqueued_unix + queue_ns + compute_ns))
+            self.stats.batches += 1
+            self.stats.jobs += len(live)
+            if self.on_batch is not None:
+                self.on_batch(len(live), (started - live[0].enqueued) / 1e6)
+            for job, result in zip(live, results):
+                queue_ns = started - job.enqueued
+                start_unix = job.enqueued_unix + queue_ns
+                job.future.set_result(Timed(result, queue_ns // 1000, (finished - started) // 1000, job.enqueued_unix,
+                                            start_unix, start_unix + (finished - started), len(live)))

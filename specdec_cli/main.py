@@ -38,7 +38,8 @@ def serve(
     device: str = typer.Option("cpu", envvar=_env("device"), help="cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", envvar=_env("dtype"), help="auto, float32, bfloat16, float16"),
     threads: int = typer.Option(0, envvar=_env("threads"), help="torch threads (0: torch default)"),
-    session_memory_mb: int = typer.Option(4096, envvar=_env("session_memory_mb"), help="KV cache budget"),
+    session_memory_mb: float = typer.Option(4096.0, envvar=_env("session_memory_mb"),
+                                            help="KV cache budget; idle sessions are evicted LRU beyond it"),
     max_sessions: int = typer.Option(1024, envvar=_env("max_sessions")),
     session_ttl_s: float = typer.Option(600.0, envvar=_env("session_ttl_s"), help="idle sessions expire"),
     max_draft_tokens: int = typer.Option(32, envvar=_env("max_draft_tokens"), help="largest gamma accepted"),
@@ -57,6 +58,14 @@ def serve(
     rpc_timeout_s: float = typer.Option(30.0, envvar=_env("rpc_timeout_s"), help="orchestrator: verify call deadline"),
     draft_timeout_s: float = typer.Option(5.0, envvar=_env("draft_timeout_s"),
                                           help="orchestrator: draft call deadline; past it the round goes target-only"),
+    max_batch: int = typer.Option(32, envvar=_env("max_batch"),
+                                  help="draft/verify: sessions per forward pass (cross-session batching needs --runtime lean)"),
+    max_wait_ms: float = typer.Option(0.0, envvar=_env("max_wait_ms"),
+                                      help="draft/verify: wait this long for a batch to fill (0: batch what is queued)"),
+    max_queue: int = typer.Option(256, envvar=_env("max_queue"),
+                                  help="draft/verify: queued requests before RESOURCE_EXHAUSTED"),
+    max_concurrent_rpcs: Optional[int] = typer.Option(None, envvar=_env("max_concurrent_rpcs"),
+                                                      help="refuse calls beyond this with RESOURCE_EXHAUSTED"),
     metrics_port: Optional[int] = typer.Option(None, envvar=_env("metrics_port"),
                                                help="serve Prometheus metrics on this port"),
     log_level: str = typer.Option("INFO", envvar=_env("log_level")),
@@ -94,7 +103,8 @@ def serve(
             model=model, port=port, host=host, device=device, dtype=dtype, threads=threads,
             session_memory_mb=session_memory_mb, max_sessions=max_sessions, session_ttl_s=session_ttl_s,
             max_draft_tokens=max_draft_tokens,
-            runtime=runtime or ("auto" if role is Role.draft else "hf"))
+            runtime=runtime or ("auto" if role is Role.draft else "hf"), max_batch=max_batch,
+            max_wait_ms=max_wait_ms, max_queue=max_queue, max_concurrent_rpcs=max_concurrent_rpcs)
         if role is Role.draft:
             from draft_service.server import start
         else:

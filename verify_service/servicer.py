@@ -8,10 +8,13 @@ from serving.errors import InvalidArgument
 from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import verify_pb2, verify_pb2_grpc
 from speculation.wire import encode_probs
-from verify_service.verifier import score
+from verify_service.verifier import ScoreJob, forward_batch, score
 
 
 class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
+    def run_batch(self, jobs):
+        return forward_batch(self.runner, jobs)
+
     def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
         started = time.perf_counter_ns()
         append, drafts = list(request.append_tokens), list(request.draft_token_ids)
@@ -22,11 +25,13 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
         sampling = self.sampling_from(request.sampling)
 
         with self.session(request.session_id, request.prefix_len) as session:
-            done = self.worker.run(lambda: score(self.runner, session.cache, append, drafts, sampling))
+            done = self.worker.submit(ScoreJob(session.cache, append + drafts, len(drafts) + 1),
+                                      alive=self.caller_alive(context))
             cached_len = session.length
+        scores = score(done.result, sampling)
         record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + len(drafts)})
-        reply = verify_pb2.VerifyResponse(argmax_token_ids=done.result.argmax_token_ids, cached_len=cached_len)
-        if done.result.target_probs is not None:
-            encode_to_message(encode_probs(done.result.target_probs), reply.target_probs)
-        reply.timing.CopyFrom(timing(started, done.queue_us, done.compute_us))
+        reply = verify_pb2.VerifyResponse(argmax_token_ids=scores.argmax_token_ids, cached_len=cached_len)
+        if scores.target_probs is not None:
+            encode_to_message(encode_probs(scores.target_probs), reply.target_probs)
+        reply.timing.CopyFrom(timing(started, done.queue_us, done.compute_us, done.batch_size))
         return reply

@@ -19,10 +19,20 @@ class Scores:
     target_probs: torch.Tensor | None  # [gamma + 1, vocab] when sampling
 
 
-def score(runner, cache, append: list[int], draft_token_ids: list[int],
-          sampling: Sampling) -> Scores:
-    positions = len(draft_token_ids) + 1
-    logits = runner.extend(cache, append + draft_token_ids, keep=positions)  # [gamma + 1, vocab]
+@dataclass
+class ScoreJob:
+    cache: object
+    tokens: list[int]  # uncached committed tokens, then the drafts
+    positions: int  # gamma + 1
+
+
+def forward_batch(runner, jobs: list[ScoreJob]) -> list[torch.Tensor]:
+    """ONE forward for all sessions in the batch; each gets its [gamma + 1, vocab] logits."""
+    return runner.extend_batch([j.cache for j in jobs], [j.tokens for j in jobs], [j.positions for j in jobs])
+
+
+def score(logits: torch.Tensor, sampling: Sampling) -> Scores:
+    """[gamma + 1, vocab] logits -> what the acceptance test needs."""
     if sampling.greedy:
         return Scores(logits.argmax(dim=-1).tolist(), None)
     return Scores([], logits_to_probs(logits, sampling))

@@ -1,0 +1,142 @@
+"""Many sessions on one deployment: batched verification, bounded session memory, cancellation,
+backpressure. None of it may change a generation's tokens."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from serving.errors import ResourceExhausted
+from serving.model_worker import CallerGone, ModelWorker
+from serving.sessions import SessionStore
+from tests.conftest import PROMPTS, start_stack
+
+LEAN = {"runtime": "lean"}
+
+
+def _jobs():
+    # mixed lengths, greedy and seeded sampling
+    return [(PROMPTS[i], 6 + 5 * (i % 4), {"temperature": 0.9, "seed": 100 + i} if i % 3 == 1 else {})
+            for i in range(10)]
+
+
+def _generate(client, job):
+    prompt, n, options = job
+    return client.generate(prompt, max_new_tokens=n, num_draft_tokens=3, **options).token_ids
+
+
+def test_concurrent_generations_are_batched_and_each_equals_its_solo_run(tiny):
+    stack = start_stack(tiny.target, tiny.noisy_draft, verify_settings={**LEAN, "max_wait_ms": 5.0},
+                        draft_settings={"max_wait_ms": 5.0})
+    try:
+        jobs = _jobs()
+        with stack.client() as client:
+            solo = [_generate(client, job) for job in jobs]
+            worker = stack.verify.servicer.worker
+            solo_batches = worker.stats.batches
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                together = list(pool.map(lambda job: _generate(client, job), jobs))
+        assert together == solo
+        batched_jobs = worker.stats.jobs - solo_batches
+        assert worker.stats.batches - solo_batches < batched_jobs  # some forward passes served several sessions
+    finally:
+        stack.stop()
+
+
+def test_outputs_stay_identical_under_a_budget_that_forces_evictions(tiny):
+    reference = start_stack(tiny.target, tiny.noisy_draft)
+    tight = start_stack(tiny.target, tiny.noisy_draft, verify_settings={"session_memory_mb": 0.02},
+                        draft_settings={"session_memory_mb": 0.005})
+    try:
+        jobs = _jobs()
+        with reference.client() as client:
+            expected = [_generate(client, job) for job in jobs]
+        with tight.client() as client, ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda job: client.generate(job[0], max_new_tokens=job[1], num_draft_tokens=3,
+                                                                **job[2]), jobs))
+        assert [r.token_ids for r in results] == expected
+        assert tight.verify.servicer.store.evictions > 0 and tight.draft.servicer.store.evictions > 0
+        assert sum(r.stats["reprefills"] for r in results) > 0
+    finally:
+        reference.stop()
+        tight.stop()
+
+
+def test_a_cancelled_client_frees_its_session_memory_on_both_services(tiny):
+    stack = start_stack(tiny.target, tiny.noisy_draft)
+    try:
+        with stack.client() as client:
+            stream = client.stream(PROMPTS[0], max_new_tokens=200, num_draft_tokens=2)
+            next(stream)
+            assert stack.verify.servicer.store.stats().live_sessions == 1
+            stream.close()  # the SDK cancels the call
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if (stack.verify.servicer.store.stats().live_sessions == 0
+                    and stack.draft.servicer.store.stats().live_sessions == 0):
+                break
+            time.sleep(0.05)
+        assert stack.verify.servicer.store.stats().live_sessions == 0
+        assert stack.draft.servicer.store.stats().live_sessions == 0
+    finally:
+        stack.stop()
+
+
+def test_a_full_session_budget_with_nothing_idle_is_resource_exhausted():
+    store = SessionStore(lambda: _FakeCache(), max_sessions=1)
+    with store.use("a", 0):
+        with pytest.raises(ResourceExhausted, match="session memory is full"):
+            with store.use("b", 0):
+                pass
+    with store.use("b", 0):  # once "a" is idle it can be evicted
+        pass
+    assert "a" not in store and store.evictions == 1
+
+
+class _FakeCache:
+    length = 0
+
+    def crop(self, n):
+        pass
+
+    def nbytes(self):
+        return 0
+
+
+def test_a_full_queue_is_refused_and_departed_callers_are_dropped():
+    release = threading.Event()
+    ran = []
+
+    def run_batch(payloads):
+        release.wait(5)
+        ran.extend(payloads)
+        return payloads
+
+    worker = ModelWorker(run_batch, max_batch=1, max_queue=3)
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, worker.submit(i))) for i in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # the first is running, two wait
+    gone = []
+    threading.Thread(target=lambda: gone.append(_raises(lambda: worker.submit("dead", alive=lambda: False)))).start()
+    time.sleep(0.05)  # three wait now
+    with pytest.raises(ResourceExhausted, match="queue is full"):
+        worker.submit("overflow")
+    release.set()
+    for t in threads:
+        t.join(5)
+    time.sleep(0.2)
+    assert sorted(results) == [0, 1, 2] and "dead" not in ran and gone == [CallerGone]
+    assert worker.stats.dropped == 1 and worker.stats.rejected == 1
+
+
+def _raises(call):
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001
+        return type(error)
+    return None

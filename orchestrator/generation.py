@@ -89,12 +89,13 @@ class Counters:
 class Generation:
     def __init__(self, spec: GenerationSpec, draft: DraftSession | None, verify: VerifySession,
                  text: TextStream, gamma_policy=None, is_active: Callable[[], bool] = lambda: True,
-                 metadata=(), trace_context=None):
+                 metadata=(), trace_context=None, load_model=None):
         self.spec, self.draft, self.verify, self.text = spec, draft, verify, text
         self.gamma_policy = gamma_policy
         self.is_active = is_active
         self.metadata = metadata
         self.trace_context = trace_context  # the "generation" span's context: parent of every round
+        self.load_model = load_model  # shared by the orchestrator's generations (--gamma-policy load)
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.counters = Counters()
         self.committed = list(spec.prompt_ids)
@@ -147,7 +148,10 @@ class Generation:
             verify_ms=verify.observed_ms, draft_compute_ms=draft.compute_ms if draft else 0.0,
             verify_compute_ms=verify.compute_ms, queue_ms=verify.queue_ms + (draft.queue_ms if draft else 0.0),
             network_ms=network_ms, orchestrator_ms=orchestrator_ms,
-            bytes=verify.bytes + (draft.bytes if draft else 0))
+            bytes=verify.bytes + (draft.bytes if draft else 0), verify_batch_size=verify.batch_size)
+        if self.load_model is not None:
+            self.load_model.observe(event.gamma, verify.batch_size, verify.compute_ms,
+                                    draft.compute_ms if draft else 0.0)
         record_round(event.gamma, event.accepted, outcome, round_ms, draft_ms, verify.observed_ms, network_ms,
                      orchestrator_ms)
         if not span.is_recording():
@@ -210,7 +214,7 @@ class Generation:
         new_tokens = self._commit(outcome.tokens(draft_ids))
 
         # 6. Adapt gamma from what this round measured.
-        if self.gamma_policy is not None and gamma > 0:
+        if self.gamma_policy is not None:
             self.gamma_policy.update(gamma, outcome.accepted)
 
         final = self.finish_reason != orchestrator_pb2.FINISH_REASON_UNSPECIFIED

@@ -30,6 +30,7 @@ class CallRecord:
     compute_ms: float
     queue_ms: float
     bytes: int
+    batch_size: int = 1
 
     @property
     def network_ms(self) -> float:
@@ -75,7 +76,7 @@ class SessionClient:
             observed = (time.perf_counter() - started) * 1000
             t = response.timing
             self.calls.append(CallRecord(observed, t.total_us / 1000, t.compute_us / 1000, t.queue_us / 1000,
-                                         request.ByteSize() + response.ByteSize()))
+                                         request.ByteSize() + response.ByteSize(), max(1, t.batch_size)))
             return response, prefix, len(committed) - prefix
 
     def advance(self, base: int, cached_len: int, accepted: int) -> None:

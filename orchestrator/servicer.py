@@ -9,6 +9,7 @@ import uuid
 from opentelemetry import trace
 
 from orchestrator.deployment import Deployment
+from orchestrator.load_gamma import LoadAwareGamma, LoadModel
 from orchestrator.generation import Generation, GenerationSpec
 from orchestrator.service_clients import DraftSession, VerifySession, release
 from orchestrator.text_stream import TextStream
@@ -25,13 +26,16 @@ log = logging.getLogger(__name__)
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, deployment: Deployment, default_gamma: int = 4, max_gamma: int = 16,
                  rpc_timeout_s: float = 30.0, adaptive_cost_ratio: float | None = None,
-                 draft_timeout_s: float = 5.0):
+                 draft_timeout_s: float = 5.0, gamma_policy: str = "fixed"):
         self.deployment = deployment
         self.default_gamma = default_gamma
         self.max_gamma = min(max_gamma, deployment.verify_info.max_draft_tokens or max_gamma,
                              deployment.draft_info.max_draft_tokens if deployment.draft_info else max_gamma)
         self.rpc_timeout_s = rpc_timeout_s
         self.draft_timeout_s = draft_timeout_s
+        if gamma_policy not in ("fixed", "load"):
+            raise ValueError(f"--gamma-policy must be fixed or load, got {gamma_policy!r}")
+        self.load_model = LoadModel() if gamma_policy == "load" else None
         self.adaptive_cost_ratio = adaptive_cost_ratio
 
     # -- request checks ---------------------------------------------------------------------------
@@ -64,7 +68,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         problems = sampling.problems()
         if problems:
             raise InvalidArgument("; ".join(problems))
-        adaptive = not request.HasField("num_draft_tokens") and self.adaptive_cost_ratio is not None
+        adaptive = not request.HasField("num_draft_tokens") and (
+            self.adaptive_cost_ratio is not None or self.load_model is not None)
         gamma = request.num_draft_tokens if request.HasField("num_draft_tokens") else self.default_gamma
         if not 0 <= gamma <= self.max_gamma:
             raise InvalidArgument(f"num_draft_tokens must be in [0, {self.max_gamma}] (0 = no speculation), "
@@ -85,7 +90,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         draft = DraftSession(d.draft_stub, session_id, self.draft_timeout_s) if d.draft_stub else None
         verify = VerifySession(d.verify_stub, session_id, self.rpc_timeout_s)
         policy = None
-        if spec.adaptive:
+        if spec.adaptive and self.load_model is not None:
+            policy = LoadAwareGamma(self.load_model, max_gamma=spec.max_gamma, gamma=spec.gamma)
+        elif spec.adaptive:
             policy = AdaptiveGamma(max_gamma=spec.max_gamma, gamma=spec.gamma, cost_ratio=self.adaptive_cost_ratio)
         # Not made current: the handler yields between rounds, so each round names it as parent instead.
         span = get_tracer().start_span("generation", attributes={
@@ -93,7 +100,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             "specdec.prompt_tokens": len(spec.prompt_ids), "specdec.max_new_tokens": spec.max_new_tokens,
             "specdec.temperature": spec.sampling.temperature, "specdec.gamma": spec.gamma})
         generation = Generation(spec, draft, verify, TextStream(d.tokenizer, spec.stop), policy,
-                                is_active=context.is_active, trace_context=trace.set_span_in_context(span))
+                                is_active=context.is_active, trace_context=trace.set_span_in_context(span),
+                                load_model=self.load_model)
         try:
             for event in generation.rounds():
                 chunk = orchestrator_pb2.GenerateChunk(token_ids=event.token_ids, text=event.text,

@@ -95,7 +95,7 @@ class GenerationStats(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., wall_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., other_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., reprefills: _Optional[int] = ..., target_only_rounds: _Optional[int] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., recovered_tokens: _Optional[int] = ..., bonus_tokens: _Optional[int] = ...) -> None: ...
 
 class RoundTiming(_message.Message):
-    __slots__ = ("num_draft_tokens", "accepted", "round_ms", "draft_ms", "verify_ms", "draft_compute_ms", "verify_compute_ms", "queue_ms", "network_ms", "orchestrator_ms", "bytes")
+    __slots__ = ("num_draft_tokens", "accepted", "round_ms", "draft_ms", "verify_ms", "draft_compute_ms", "verify_compute_ms", "queue_ms", "network_ms", "orchestrator_ms", "bytes", "verify_batch_size")
     NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ROUND_MS_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,7 @@ class RoundTiming(_message.Message):
     NETWORK_MS_FIELD_NUMBER: _ClassVar[int]
     ORCHESTRATOR_MS_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     num_draft_tokens: int
     accepted: int
     round_ms: float
@@ -118,7 +119,8 @@ class RoundTiming(_message.Message):
     network_ms: float
     orchestrator_ms: float
     bytes: int
-    def __init__(self, num_draft_tokens: _Optional[int] = ..., accepted: _Optional[int] = ..., round_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., orchestrator_ms: _Optional[float] = ..., bytes: _Optional[int] = ...) -> None: ...
+    verify_batch_size: int
+    def __init__(self, num_draft_tokens: _Optional[int] = ..., accepted: _Optional[int] = ..., round_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., orchestrator_ms: _Optional[float] = ..., bytes: _Optional[int] = ..., verify_batch_size: _Optional[int] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "stats", "round")

@@ -55,6 +55,10 @@ def serve(
     adaptive_cost_ratio: Optional[float] = typer.Option(
         None, envvar=_env("adaptive_cost_ratio"),
         help="orchestrator: adapt gamma per session from measured acceptance at this draft/target cost ratio"),
+    gamma_policy: str = typer.Option(
+        "fixed", envvar=_env("gamma_policy"),
+        help="orchestrator: fixed (--num-draft-tokens; seeded runs reproducible) or load (gamma per session from "
+             "measured acceptance and verify cost at the current batch size, down to 0 under heavy load)"),
     rpc_timeout_s: float = typer.Option(30.0, envvar=_env("rpc_timeout_s"), help="orchestrator: verify call deadline"),
     draft_timeout_s: float = typer.Option(5.0, envvar=_env("draft_timeout_s"),
                                           help="orchestrator: draft call deadline; past it the round goes target-only"),
@@ -90,7 +94,7 @@ def serve(
                 verify=verify, draft=draft, port=port, host=host, tokenizer=tokenizer,
                 num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
                 adaptive_cost_ratio=adaptive_cost_ratio, rpc_timeout_s=rpc_timeout_s,
-                draft_timeout_s=draft_timeout_s))
+                draft_timeout_s=draft_timeout_s, gamma_policy=gamma_policy))
         except Exception as error:  # startup refusals are for a person to read, not a traceback
             typer.echo(f"specdec: orchestrator refused to start: {error}", err=True)
             raise typer.Exit(2)

@@ -50,3 +50,44 @@ class AdaptiveGamma:
         self.alpha = (1 - self.smoothing) * self.alpha + self.smoothing * (accepted / trials)
         self.gamma = max(1, best_gamma(min(self.alpha, 0.999), self.cost_ratio, self.max_gamma))
         return self.gamma
+
+
+@dataclass
+class VerifyCostModel:
+    """verify_ms ~= fixed_ms + per_token_ms * tokens_in_batch, fitted by exponentially weighted least
+    squares over observed verify calls (a forward over B sessions of gamma + 1 tokens each)."""
+
+    decay: float = 0.98
+    _n: float = 0.0
+    _sx: float = 0.0
+    _sy: float = 0.0
+    _sxx: float = 0.0
+    _sxy: float = 0.0
+
+    def update(self, tokens: float, ms: float) -> None:
+        d = self.decay
+        self._n = d * self._n + 1
+        self._sx = d * self._sx + tokens
+        self._sy = d * self._sy + ms
+        self._sxx = d * self._sxx + tokens * tokens
+        self._sxy = d * self._sxy + tokens * ms
+
+    def coefficients(self) -> tuple[float, float] | None:
+        """(fixed_ms, per_token_ms), or None until the observations span more than one batch size."""
+        if self._n < 2:
+            return None
+        var = self._sxx / self._n - (self._sx / self._n) ** 2
+        if var <= 1e-9:
+            return None
+        slope = max(0.0, (self._sxy / self._n - self._sx * self._sy / self._n ** 2) / var)
+        return max(0.0, self._sy / self._n - slope * self._sx / self._n), slope
+
+
+def best_gamma_under_load(alpha: float, draft_step_ms: float, fixed_ms: float, per_token_ms: float,
+                          batch: float, max_gamma: int) -> int:
+    """The gamma maximising committed tokens per unit of time when `batch` sessions share each verify:
+    E(alpha, gamma) / (gamma * draft_step_ms + fixed_ms + per_token_ms * batch * (gamma + 1)).
+    0 means plain decoding: under heavy load the rejected drafts' compute costs more than it saves."""
+    def rate(g: int) -> float:
+        return expected_tokens_per_round(alpha, g) / (g * draft_step_ms + fixed_ms + per_token_ms * batch * (g + 1))
+    return max(range(max_gamma + 1), key=lambda g: (rate(g), -g))

@@ -26,3 +26,23 @@ def test_adaptive_gamma_follows_measured_acceptance():
     for _ in range(30):
         policy.update(drafted=policy.gamma, accepted=0)  # nothing accepted
     assert high >= 8 and policy.gamma == 1 and policy.alpha < 0.1
+
+
+def test_verify_cost_model_recovers_fixed_and_per_token_cost():
+    from speculation.gamma_policy import VerifyCostModel
+
+    model = VerifyCostModel()
+    for tokens in (5, 10, 20, 40, 80, 5, 40):
+        model.update(tokens, 3.0 + 0.25 * tokens)
+    fixed, per_token = model.coefficients()
+    assert fixed == pytest.approx(3.0, rel=1e-6) and per_token == pytest.approx(0.25, rel=1e-6)
+
+
+def test_gamma_shrinks_to_plain_decoding_as_the_batch_grows():
+    from speculation.gamma_policy import best_gamma_under_load
+
+    memory_bound = best_gamma_under_load(0.75, draft_step_ms=0.5, fixed_ms=10.0, per_token_ms=0.05, batch=1,
+                                         max_gamma=12)
+    loaded = best_gamma_under_load(0.75, 0.5, 10.0, 0.05, batch=32, max_gamma=12)
+    saturated = best_gamma_under_load(0.75, 0.5, 10.0, 0.5, batch=64, max_gamma=12)
+    assert memory_bound > loaded > saturated == 0

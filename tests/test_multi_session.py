@@ -140,3 +140,19 @@ def _raises(call):
     except Exception as error:  # noqa: BLE001
         return type(error)
     return None
+
+
+def test_load_aware_gamma_keeps_greedy_output_identical_and_adapts(tiny, stacks):
+    jobs = _jobs()
+    with stacks("noisy").client() as client:
+        expected = [client.generate(p, max_new_tokens=n).token_ids for p, n, _ in jobs]
+    stack = start_stack(tiny.target, tiny.noisy_draft, verify_settings=LEAN, gamma_policy="load")
+    try:
+        with stack.client() as client, ThreadPoolExecutor(5) as pool:
+            chunks = list(pool.map(lambda job: list(client.stream(job[0], max_new_tokens=job[1])), jobs))
+        assert [[t for c in job_chunks for t in c.token_ids] for job_chunks in chunks] == expected
+        gammas = {c.round["num_draft_tokens"] for job_chunks in chunks for c in job_chunks}
+        assert len(gammas) > 1  # the policy moved gamma away from the default
+        assert stack.orchestrator.servicer.load_model.verify_cost.coefficients() is not None
+    finally:
+        stack.stop()

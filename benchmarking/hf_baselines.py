@@ -67,9 +67,49 @@ def run(system: str, target_dir: str, draft_dir: str, prompts: list[str], max_ne
     return {"system": system, "rows": rows}
 
 
+def run_batched(target_dir: str, prompts: list[str], max_new_tokens: int, threads: int) -> dict:
+    """Target-only decoding on a batch of len(prompts) prompts (left padding), greedy; per-step times."""
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    tokenizer.padding_side = "left"
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    eos = target.generation_config.eos_token_id
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        target.generate(**tokenizer(prompts[:1], return_tensors="pt"), max_new_tokens=4, do_sample=False)
+        clock = TokenClock()
+        started = time.perf_counter()
+        out = target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, streamer=_BatchClock(clock),
+                              pad_token_id=tokenizer.pad_token_id)
+        wall = time.perf_counter() - started
+    generated = out[:, inputs["input_ids"].shape[1]:].tolist()
+    tokens = 0
+    for row in generated:  # count each stream's tokens up to and including its EOS
+        tokens += next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
+    return {"tokens": tokens, "wall_s": wall, "step_s": clock.per_token_s}
+
+
+class _BatchClock(BaseStreamer):
+    """generate() refuses batched streamers' prompts only in TextStreamer; time each batched step."""
+
+    def __init__(self, clock: TokenClock):
+        self.clock = clock
+
+    def put(self, value):
+        now = time.perf_counter()
+        if not self.clock.prompt_seen:
+            self.clock.prompt_seen, self.clock.last = True, now
+            return
+        self.clock.per_token_s.append(now - self.clock.last)  # every stream got one token in this step
+        self.clock.last = now
+
+    def end(self):
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--system", choices=["target_only", "hf_assisted"], required=True)
+    parser.add_argument("--system", choices=["target_only", "hf_assisted", "target_batched"], required=True)
     parser.add_argument("--target", required=True)
     parser.add_argument("--draft", required=True)
     parser.add_argument("--prompts", required=True, help="JSON list of prompt strings")
@@ -79,6 +119,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     prompts = json.loads(args.prompts)
+    if args.system == "target_batched":
+        print(json.dumps(run_batched(args.target, prompts, args.max_new_tokens, args.threads)))
+        return
     print(json.dumps(run(args.system, args.target, args.draft, prompts, args.max_new_tokens, args.sample, args.seed,
                          args.threads)))
 

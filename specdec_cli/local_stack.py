@@ -61,6 +61,7 @@ def spawn(args: list[str], cpu: int | None, env_extra: dict | None = None, log_p
 def local_stack(target: str, draft: str, *, draft_cpu: int | None = None, verify_cpu: int | None = None,
                 orchestrator_cpu: int | None = None, threads: int = 1, orchestrator_args: tuple[str, ...] = (),
                 env_extra: dict | None = None, log_dir=None, draft_address: str | None = None,
+                verify_args: tuple[str, ...] = (), draft_args: tuple[str, ...] = (),
                 verify_address: str | None = None, timeout_s: float = 180.0) -> Iterator[LocalStack]:
     """Draft, verify and orchestrator processes on free loopback ports; stopped (SIGTERM) on exit.
 
@@ -73,9 +74,9 @@ def local_stack(target: str, draft: str, *, draft_cpu: int | None = None, verify
 
     try:
         processes.append(spawn(["serve", "draft", "--model", draft, "--port", str(ports["draft"]),
-                                "--threads", str(threads)], draft_cpu, env_extra, log("draft")))
+                                "--threads", str(threads), *draft_args], draft_cpu, env_extra, log("draft")))
         processes.append(spawn(["serve", "verify", "--model", target, "--port", str(ports["verify"]),
-                                "--threads", str(threads)], verify_cpu, env_extra, log("verify")))
+                                "--threads", str(threads), *verify_args], verify_cpu, env_extra, log("verify")))
         wait_healthy(f"127.0.0.1:{ports['draft']}", timeout_s, processes[0])
         wait_healthy(f"127.0.0.1:{ports['verify']}", timeout_s, processes[1])
         processes.append(spawn(["serve", "orchestrator", "--port", str(ports["orchestrator"]),

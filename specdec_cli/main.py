@@ -188,10 +188,27 @@ def bench(
     greedy_only: bool = typer.Option(False, help="skip the temperature-1 runs"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     png: Path = typer.Option(Path("bench.png"), help="chart of the results"),
+    concurrency: Optional[str] = typer.Option(
+        None, help="e.g. 1,4,16,32: aggregate tokens/s at each level of concurrent streams vs batched target-only"),
 ):
     """target_only vs hf_assisted vs specdec on the reference pair: tokens/s, speedup, alpha, round split."""
     from benchmarking.bench import BenchSettings, add_leviathan_bound, plot, run_bench
     from specdec_cli.paths import load_prompts
+
+    if concurrency:
+        from benchmarking.concurrency import run_concurrency
+
+        levels = [int(x) for x in concurrency.split(",") if x.strip()]
+        result = run_concurrency(target, draft, load_prompts(prompts), levels, max_new_tokens, num_draft_tokens)
+        if as_json:
+            typer.echo(json.dumps({"concurrency": result}))
+            return
+        for level, r in result.items():
+            typer.echo(f"x{level:>3}: ours {r['tokens_per_s']:8.1f} tok/s (x{r['vs_one_stream']:.2f} of 1 stream)  "
+                       f"target-only batched {r['target_only_tokens_per_s']:8.1f} tok/s  ratio {r['vs_target_only']:.2f}  "
+                       f"p50/p99 {r['p50_ms_per_token']:.1f}/{r['p99_ms_per_token']:.1f} ms/tok  "
+                       f"batch sizes {r['verify_batch_size_histogram']}  gamma {r['gamma_histogram']}")
+        return
 
     settings = BenchSettings(target=target, draft=draft, prompts=load_prompts(prompts, count),
                              max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, pinned=pinned,

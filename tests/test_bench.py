@@ -29,3 +29,19 @@ def test_bench_json_reports_every_system_and_identical_greedy_outputs(tiny, tmp_
     assert 0 < ours["alpha"] < 1 and ours["rounds"] >= 2 and ours["bytes_per_round"] > 0
     assert report["protocol"]["pinned"] is False
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_bench_concurrency_json_has_every_level(tiny, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:4]))
+    done = subprocess.run(
+        [sys.executable, "-m", "specdec_cli", "bench", "--target", str(tiny.target), "--draft", str(tiny.noisy_draft),
+         "--prompts", str(prompts), "--max-new-tokens", "10", "--concurrency", "1,4", "--json"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    levels = json.loads(done.stdout)["concurrency"]
+    assert set(levels) == {"1", "4"}
+    for entry in levels.values():
+        for key in ("tokens_per_s", "target_only_tokens_per_s", "p50_ms_per_token", "p99_ms_per_token"):
+            assert entry[key] > 0
+    assert levels["4"]["tokens"] == 40 and sum(levels["4"]["verify_batch_size_histogram"].values()) > 0

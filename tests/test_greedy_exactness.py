@@ -125,3 +125,31 @@ def test_streamed_chunks_add_up_to_the_final_text_and_stats(stacks, tokenizer):
     assert stats["wall_ms"] > 0 and stats["tokens_per_s"] > 0
     assert stats["draft_ms"] + stats["verify_ms"] + stats["other_ms"] == pytest.approx(stats["wall_ms"], rel=1e-6)
     assert stats["bytes_per_round"] > 0
+
+
+def test_a_gpt2_pair_is_served_exactly_too(tiny, tokenizer, tmp_path):
+    """Not only Llama: GPT-2 target and draft run through the HF runtime (the lean one is Llama-only)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import start_stack
+
+    for name, (width, layers, seed) in {"target": (64, 2, 1), "draft": (32, 1, 2)}.items():
+        torch.manual_seed(seed)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=width, n_layer=layers, n_head=4,
+                                           n_positions=256, eos_token_id=tokenizer.eos_token_id,
+                                           bos_token_id=tokenizer.eos_token_id))
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    target = GPT2LMHeadModel.from_pretrained(tmp_path / "target").eval()
+    stack = start_stack(tmp_path / "target", tmp_path / "draft")
+    try:
+        assert stack.draft.servicer.runner.name == "hf"
+        with stack.client() as client:
+            for prompt in PROMPTS[:8]:
+                inputs = tokenizer(prompt, return_tensors="pt")
+                with torch.inference_mode():
+                    expected = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+                result = client.generate(prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
+                assert result.token_ids == expected[0, inputs["input_ids"].shape[1]:].tolist(), prompt
+    finally:
+        stack.stop()

@@ -30,12 +30,20 @@ class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", 
 class TracingClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     def __init__(self, tracer: trace.Tracer):
         self._tracer = tracer
+        self._attributes: dict[str, dict] = {}  # per method, made once: this runs twice per round
+
+    def _method_attributes(self, method: str) -> dict:
+        attributes = self._attributes.get(method)
+        if attributes is None:
+            service, _, name = method.lstrip("/").partition("/")
+            attributes = self._attributes[method] = {
+                "rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
+                "rpc.grpc.status_code": grpc.StatusCode.OK.value[0]}  # overwritten when a call fails
+        return attributes
 
     def _start(self, details: grpc.ClientCallDetails):
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        service, _, name = method.lstrip("/").partition("/")
-        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes={
-            "rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=self._method_attributes(method))
         carrier: dict[str, str] = {}
         inject(carrier, context=trace.set_span_in_context(span))
         metadata = [*(details.metadata or ()), *carrier.items()]
@@ -46,10 +54,9 @@ class TracingClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStrea
     def _end_when_done(span, call):
         def done(finished):
             code = finished.code()
-            if code is not None:
+            if code is not None and code != grpc.StatusCode.OK:
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
-                if code != grpc.StatusCode.OK:
-                    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {finished.details()}"))
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {finished.details()}"))
             span.end()
 
         call.add_done_callback(done)

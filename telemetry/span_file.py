@@ -20,10 +20,10 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 
-def span_record(span: ReadableSpan) -> dict:
+def span_record(span: ReadableSpan, with_resource: bool = True) -> dict:
     context = span.get_span_context()
     parent = span.parent
-    return {
+    record = {
         "trace_id": f"{context.trace_id:032x}",
         "span_id": f"{context.span_id:016x}",
         "parent_span_id": f"{parent.span_id:016x}" if parent is not None else None,
@@ -34,8 +34,10 @@ def span_record(span: ReadableSpan) -> dict:
         "end_time_unix_nano": span.end_time,
         "attributes": dict(span.attributes or {}),
         "status": span.status.status_code.name,
-        "resource": dict(span.resource.attributes),
     }
+    if with_resource:
+        record["resource"] = dict(span.resource.attributes)
+    return record
 
 
 class JsonlSpanExporter(SpanExporter):
@@ -44,9 +46,10 @@ class JsonlSpanExporter(SpanExporter):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._lock = threading.Lock()
+        self._resources: dict[int, str] = {}
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        data = "".join(json.dumps(span_record(s), default=str) + "\n" for s in spans).encode()
+        data = "".join(map(self._line, spans)).encode()
         with self._lock:
             if self._fd < 0:
                 return SpanExportResult.FAILURE
@@ -54,6 +57,14 @@ class JsonlSpanExporter(SpanExporter):
             while view:  # a regular file takes it all at once; the loop is for the rare short write
                 view = view[os.write(self._fd, view):]
         return SpanExportResult.SUCCESS
+
+    def _line(self, span: ReadableSpan) -> str:
+        # The resource is the same for every span of a process: encode it once, not per span.
+        record = span_record(span, with_resource=False)
+        resource = self._resources.get(id(span.resource))
+        if resource is None:
+            resource = self._resources[id(span.resource)] = json.dumps(dict(span.resource.attributes), default=str)
+        return json.dumps(record, default=str)[:-1] + ', "resource": ' + resource + "}\n"
 
     def shutdown(self) -> None:
         with self._lock:

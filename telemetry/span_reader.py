@@ -55,14 +55,15 @@ def _files(paths: Iterable[str | Path]) -> list[Path]:
     found = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".json")))
+            # Only span files: a study's directory also holds its results and timeline as .json.
+            found.extend(sorted(path.glob("*.jsonl")))
         else:
             found.append(path)
     return found
 
 
 def read_spans(paths: Iterable[str | Path]) -> list[dict]:
-    """All spans in the files (directories: their *.jsonl / *.json), in file order.
+    """All spans in the files (directories: their *.jsonl), in file order.
 
     A process killed mid-write leaves at most a torn last line; such lines are skipped, anything else
     that is not JSON is an error."""

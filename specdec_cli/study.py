@@ -85,10 +85,13 @@ def _client_tracing(path: Path):
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     from telemetry.span_file import JsonlSpanExporter
+    from telemetry.tracing import span_processors_from_env
 
-    # A provider of the study's own: the client's spans go to their file without making tracing global here.
+    # A provider of the study's own (tracing stays off process-wide): the client's spans go to the run's
+    # file, and to a collector too when OTEL_* asks for one, like the services' spans.
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "specdec-study-client"}))
-    provider.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(path)))
+    for processor in [*span_processors_from_env("specdec-study-client"), BatchSpanProcessor(JsonlSpanExporter(path))]:
+        provider.add_span_processor(processor)
     return provider
 
 

@@ -54,7 +54,8 @@ def trace_file_path(service_name: str) -> str | None:
     return template.replace("{service}", service_name).replace("{pid}", str(os.getpid())) if template else None
 
 
-def _span_processors(service_name: str) -> list:
+def span_processors_from_env(service_name: str) -> list:
+    """One span processor per exporter the environment asks for (see the module docstring)."""
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
     processors = []
@@ -94,7 +95,7 @@ def configure_tracing(service_name: str) -> bool:
     if isinstance(existing, TracerProvider):  # installed by the embedding program (a test's in-memory one)
         install_provider(existing)
         return True
-    processors = _span_processors(service_name)
+    processors = span_processors_from_env(service_name)
     if not processors:
         return False
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource

@@ -1,0 +1,132 @@
+"""What tracing costs: tokens/s of the same generations on stacks with tracing off, on (spans to the local
+JSONL file from all three processes and the client) and on with 10% of generations sampled, generations
+taking turns between them; and the per-round cost of the tracing calls the orchestrator makes while
+tracing is off.
+
+    python -m telemetry.overhead --target models/target --draft models/draft --repeats 3
+
+Knows how to start a stack and time generations, not what the spans hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+
+from specdec_cli.local_stack import local_stack
+from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, load_prompts
+
+
+# mode -> the share of generations traced (None: tracing off in every process).
+MODES = {"off": None, "on": 1.0, "on, 10% sampled": 0.1}
+
+
+@contextmanager
+def _client(target: str, draft: str, ratio: float | None, trace_dir: Path):
+    """A stack and a client to it; traced: spans from all three processes and the client to JSONL files,
+    `ratio` of the generations sampled at the client (the services follow its decision)."""
+    from specdec_client import Client
+    from telemetry.tracing import traced_channel
+
+    env, provider = {}, None
+    if ratio is not None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        from telemetry.span_file import JsonlSpanExporter
+
+        env = {"SPECDEC_TRACE_FILE": str(trace_dir / "{service}-{pid}.jsonl"),
+               "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+        provider.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(trace_dir / "client.jsonl")))
+    with local_stack(target, draft, env_extra=env) as stack:
+        channel = grpc.insecure_channel(stack.orchestrator)
+        if provider is not None:
+            channel = traced_channel(channel, tracer_provider=provider)
+        with Client(stack.orchestrator, timeout=600, channel=channel) as client:
+            yield client
+    if provider is not None:
+        provider.shutdown()
+
+
+def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, gamma: int, repeats: int) -> dict:
+    """All stacks up at once, each prompt generated on each in turn (the order rotating), so a background
+    load that comes and goes weighs on every mode alike; each generation still runs alone."""
+    totals = {mode: [0, 0.0] for mode in MODES}
+    ratios: dict[str, list[float]] = {mode: [] for mode in MODES if mode != "off"}
+    with tempfile.TemporaryDirectory() as trace_dir, contextlib.ExitStack() as stacks:
+        clients = {mode: stacks.enter_context(_client(target, draft, ratio, Path(trace_dir)))
+                   for mode, ratio in MODES.items()}
+        for client in clients.values():
+            client.generate(prompts[0], max_new_tokens, num_draft_tokens=gamma)  # warm-up
+        order = list(MODES)
+        for turn, prompt in enumerate(prompts * repeats):
+            rates = {}
+            for mode in order[turn % len(order):] + order[:turn % len(order)]:
+                started = time.perf_counter()
+                tokens = len(clients[mode].generate(prompt, max_new_tokens, num_draft_tokens=gamma).token_ids)
+                elapsed = time.perf_counter() - started
+                totals[mode][0] += tokens
+                totals[mode][1] += elapsed
+                rates[mode] = tokens / elapsed
+            for mode in ratios:
+                ratios[mode].append(rates[mode] / rates["off"])
+    result = {"generations_per_mode": len(prompts) * repeats, "max_new_tokens": max_new_tokens, "modes": {}}
+    off_rate = totals["off"][0] / totals["off"][1]
+    for mode, (tokens, elapsed) in totals.items():
+        entry = {"tokens_per_s": tokens / elapsed}
+        if mode in ratios:
+            q1, _, q3 = statistics.quantiles(ratios[mode], n=4)
+            entry.update(overhead=1 - tokens / elapsed / off_rate,
+                         overhead_per_prompt_median=1 - statistics.median(ratios[mode]),
+                         overhead_per_prompt_iqr=[1 - q3, 1 - q1])
+        result["modes"][mode] = entry
+    return result
+
+
+def off_cost_us_per_round(iterations: int = 20000) -> float:
+    """The tracing and metrics calls one round makes, timed with nothing configured (this process)."""
+    from telemetry.metrics import record_round
+    from telemetry.tracing import get_tracer, tracing_enabled
+
+    assert not tracing_enabled()
+    tracer = get_tracer()
+    started = time.perf_counter()
+    for _ in range(iterations):
+        with tracer.start_as_current_span("round") as span:
+            with tracer.start_as_current_span("accept"):
+                pass
+            record_round(4, 2, "recovered", 10.0, 3.0, 4.0, 2.0, 1.0)
+            span.is_recording()
+    return (time.perf_counter() - started) / iterations * 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default=str(DEFAULT_TARGET))
+    parser.add_argument("--draft", default=str(DEFAULT_DRAFT))
+    parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS)
+    parser.add_argument("--count", type=int, default=8, help="generations per stack")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="passes over the prompts")
+    args = parser.parse_args(argv)
+    for name in [k for k in os.environ if k.startswith("OTEL_") or k == "SPECDEC_TRACE_FILE"]:
+        del os.environ[name]  # "off" must mean off in every child process
+    prompts = load_prompts(args.prompts, args.count)
+    result = compare(args.target, args.draft, prompts, args.max_new_tokens, args.num_draft_tokens, args.repeats)
+    result["off_cost_us_per_round"] = off_cost_us_per_round()
+    print(json.dumps(result))
+
+if __name__ == "__main__":
+    main()

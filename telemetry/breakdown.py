@@ -1,14 +1,18 @@
 """Where each round's wall time went, from exported spans: the parts of a round on its critical path, and
 their median, p90 and share of the wall time over many rounds.
 
-Reads the "round" spans' measured split (specdec.draft.* / specdec.verify.* observed, server, compute and
-queue ms; specdec.round_ms) and the round's "accept" child. Per call, network = client-observed - server-
-reported (no clock sync between hosts); server other = server-reported - queue - compute; orchestrator =
-round_ms - the calls on the critical path - accept. When a round ran draft and verify at once
-(specdec.overlapped), draft time hidden behind verify is off the critical path: the draft parts are scaled
-by the share of the draft call that did not overlap the verify call (from their client spans, else from the
-observed times). The wall time of a round is its span's own start..end, measured apart from the attributes,
-so `covers_wall_fraction` shows whether the parts account for it.
+A round's calls are its Propose / Verify client spans (observed = their duration). Each call's server-side
+split comes from the service's own spans when they are among the files (server span = server-reported
+time, `forward` = compute, `queue_wait` = queue), else from the round's attributes (specdec.<side>.observed /
+server / compute / queue ms, scaled to the call when a side made several calls). Without client spans the
+attributes alone describe one call per side. Per call, network = client-observed - server-reported (no
+clock sync between hosts), server other = server-reported - queue - compute.
+
+The critical path: verify calls are on it; a draft call is on it only where it does not overlap a verify
+call (an overlapped round drafts the next round while the target verifies), so its parts are scaled by
+that share. Accept is the round's "accept" child; orchestrator = specdec.round_ms - the calls on the
+path - accept. A round's wall time is its span's own start..end, measured apart from the attributes, so
+`covers_wall_fraction` shows whether the parts account for it.
 
 Knows span names and attributes, not how they were measured.
 """
@@ -25,16 +29,23 @@ PARTS = ("draft compute", "draft queue", "draft server other", "draft network",
          "accept", "orchestrator")
 DRAFT_METHOD = "/specdec.v1.DraftService/Propose"
 VERIFY_METHOD = "/specdec.v1.VerifyService/Verify"
+SIDES = {DRAFT_METHOD: "draft", VERIFY_METHOD: "verify"}
+
+
+def _ms(span: dict) -> float:
+    return (span["end_time_unix_nano"] - span["start_time_unix_nano"]) / 1e6
 
 
 @dataclass
 class Call:
+    side: str  # "draft" | "verify"
     observed_ms: float
     server_ms: float
     compute_ms: float
     queue_ms: float
     start_ns: int | None = None  # the client span's, when there is one
     end_ns: int | None = None
+    on_path: float = 1.0  # share of the call on the round's critical path
 
     @property
     def network_ms(self) -> float:
@@ -52,8 +63,7 @@ class Round:
     start_ns: int
     end_ns: int
     attributes: dict
-    draft: Call | None
-    verify: Call | None
+    calls: list[Call]
     accept_ms: float
     accept_span: tuple[int, int] | None = None
     parts: dict[str, float] = field(default_factory=dict)
@@ -68,41 +78,53 @@ class Round:
 
     @property
     def overlapped(self) -> bool:
-        return bool(self.attributes.get("specdec.overlapped", False))
-
-    def draft_on_path(self) -> float:
-        """The share of the draft call on the critical path: 1 unless it overlapped the verify call."""
-        d, v = self.draft, self.verify
-        if not self.overlapped or d is None or v is None or d.observed_ms <= 0:
-            return 1.0
-        if None not in (d.start_ns, d.end_ns, v.start_ns, v.end_ns) and d.end_ns > d.start_ns:
-            hidden = max(0, min(d.end_ns, v.end_ns) - max(d.start_ns, v.start_ns))
-            return 1.0 - hidden / (d.end_ns - d.start_ns)
-        return max(0.0, d.observed_ms - v.observed_ms) / d.observed_ms
+        return bool(self.attributes.get("specdec.overlapped", False)) or any(c.on_path < 1 for c in self.calls)
 
 
-def _call(attributes: dict, side: str, span: dict | None) -> Call | None:
-    observed = attributes.get(f"specdec.{side}.observed_ms")
-    if not observed:
+def _from_attributes(attributes: dict, side: str, observed_ms: float | None = None) -> Call | None:
+    """The side's call as the round's attributes report it, scaled to `observed_ms` when given."""
+    reported = attributes.get(f"specdec.{side}.observed_ms")
+    if not reported:
         return None  # no call this round (target-only), or not recorded
-    call = Call(float(observed), float(attributes.get(f"specdec.{side}.server_ms", 0.0)),
-                float(attributes.get(f"specdec.{side}.compute_ms", 0.0)),
-                float(attributes.get(f"specdec.{side}.queue_ms", 0.0)))
-    if span is not None:
-        call.start_ns, call.end_ns = span["start_time_unix_nano"], span["end_time_unix_nano"]
+    scale = 1.0 if observed_ms is None else observed_ms / reported
+    return Call(side, reported * scale, *(float(attributes.get(f"specdec.{side}.{k}_ms", 0.0)) * scale
+                                          for k in ("server", "compute", "queue")))
+
+
+def _from_spans(client: dict, children: dict[str, list[dict]], attributes: dict) -> Call:
+    side = SIDES[client["name"]]
+    server = next((s for s in children.get(client["span_id"], ()) if s.get("kind") == "SERVER"), None)
+    if server is not None:
+        steps = {s["name"]: s for s in children.get(server["span_id"], ())}
+        call = Call(side, _ms(client), _ms(server), _ms(steps["forward"]) if "forward" in steps else 0.0,
+                    _ms(steps["queue_wait"]) if "queue_wait" in steps else 0.0)
+    else:
+        call = _from_attributes(attributes, side, _ms(client)) or Call(side, _ms(client), 0.0, 0.0, 0.0)
+    call.start_ns, call.end_ns = client["start_time_unix_nano"], client["end_time_unix_nano"]
     return call
+
+
+def _mark_critical_path(calls: list[Call], overlapped: bool) -> None:
+    verifies = [c for c in calls if c.side == "verify"]
+    for call in calls:
+        if call.side != "draft" or not verifies or call.observed_ms <= 0:
+            continue
+        if call.start_ns is not None and all(v.start_ns is not None for v in verifies):
+            hidden = sum(max(0, min(call.end_ns, v.end_ns) - max(call.start_ns, v.start_ns)) for v in verifies)
+            call.on_path = max(0.0, 1.0 - hidden / max(1, call.end_ns - call.start_ns))
+        elif overlapped:  # attributes only: the draft hides behind the verify as far as it lasts
+            call.on_path = max(0.0, call.observed_ms - sum(v.observed_ms for v in verifies)) / call.observed_ms
 
 
 def _split(r: Round) -> dict[str, float]:
     parts = dict.fromkeys(PARTS, 0.0)
     on_path_ms = 0.0
-    for side, call, share in (("draft", r.draft, r.draft_on_path()), ("verify", r.verify, 1.0)):
-        if call is None:
-            continue
-        parts[f"{side} compute"] = call.compute_ms * share
-        parts[f"{side} queue"] = call.queue_ms * share
-        parts[f"{side} server other"] = call.server_other_ms * share
-        parts[f"{side} network"] = call.network_ms * share
+    for call in r.calls:
+        share = call.on_path
+        parts[f"{call.side} compute"] += call.compute_ms * share
+        parts[f"{call.side} queue"] += call.queue_ms * share
+        parts[f"{call.side} server other"] += call.server_other_ms * share
+        parts[f"{call.side} network"] += call.network_ms * share
         on_path_ms += call.observed_ms * share
     parts["accept"] = r.accept_ms
     round_ms = float(r.attributes.get("specdec.round_ms", r.wall_ms))
@@ -120,13 +142,17 @@ def rounds_from_spans(spans: list[dict]) -> list[Round]:
     for span in spans:
         if span["name"] != "round":
             continue
-        kids = {k["name"]: k for k in children.get(span["span_id"], ())}
+        kids = sorted(children.get(span["span_id"], ()), key=lambda s: s["start_time_unix_nano"])
         attributes = span.get("attributes", {})
-        accept = kids.get("accept")
+        clients = [k for k in kids if k["name"] in SIDES]
+        if clients:
+            calls = [_from_spans(k, children, attributes) for k in clients]
+        else:
+            calls = [c for c in (_from_attributes(attributes, side) for side in ("draft", "verify")) if c]
+        _mark_critical_path(calls, bool(attributes.get("specdec.overlapped", False)))
+        accept = next((k for k in kids if k["name"] == "accept"), None)
         r = Round(span["trace_id"], span["span_id"], span["start_time_unix_nano"], span["end_time_unix_nano"],
-                  attributes, _call(attributes, "draft", kids.get(DRAFT_METHOD)),
-                  _call(attributes, "verify", kids.get(VERIFY_METHOD)),
-                  (accept["end_time_unix_nano"] - accept["start_time_unix_nano"]) / 1e6 if accept else 0.0,
+                  attributes, calls, _ms(accept) if accept else 0.0,
                   (accept["start_time_unix_nano"], accept["end_time_unix_nano"]) if accept else None)
         r.parts = _split(r)
         rounds.append(r)
@@ -144,7 +170,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def one_way_samples(rounds: list[Round]) -> list[float]:
     """Per call: (client-observed - server-reported) / 2, the one-way network time with no clock sync."""
-    return [call.network_ms / 2 for r in rounds for call in (r.draft, r.verify) if call is not None]
+    return [call.network_ms / 2 for r in rounds for call in r.calls]
 
 
 def summarize(rounds: list[Round]) -> dict:
@@ -158,7 +184,7 @@ def summarize(rounds: list[Round]) -> dict:
                        "share": total / wall if wall else 0.0}
     walls = [r.wall_ms for r in rounds]
     one_way = one_way_samples(rounds)
-    calls = {side: [c for c in (getattr(r, side) for r in rounds) if c is not None] for side in ("draft", "verify")}
+    compute = {side: [c.compute_ms for r in rounds for c in r.calls if c.side == side] for side in ("draft", "verify")}
     return {
         "rounds": len(rounds),
         "traces": len({r.trace_id for r in rounds}),
@@ -167,7 +193,6 @@ def summarize(rounds: list[Round]) -> dict:
         "parts": parts,
         "covers_wall_fraction": sum(p["total_ms"] for p in parts.values()) / wall if wall else 0.0,
         "one_way_ms_p50": statistics.median(one_way) if one_way else 0.0,
-        "compute_ms_p50": {side: statistics.median([c.compute_ms for c in cs]) if cs else 0.0
-                           for side, cs in calls.items()},
+        "compute_ms_p50": {side: statistics.median(v) if v else 0.0 for side, v in compute.items()},
         "overlapped_rounds": sum(r.overlapped for r in rounds),
     }

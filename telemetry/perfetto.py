@@ -1,8 +1,8 @@
 """A Chrome / Perfetto trace-event JSON with each round on a timeline: one process per generation, tracks for
-the round, draft, verify, network and orchestrator (open it at https://ui.perfetto.dev or chrome://tracing).
+the round, draft, verify, the network legs of each, and the orchestrator (open it at https://ui.perfetto.dev or chrome://tracing).
 
 The orchestrator's clock places each round and each call (its client span when there is one, else the calls
-laid end to end from the round's start). Server-side pieces have no comparable clock, so they are placed by
+laid end to end from the round's start); overlapping calls of one side share its track, nested. Server-side pieces have no comparable clock, so they are placed by
 duration alone: the network time of a call split evenly into a request leg at its start and a response leg
 at its end, the server's time between them, queue wait then forward pass at its start.
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 from telemetry.breakdown import Call, Round
 
-TRACKS = {"round": 1, "draft": 2, "verify": 3, "network": 4, "orchestrator": 5}
+# Network has a track per side: an overlapped round's draft and verify legs would otherwise collide.
+TRACKS = {"round": 1, "draft": 2, "network (draft)": 3, "verify": 4, "network (verify)": 5, "orchestrator": 6}
 
 
 def _slice(name: str, pid: int, track: str, start_us: float, dur_us: float, args: dict | None = None) -> dict:
@@ -27,18 +28,20 @@ def _slice(name: str, pid: int, track: str, start_us: float, dur_us: float, args
     return event
 
 
-def _call_events(side: str, call: Call, start_us: float, pid: int) -> list[dict]:
+def _call_events(call: Call, start_us: float, pid: int) -> list[dict]:
+    side = call.side
     observed_us = call.observed_ms * 1000
     leg_us = call.network_ms * 1000 / 2
     server_us = observed_us - 2 * leg_us
     server_start = start_us + leg_us
     return [
-        _slice(f"{side} request", pid, "network", start_us, leg_us),
+        _slice(f"{side} request", pid, f"network ({side})", start_us, leg_us),
         _slice(f"{side} server", pid, side, server_start, server_us,
-               {"server_ms": call.server_ms, "compute_ms": call.compute_ms, "queue_ms": call.queue_ms}),
+               {"server_ms": call.server_ms, "compute_ms": call.compute_ms, "queue_ms": call.queue_ms,
+                "on_critical_path": round(call.on_path, 3)}),
         _slice("queue wait", pid, side, server_start, call.queue_ms * 1000),
         _slice("forward", pid, side, server_start + call.queue_ms * 1000, call.compute_ms * 1000),
-        _slice(f"{side} response", pid, "network", start_us + observed_us - leg_us, leg_us),
+        _slice(f"{side} response", pid, f"network ({side})", start_us + observed_us - leg_us, leg_us),
     ]
 
 
@@ -59,11 +62,9 @@ def trace_events(rounds: list[Round]) -> dict:
             "outcome": r.attributes.get("specdec.outcome"), "overlapped": r.overlapped,
             **{f"{name} ms": round(value, 3) for name, value in r.parts.items()}}))
         cursor = start_us
-        for side, call in (("draft", r.draft), ("verify", r.verify)):
-            if call is None:
-                continue
+        for call in r.calls:
             call_start = call.start_ns / 1000 if call.start_ns is not None else cursor
-            events.extend(_call_events(side, call, call_start, pid))
+            events.extend(_call_events(call, call_start, pid))
             cursor = call_start + call.observed_ms * 1000
         if r.accept_span is not None:
             events.append(_slice("accept", pid, "orchestrator", r.accept_span[0] / 1000,

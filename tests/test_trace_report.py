@@ -82,6 +82,38 @@ def test_overlapped_round_counts_only_the_draft_time_not_hidden_behind_verify(sp
     assert summary["overlapped_rounds"] == 1
 
 
+def test_server_spans_split_each_call_and_a_draft_hidden_behind_verify_is_off_the_path(span_file, tmp_path):
+    path, tracer = span_file
+    generation = tracer.start_span("generation", start_time=T0)
+    # The attributes describe only the last draft call; the services' own spans describe every call.
+    r = tracer.start_span("round", set_span_in_context(generation), start_time=T0, attributes=_round_attributes(
+        0, (3, 2, 1.5, 0.2), (6, 5, 4.5, 0.1), 12))
+    calls = ((DRAFT_METHOD, (0.5, 3.5), (1.0, 3.0), 0.2, 1.5),  # before verify: on the path
+             (VERIFY_METHOD, (4, 10), (4.5, 9.5), 0.1, 4.5),
+             (DRAFT_METHOD, (4.2, 7.2), (4.7, 6.7), 0.2, 1.5))  # the next round's drafts, during verify
+    for method, (a, b), (sa, sb), queue, forward in calls:
+        client = tracer.start_span(method, set_span_in_context(r), kind=SpanKind.CLIENT, start_time=T0 + int(a * MS))
+        server = tracer.start_span(method, set_span_in_context(client), kind=SpanKind.SERVER,
+                                   start_time=T0 + int(sa * MS))
+        for name, start, length in (("queue_wait", sa, queue), ("forward", sa + queue, forward)):
+            tracer.start_span(name, set_span_in_context(server), start_time=T0 + int(start * MS)).end(
+                end_time=T0 + int((start + length) * MS))
+        server.end(end_time=T0 + int(sb * MS))
+        client.end(end_time=T0 + int(b * MS))
+    tracer.start_span("accept", set_span_in_context(r), start_time=T0 + int(10.5 * MS)).end(end_time=T0 + 11 * MS)
+    r.end(end_time=T0 + 12 * MS)
+    generation.end(end_time=T0 + 13 * MS)
+    summary = trace_report([path], tmp_path / "c.png", tmp_path / "t.json", as_json=True)
+    parts = {name: p["median_ms"] for name, p in summary["parts"].items()}
+    assert parts == pytest.approx({"draft compute": 1.5, "draft queue": 0.2, "draft server other": 0.3,
+                                   "draft network": 1.0, "verify compute": 4.5, "verify queue": 0.1,
+                                   "verify server other": 0.4, "verify network": 1.0, "accept": 0.5,
+                                   "orchestrator": 2.5}, abs=1e-6)
+    assert summary["covers_wall_fraction"] == pytest.approx(1.0)
+    assert summary["overlapped_rounds"] == 1
+    assert summary["one_way_ms_p50"] == pytest.approx(0.5)  # every call, the hidden one too
+
+
 def test_timeline_has_round_draft_verify_and_network_tracks_and_the_chart_is_a_png(span_file, tmp_path):
     path, tracer = span_file
     for i in range(3):
@@ -90,10 +122,10 @@ def test_timeline_has_round_draft_verify_and_network_tracks_and_the_chart_is_a_p
     trace_report([path], tmp_path / "c.png", tmp_path / "t.json", as_json=True)
     events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
     tracks = {e["args"]["name"]: e["tid"] for e in events if e["name"] == "thread_name"}
-    assert set(tracks) == {"round", "draft", "verify", "network", "orchestrator"}
+    assert set(tracks) == {"round", "draft", "network (draft)", "verify", "network (verify)", "orchestrator"}
     slices = [e for e in events if e["ph"] == "X"]
     assert [e["name"] for e in slices if e["tid"] == tracks["round"]] == ["round 0", "round 1", "round 2"]
-    legs = [e for e in slices if e["tid"] == tracks["network"]]
+    legs = [e for e in slices if e["tid"] in (tracks["network (draft)"], tracks["network (verify)"])]
     assert len(legs) == 12 and all(e["dur"] == pytest.approx(500) for e in legs)  # 1 ms network, two legs
     forward = next(e for e in slices if e["tid"] == tracks["verify"] and e["name"] == "forward")
     assert forward["dur"] == pytest.approx(3000)

@@ -43,7 +43,7 @@ class StudyPlan:
     out_dir: Path
     max_new_tokens: int = 16
     gamma: int = 4
-    warmup: int = 1  # generations per level not counted: the first calls on a changed path
+    warmup: int = 1  # generations per level not counted: the first calls of the stack
     threads: int = 1
     isolation: str = "auto"  # auto | netns | loopback
     timeout_s: float = 180.0
@@ -96,26 +96,35 @@ def _client_tracing(path: Path):
 
 
 def _drive(plan: StudyPlan, orchestrator: str, path: DelayPath, levels: list[Level], provider) -> None:
+    """Generations take turns between the levels (the order rotating), so a background load that comes and
+    goes weighs on every level alike; the delay changes between generations, with nothing in flight."""
     from specdec_client import Client
     from telemetry.tracing import traced_channel
 
     tracer = provider.get_tracer("specdec.study")
     channel = traced_channel(grpc.insecure_channel(orchestrator), tracer_provider=provider)
+
+    def generate(client, level: Level, prompt: str, warmup: bool) -> None:
+        path.set_delay(level.delay_ms)
+        with tracer.start_as_current_span("study.generation", attributes={
+                "specdec.study.level": level.name, "specdec.study.delay_ms": level.delay_ms,
+                "specdec.study.warmup": warmup}) as span:
+            started = time.perf_counter()
+            result = client.generate(prompt, plan.max_new_tokens, num_draft_tokens=plan.gamma)
+            elapsed = time.perf_counter() - started
+        if not warmup:
+            level.traces.add(f"{span.get_span_context().trace_id:032x}")
+            level.new_tokens += len(result.token_ids)
+            level.wall_s += elapsed
+
     with Client(orchestrator, timeout=plan.timeout_s, channel=channel) as client:
-        for level in levels:
-            path.set_delay(level.delay_ms)
-            for i, prompt in enumerate([plan.prompts[0]] * plan.warmup + plan.prompts):
-                warmup = i < plan.warmup
-                with tracer.start_as_current_span("study.generation", attributes={
-                        "specdec.study.level": level.name, "specdec.study.delay_ms": level.delay_ms,
-                        "specdec.study.warmup": warmup}) as span:
-                    started = time.perf_counter()
-                    result = client.generate(prompt, plan.max_new_tokens, num_draft_tokens=plan.gamma)
-                    elapsed = time.perf_counter() - started
-                if not warmup:
-                    level.traces.add(f"{span.get_span_context().trace_id:032x}")
-                    level.new_tokens += len(result.token_ids)
-                    level.wall_s += elapsed
+        for _ in range(plan.warmup):
+            for level in levels:
+                generate(client, level, plan.prompts[0], warmup=True)
+        for turn, prompt in enumerate(plan.prompts):
+            shift = turn % len(levels)
+            for level in levels[shift:] + levels[:shift]:
+                generate(client, level, prompt, warmup=False)
 
 
 def _level_result(level: Level, rounds: list[Round], calibration: dict, path: DelayPath) -> dict:

@@ -21,9 +21,9 @@ DELAYS_MS = (0.0, 2.0, 10.0)
 def study(tiny, tmp_path_factory):
     run = tmp_path_factory.mktemp("study")
     prompts = run / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:3]))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:4]))
     command = [sys.executable, "-m", "specdec_cli", "study", "--json", "--target", str(tiny.target),
-               "--draft", str(tiny.draft), "--prompts", str(prompts), "--count", "3", "--max-new-tokens", "16",
+               "--draft", str(tiny.draft), "--prompts", str(prompts), "--count", "4", "--max-new-tokens", "20",
                "--out", str(run / "out")]
     for delay in DELAYS_MS:
         command += ["--delay-ms", str(delay)]
@@ -79,4 +79,4 @@ def test_the_run_leaves_a_chart_and_a_perfetto_timeline(study):
     assert Path(result["chart"]).read_bytes()[:4] == b"\x89PNG"
     events = json.loads(Path(result["perfetto"]).read_text())["traceEvents"]
     tracks = {e["args"]["name"] for e in events if e["name"] == "thread_name"}
-    assert {"draft", "verify", "network"} <= tracks
+    assert {"draft", "verify", "network (draft)", "network (verify)"} <= tracks

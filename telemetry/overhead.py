@@ -27,7 +27,7 @@ from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, lo
 
 
 # mode -> the share of generations traced (None: tracing off in every process).
-MODES = {"off": None, "on": 1.0, "on, 10% sampled": 0.1}
+MODES = {"off": None, "on": 1.0, "sampled": 0.1}  # sampled: on, 10% of generations traced
 
 
 @contextmanager
@@ -59,17 +59,19 @@ def _client(target: str, draft: str, ratio: float | None, trace_dir: Path):
         provider.shutdown()
 
 
-def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, gamma: int, repeats: int) -> dict:
+def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, gamma: int, repeats: int,
+            modes: list[str] = tuple(MODES)) -> dict:
     """All stacks up at once, each prompt generated on each in turn (the order rotating), so a background
     load that comes and goes weighs on every mode alike; each generation still runs alone."""
-    totals = {mode: [0, 0.0] for mode in MODES}
-    ratios: dict[str, list[float]] = {mode: [] for mode in MODES if mode != "off"}
+    modes = ["off", *(m for m in modes if m != "off")]
+    totals = {mode: [0, 0.0] for mode in modes}
+    ratios: dict[str, list[float]] = {mode: [] for mode in modes if mode != "off"}
     with tempfile.TemporaryDirectory() as trace_dir, contextlib.ExitStack() as stacks:
-        clients = {mode: stacks.enter_context(_client(target, draft, ratio, Path(trace_dir)))
-                   for mode, ratio in MODES.items()}
+        clients = {mode: stacks.enter_context(_client(target, draft, MODES[mode], Path(trace_dir)))
+                   for mode in modes}
         for client in clients.values():
             client.generate(prompts[0], max_new_tokens, num_draft_tokens=gamma)  # warm-up
-        order = list(MODES)
+        order = list(modes)
         for turn, prompt in enumerate(prompts * repeats):
             rates = {}
             for mode in order[turn % len(order):] + order[:turn % len(order)]:
@@ -120,11 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="passes over the prompts")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     args = parser.parse_args(argv)
     for name in [k for k in os.environ if k.startswith("OTEL_") or k == "SPECDEC_TRACE_FILE"]:
         del os.environ[name]  # "off" must mean off in every child process
     prompts = load_prompts(args.prompts, args.count)
-    result = compare(args.target, args.draft, prompts, args.max_new_tokens, args.num_draft_tokens, args.repeats)
+    result = compare(args.target, args.draft, prompts, args.max_new_tokens, args.num_draft_tokens, args.repeats,
+                     args.modes.split(","))
     result["off_cost_us_per_round"] = off_cost_us_per_round()
     print(json.dumps(result))
 

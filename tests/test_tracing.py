@@ -182,3 +182,34 @@ def test_orchestrator_metrics_count_the_generations_rounds_and_draft_positions(t
     assert total("specdec_draft_proposed_total", position=0) >= total("specdec_draft_proposed_total", position=2)
     assert total("specdec_round_duration_milliseconds_count") == stats["rounds"]
     assert total("specdec_round_network_duration_milliseconds_count") == stats["rounds"]
+
+
+def test_an_otlp_endpoint_in_the_environment_sends_spans_to_that_collector():
+    from concurrent import futures
+
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        _python("""
+from telemetry.tracing import configure_tracing, get_tracer, shutdown_tracing
+assert configure_tracing("specdec-otlp-test")
+with get_tracer().start_as_current_span("sent over otlp"):
+    pass
+shutdown_tracing()
+""", {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+    finally:
+        server.stop(None)
+    spans = [(span.name, {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"])
+             for request in received for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
+    assert spans == [("sent over otlp", "specdec-otlp-test")]

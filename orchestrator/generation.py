@@ -6,8 +6,10 @@ speculation/. Steps of a round are numbered as in the comments below.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -46,6 +48,57 @@ class GenerationSpec:
 
 
 @dataclass
+class _RoundDraft:
+    """A round's draft time, split into what was on the critical path and what verify hid."""
+    critical_ms: float = 0.0
+    hidden_ms: float = 0.0
+    compute_ms: float = 0.0
+    network_ms: float = 0.0
+    queue_ms: float = 0.0
+    server_ms: float = 0.0
+    bytes: int = 0
+    overlapped: bool = False
+
+    def _add_call(self, call) -> None:
+        self.compute_ms += call.compute_ms
+        self.network_ms += call.network_ms
+        self.queue_ms += call.queue_ms
+        self.server_ms += call.server_total_ms
+        self.bytes += call.bytes
+
+    def add_critical(self, call) -> None:
+        self._add_call(call)
+        self.critical_ms += call.observed_ms
+
+    def add_overlapped(self, call, section_ms: float, verify_ms: float) -> None:
+        """A draft call that ran beside a verify call: only what outlasted the verify is critical."""
+        self._add_call(call)
+        self.overlapped = True
+        excess = max(0.0, section_ms - verify_ms)
+        self.critical_ms += excess
+        self.hidden_ms += max(0.0, call.observed_ms - excess)
+
+
+@dataclass
+class _Continuation:
+    token_ids: list[int]  # [guess for the bonus token, next round's drafts...]
+    rows_after_guess: torch.Tensor | None  # draft_probs of token_ids[1:]
+    cached_len: int
+
+
+@dataclass
+class _Prepared:
+    token_ids: list[int]
+    draft_probs: torch.Tensor | None
+    draft_base: int  # committed tokens the draft cache holds before these drafts
+    cached_len: int
+
+
+# Verify calls run here while the orchestrator thread drafts ahead (step 2b).
+_OVERLAP_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="verify-call")
+
+
+@dataclass
 class RoundEvent:
     """What one round committed, for the stream and for tracing."""
     token_ids: list[int]
@@ -65,6 +118,9 @@ class Counters:
     recovered: int = 0
     bonus: int = 0
     target_only_rounds: int = 0
+    prepared_rounds: int = 0  # rounds whose drafts came from the previous round's continuation
+    draft_critical_ms: float = 0.0
+    draft_hidden_ms: float = 0.0
     drafted_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
 
@@ -89,13 +145,14 @@ class Counters:
 class Generation:
     def __init__(self, spec: GenerationSpec, draft: DraftSession | None, verify: VerifySession,
                  text: TextStream, gamma_policy=None, is_active: Callable[[], bool] = lambda: True,
-                 metadata=(), trace_context=None, load_model=None):
+                 metadata=(), trace_context=None, load_model=None, overlap: bool = False):
         self.spec, self.draft, self.verify, self.text = spec, draft, verify, text
         self.gamma_policy = gamma_policy
         self.is_active = is_active
         self.metadata = metadata
         self.trace_context = trace_context  # the "generation" span's context: parent of every round
         self.load_model = load_model  # shared by the orchestrator's generations (--gamma-policy load)
+        self.overlap = overlap and draft is not None
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.counters = Counters()
         self.committed = list(spec.prompt_ids)
@@ -137,21 +194,23 @@ class Generation:
 
     def _report_round(self, span, event: "RoundEvent", round_ms: float) -> None:
         """Round span attributes and metrics: the measured split of this round's wall time."""
-        draft = self.draft.calls[-1] if (self.draft and event.gamma > 0 and self.draft.calls) else None
+        draft = self._round_draft
         verify = self.verify.calls[-1]
         outcome = "target_only" if event.gamma == 0 else ("bonus" if event.bonus else "recovered")
-        draft_ms = draft.observed_ms if draft else 0.0
-        network_ms = verify.network_ms + (draft.network_ms if draft else 0.0)
+        draft_ms = draft.critical_ms
+        network_ms = verify.network_ms + draft.network_ms
         orchestrator_ms = max(0.0, round_ms - draft_ms - verify.observed_ms)
+        self.counters.draft_critical_ms += draft_ms
+        self.counters.draft_hidden_ms += draft.hidden_ms
         event.timing = orchestrator_pb2.RoundTiming(
             num_draft_tokens=event.gamma, accepted=event.accepted, round_ms=round_ms, draft_ms=draft_ms,
-            verify_ms=verify.observed_ms, draft_compute_ms=draft.compute_ms if draft else 0.0,
-            verify_compute_ms=verify.compute_ms, queue_ms=verify.queue_ms + (draft.queue_ms if draft else 0.0),
+            verify_ms=verify.observed_ms, draft_compute_ms=draft.compute_ms,
+            verify_compute_ms=verify.compute_ms, queue_ms=verify.queue_ms + draft.queue_ms,
             network_ms=network_ms, orchestrator_ms=orchestrator_ms,
-            bytes=verify.bytes + (draft.bytes if draft else 0), verify_batch_size=verify.batch_size)
-        if self.load_model is not None:
-            self.load_model.observe(event.gamma, verify.batch_size, verify.compute_ms,
-                                    draft.compute_ms if draft else 0.0)
+            bytes=verify.bytes + draft.bytes, verify_batch_size=verify.batch_size,
+            draft_hidden_ms=draft.hidden_ms)
+        if self.load_model is not None and not draft.overlapped:
+            self.load_model.observe(event.gamma, verify.batch_size, verify.compute_ms, draft.compute_ms)
         record_round(event.gamma, event.accepted, outcome, round_ms, draft_ms, verify.observed_ms, network_ms,
                      orchestrator_ms)
         if not span.is_recording():
@@ -164,50 +223,76 @@ class Generation:
             "specdec.verify.observed_ms": verify.observed_ms, "specdec.verify.server_ms": verify.server_total_ms,
             "specdec.verify.compute_ms": verify.compute_ms, "specdec.verify.queue_ms": verify.queue_ms,
         }
-        if draft is not None:
+        if draft.server_ms or draft.critical_ms:
+            # observed_ms is the draft time on the round's critical path; hidden_ms ran beside verify.
             attributes.update({
-                "specdec.draft.observed_ms": draft.observed_ms, "specdec.draft.server_ms": draft.server_total_ms,
-                "specdec.draft.compute_ms": draft.compute_ms, "specdec.draft.queue_ms": draft.queue_ms})
+                "specdec.draft.observed_ms": draft.critical_ms,
+                "specdec.draft.server_ms": min(draft.server_ms, draft.critical_ms) if draft.overlapped else draft.server_ms,
+                "specdec.draft.compute_ms": draft.compute_ms, "specdec.draft.queue_ms": draft.queue_ms,
+                "specdec.draft.hidden_ms": draft.hidden_ms, "specdec.overlapped": draft.overlapped})
         span.set_attributes(attributes)
 
     def _round_steps(self) -> RoundEvent:
         spec = self.spec
         gamma = self._gamma()
+        prepared, self._prepared = self._prepared, None
+        self._round_draft = _RoundDraft()
 
-        # 1. Draft: gamma tokens (and draft_probs when sampling) in one call.
+        # 1. Draft: gamma tokens (and draft_probs when sampling) in one call -- or none at all when the
+        #    previous round's optimistic continuation already drafted them (see step 2b).
         draft_ids: list[int] = []
         draft_probs = None
-        draft_base = 0
-        draft_cached = 0
-        if gamma > 0:
+        draft_base = draft_cached = 0
+        if gamma > 0 and prepared is not None:
+            gamma = min(gamma, len(prepared.token_ids))
+            draft_ids = prepared.token_ids[:gamma]
+            draft_probs = prepared.draft_probs[:gamma] if prepared.draft_probs is not None else None
+            draft_base, draft_cached = prepared.draft_base, prepared.cached_len
+            self.counters.prepared_rounds += 1
+        elif gamma > 0:
             draft_seed = int(torch.randint(0, 1 << 62, (1,), generator=self.generator))
             try:
                 proposal, draft_base = self.draft.propose(self.committed, gamma, self.sampling_message,
                                                           draft_seed, self.metadata)
+                self._round_draft.add_critical(self.draft.calls[-1])
                 draft_ids, draft_cached = list(proposal.token_ids), proposal.cached_len
-                if not spec.sampling.greedy:
-                    m = proposal.draft_probs
-                    draft_probs = decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
+                draft_probs = self._draft_probs(proposal)
             except grpc.RpcError as error:
-                if error.code() not in DRAFT_OUTAGE_CODES:
-                    raise
-                log.warning("draft unavailable (%s: %s); target-only for %d rounds", error.code().name,
-                            error.details(), DRAFT_RETRY_AFTER_ROUNDS)
-                self._draft_down_until = self.counters.rounds + DRAFT_RETRY_AFTER_ROUNDS
+                self._draft_failed(error)
                 gamma = 0
 
         # 2. Verify: one target forward over the uncached committed tokens and the drafts.
-        scored, verify_base = self.verify.verify(self.committed, draft_ids, self.sampling_message, self.metadata)
+        #    2b. Meanwhile (overlap on), the draft keeps going as if every draft token will be accepted.
+        continuation = None
+        if self.overlap and gamma > 0 and self._room_for_continuation(gamma):
+            section_started = time.perf_counter()
+            verifying = _OVERLAP_POOL.submit(contextvars.copy_context().run, self.verify.verify, self.committed,
+                                             draft_ids, self.sampling_message, self.metadata)
+            continuation = self._continue_drafting(draft_ids, draft_cached, gamma)
+            scored, verify_base = verifying.result()
+            if continuation is not None:
+                section_ms = (time.perf_counter() - section_started) * 1000
+                self._round_draft.add_overlapped(self.draft.calls[-1], section_ms, self.verify.calls[-1].observed_ms)
+        else:
+            scored, verify_base = self.verify.verify(self.committed, draft_ids, self.sampling_message,
+                                                     self.metadata)
 
         # 3. Accept: greedy prefix match, or rejection sampling with the orchestrator's RNG.
         with get_tracer().start_as_current_span("accept"):
             outcome = self._accept(gamma, draft_ids, draft_probs, scored)
         self.counters.record(gamma, outcome)
 
-
         # 4. Roll back: each service's cache stays valid through the accepted drafts it was fed.
         self.verify.advance(verify_base, scored.cached_len, outcome.accepted)
-        if gamma > 0:
+        if continuation is not None:
+            self.draft.advance(draft_base, continuation.cached_len, outcome.accepted)
+            if outcome.bonus and outcome.next_token == continuation.token_ids[0]:
+                # The guess was right: the draft cache holds the new committed tokens and the next
+                # round's drafts already; keep them.
+                self._prepared = _Prepared(continuation.token_ids[1:], continuation.rows_after_guess,
+                                           draft_base + gamma + 1, continuation.cached_len)
+                self.draft.synced_len = draft_base + gamma + 1
+        elif gamma > 0:
             self.draft.advance(draft_base, draft_cached, outcome.accepted)
 
         # 5. Commit, cut at EOS / max_new_tokens / stop string, stream.
@@ -226,6 +311,46 @@ class Generation:
                           self.finish_reason)
 
     _stop_text_end: int | None = None
+    _prepared: "_Prepared | None" = None
+    _round_draft: _RoundDraft = _RoundDraft()
+
+    def _draft_probs(self, proposal):
+        if self.spec.sampling.greedy:
+            return None
+        m = proposal.draft_probs
+        return decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
+
+    def _draft_failed(self, error: grpc.RpcError) -> None:
+        if error.code() not in DRAFT_OUTAGE_CODES:
+            raise error
+        log.warning("draft unavailable (%s: %s); target-only for %d rounds", error.code().name,
+                    error.details(), DRAFT_RETRY_AFTER_ROUNDS)
+        self._draft_down_until = self.counters.rounds + DRAFT_RETRY_AFTER_ROUNDS
+
+    def _room_for_continuation(self, gamma: int) -> bool:
+        spec = self.spec
+        after = len(self.committed) + gamma + 1  # if every draft is accepted, plus the bonus
+        return (len(self.generated) + gamma + 1 < spec.max_new_tokens
+                and after + gamma + 1 <= spec.max_context)
+
+    def _continue_drafting(self, draft_ids: list[int], draft_cached: int, gamma: int) -> "_Continuation | None":
+        """Propose gamma + 1 tokens after committed + draft_ids: a guess for the bonus token, then the next
+        round's drafts. Runs while the target verifies; the seed is drawn whether or not it is used, so a
+        seeded generation does not depend on timing."""
+        seed = int(torch.randint(0, 1 << 62, (1,), generator=self.generator))
+        # The cache holds committed + the drafts but the last (or more, after a prepared round that used
+        # fewer than were drafted): keep exactly committed + draft_ids[:-1], append the last draft.
+        self.draft.synced_len = min(draft_cached, len(self.committed) + len(draft_ids) - 1)
+        try:
+            proposal, _ = self.draft.propose(self.committed + draft_ids, gamma + 1, self.sampling_message, seed,
+                                             self.metadata)
+        except grpc.RpcError as error:
+            self._draft_failed(error)
+            self.draft.synced_len = 0  # unknown state: the next call re-sends the prefix
+            return None
+        probs = self._draft_probs(proposal)
+        return _Continuation(list(proposal.token_ids), probs[1:] if probs is not None else None,
+                             proposal.cached_len)
 
     def _accept(self, gamma: int, draft_ids: list[int], draft_probs, scored) -> RoundOutcome:
         if self.spec.sampling.greedy:
@@ -264,7 +389,7 @@ class Generation:
         draft_calls = self.draft.calls if self.draft else []
         verify_calls = self.verify.calls
         wall_ms = self.wall_s * 1000
-        draft_ms = sum(r.observed_ms for r in draft_calls)
+        draft_ms = c.draft_critical_ms  # on the critical path; c.draft_hidden_ms ran beside verify
         verify_ms = sum(r.observed_ms for r in verify_calls)
         return orchestrator_pb2.GenerationStats(
             prompt_tokens=len(self.spec.prompt_ids), new_tokens=len(self.generated), rounds=c.rounds,
@@ -281,5 +406,5 @@ class Generation:
             reprefills=self.verify.reprefills + (self.draft.reprefills if self.draft else 0),
             target_only_rounds=c.target_only_rounds,
             acceptance_by_position=[a / d for a, d in zip(c.accepted_at, c.drafted_at)],
-            recovered_tokens=c.recovered, bonus_tokens=c.bonus,
+            recovered_tokens=c.recovered, bonus_tokens=c.bonus, overlapped_rounds=c.prepared_rounds,
         )

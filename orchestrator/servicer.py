@@ -26,13 +26,14 @@ log = logging.getLogger(__name__)
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, deployment: Deployment, default_gamma: int = 4, max_gamma: int = 16,
                  rpc_timeout_s: float = 30.0, adaptive_cost_ratio: float | None = None,
-                 draft_timeout_s: float = 5.0, gamma_policy: str = "fixed"):
+                 draft_timeout_s: float = 5.0, gamma_policy: str = "fixed", overlap: bool = True):
         self.deployment = deployment
         self.default_gamma = default_gamma
         self.max_gamma = min(max_gamma, deployment.verify_info.max_draft_tokens or max_gamma,
                              deployment.draft_info.max_draft_tokens if deployment.draft_info else max_gamma)
         self.rpc_timeout_s = rpc_timeout_s
         self.draft_timeout_s = draft_timeout_s
+        self.overlap = overlap
         if gamma_policy not in ("fixed", "load"):
             raise ValueError(f"--gamma-policy must be fixed or load, got {gamma_policy!r}")
         self.load_model = LoadModel() if gamma_policy == "load" else None
@@ -101,7 +102,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             "specdec.temperature": spec.sampling.temperature, "specdec.gamma": spec.gamma})
         generation = Generation(spec, draft, verify, TextStream(d.tokenizer, spec.stop), policy,
                                 is_active=context.is_active, trace_context=trace.set_span_in_context(span),
-                                load_model=self.load_model)
+                                load_model=self.load_model, overlap=self.overlap)
         try:
             for event in generation.rounds():
                 chunk = orchestrator_pb2.GenerateChunk(token_ids=event.token_ids, text=event.text,

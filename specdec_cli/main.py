@@ -59,6 +59,10 @@ def serve(
         "fixed", envvar=_env("gamma_policy"),
         help="orchestrator: fixed (--num-draft-tokens; seeded runs reproducible) or load (gamma per session from "
              "measured acceptance and verify cost at the current batch size, down to 0 under heavy load)"),
+    overlap: bool = typer.Option(
+        True, envvar=_env("overlap"),
+        help="orchestrator: while the target verifies, let the draft continue as if all drafts will be accepted; "
+             "when they are and its guess of the bonus token is right, the next round needs no draft call"),
     rpc_timeout_s: float = typer.Option(30.0, envvar=_env("rpc_timeout_s"), help="orchestrator: verify call deadline"),
     draft_timeout_s: float = typer.Option(5.0, envvar=_env("draft_timeout_s"),
                                           help="orchestrator: draft call deadline; past it the round goes target-only"),
@@ -94,7 +98,7 @@ def serve(
                 verify=verify, draft=draft, port=port, host=host, tokenizer=tokenizer,
                 num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
                 adaptive_cost_ratio=adaptive_cost_ratio, rpc_timeout_s=rpc_timeout_s,
-                draft_timeout_s=draft_timeout_s, gamma_policy=gamma_policy))
+                draft_timeout_s=draft_timeout_s, gamma_policy=gamma_policy, overlap=overlap))
         except Exception as error:  # startup refusals are for a person to read, not a traceback
             typer.echo(f"specdec: orchestrator refused to start: {error}", err=True)
             raise typer.Exit(2)

@@ -119,3 +119,27 @@ def test_draft_outage_falls_back_to_target_only_with_the_same_tokens(tiny, stack
         assert result.stats["target_only_rounds"] >= 1
     finally:
         stack.stop()
+
+
+def test_overlapped_drafting_keeps_outputs_exact_and_saves_draft_calls(tiny, stacks, target_model, tokenizer):
+    """`self` draft: every draft is accepted and its bonus guess always right, so rounds chain."""
+    on = start_stack(tiny.target, tiny.target, overlap=True)
+    off = start_stack(tiny.target, tiny.noisy_draft, overlap=False)
+    noisy_on = start_stack(tiny.target, tiny.noisy_draft, overlap=True)
+    try:
+        with on.client() as a, off.client() as b, noisy_on.client() as c:
+            for prompt in PROMPTS[:6]:
+                chained = a.generate(prompt, max_new_tokens=30, num_draft_tokens=3)
+                plain = b.generate(prompt, max_new_tokens=30, num_draft_tokens=3)
+                mixed = c.generate(prompt, max_new_tokens=30, num_draft_tokens=3)
+                assert chained.token_ids == plain.token_ids == mixed.token_ids
+                assert chained.stats["overlapped_rounds"] >= chained.stats["rounds"] - 2
+                assert plain.stats["overlapped_rounds"] == 0
+            sampled = [c.generate(PROMPTS[1], max_new_tokens=30, num_draft_tokens=3, temperature=1.0, seed=9)
+                       for _ in range(2)]
+            assert sampled[0].token_ids == sampled[1].token_ids
+            assert on.draft.servicer.store.stats().live_sessions == 0
+    finally:
+        on.stop()
+        off.stop()
+        noisy_on.stop()

@@ -1,7 +1,7 @@
-"""What tracing costs: tokens/s of the same generations on stacks with tracing off, on (spans to the local
-JSONL file from all three processes and the client) and on with 10% of generations sampled, generations
-taking turns between them; and the per-round cost of the tracing calls the orchestrator makes while
-tracing is off.
+"""What tracing costs: tokens/s and CPU time per token of the same generations on stacks with tracing off,
+on (spans to the local JSONL file from all three processes and the client) and on with 10% of generations
+sampled, generations taking turns between them; and the per-round cost of the tracing calls the
+orchestrator makes while tracing is off.
 
     python -m telemetry.overhead --target models/target --draft models/draft --repeats 3
 
@@ -32,8 +32,8 @@ MODES = {"off": None, "on": 1.0, "sampled": 0.1}  # sampled: on, 10% of generati
 
 @contextmanager
 def _client(target: str, draft: str, ratio: float | None, trace_dir: Path):
-    """A stack and a client to it; traced: spans from all three processes and the client to JSONL files,
-    `ratio` of the generations sampled at the client (the services follow its decision)."""
+    """A stack, a client to it and the stack's pids; traced: spans from all three processes and the client
+    to JSONL files, `ratio` of the generations sampled at the client (the services follow its decision)."""
     from specdec_client import Client
     from telemetry.tracing import traced_channel
 
@@ -54,44 +54,65 @@ def _client(target: str, draft: str, ratio: float | None, trace_dir: Path):
         if provider is not None:
             channel = traced_channel(channel, tracer_provider=provider)
         with Client(stack.orchestrator, timeout=600, channel=channel) as client:
-            yield client
+            yield client, [process.pid for process in stack.processes]
     if provider is not None:
         provider.shutdown()
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes so far (Linux /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, gamma: int, repeats: int,
             modes: list[str] = tuple(MODES)) -> dict:
     """All stacks up at once, each prompt generated on each in turn (the order rotating), so a background
-    load that comes and goes weighs on every mode alike; each generation still runs alone."""
+    load that comes and goes weighs on every mode alike; each generation still runs alone.
+
+    Besides tokens/s it counts the CPU time the stack's three processes and the client spend per token:
+    on a shared machine wall time swings with other people's work, CPU time much less."""
     modes = ["off", *(m for m in modes if m != "off")]
-    totals = {mode: [0, 0.0] for mode in modes}
+    totals = {mode: {"tokens": 0, "wall_s": 0.0, "cpu_s": 0.0} for mode in modes}
     ratios: dict[str, list[float]] = {mode: [] for mode in modes if mode != "off"}
+    turns: list[dict] = []  # tokens/s of each generation, by mode, in the order run
     with tempfile.TemporaryDirectory() as trace_dir, contextlib.ExitStack() as stacks:
         clients = {mode: stacks.enter_context(_client(target, draft, MODES[mode], Path(trace_dir)))
                    for mode in modes}
-        for client in clients.values():
+        for client, _ in clients.values():
             client.generate(prompts[0], max_new_tokens, num_draft_tokens=gamma)  # warm-up
         order = list(modes)
         for turn, prompt in enumerate(prompts * repeats):
             rates = {}
             for mode in order[turn % len(order):] + order[:turn % len(order)]:
+                client, pids = clients[mode]
+                cpu_before, client_before = cpu_seconds(pids), time.process_time()
                 started = time.perf_counter()
-                tokens = len(clients[mode].generate(prompt, max_new_tokens, num_draft_tokens=gamma).token_ids)
+                tokens = len(client.generate(prompt, max_new_tokens, num_draft_tokens=gamma).token_ids)
                 elapsed = time.perf_counter() - started
-                totals[mode][0] += tokens
-                totals[mode][1] += elapsed
+                total = totals[mode]
+                total["tokens"] += tokens
+                total["wall_s"] += elapsed
+                total["cpu_s"] += cpu_seconds(pids) - cpu_before + time.process_time() - client_before
                 rates[mode] = tokens / elapsed
             for mode in ratios:
                 ratios[mode].append(rates[mode] / rates["off"])
-    result = {"generations_per_mode": len(prompts) * repeats, "max_new_tokens": max_new_tokens, "modes": {}}
-    off_rate = totals["off"][0] / totals["off"][1]
-    for mode, (tokens, elapsed) in totals.items():
-        entry = {"tokens_per_s": tokens / elapsed}
+            turns.append({mode: round(rate, 2) for mode, rate in rates.items()})
+    result = {"generations_per_mode": len(prompts) * repeats, "max_new_tokens": max_new_tokens, "modes": {},
+              "turns": turns}
+    off = totals["off"]
+    for mode, total in totals.items():
+        entry = {"tokens_per_s": total["tokens"] / total["wall_s"],
+                 "cpu_ms_per_token": 1000 * total["cpu_s"] / total["tokens"]}
         if mode in ratios:
             q1, _, q3 = statistics.quantiles(ratios[mode], n=4)
-            entry.update(overhead=1 - tokens / elapsed / off_rate,
+            entry.update(overhead=1 - entry["tokens_per_s"] / (off["tokens"] / off["wall_s"]),
                          overhead_per_prompt_median=1 - statistics.median(ratios[mode]),
-                         overhead_per_prompt_iqr=[1 - q3, 1 - q1])
+                         overhead_per_prompt_iqr=[1 - q3, 1 - q1],
+                         cpu_overhead=entry["cpu_ms_per_token"] / (1000 * off["cpu_s"] / off["tokens"]) - 1)
         result["modes"][mode] = entry
     return result
 

@@ -94,20 +94,29 @@ def run_specdec(settings: BenchSettings, sample: bool, client: Client) -> dict:
         stats.append(result.stats)
     drafted = sum(s["drafted_tokens"] for s in stats)
     accepted = sum(s["accepted_tokens"] for s in stats)
+    rejections = sum(1 for r in rounds if int(r["num_draft_tokens"]) > int(r["accepted"]))
 
     def median(key):
         return round(statistics.median(float(r[key]) for r in rounds), 3) if rounds else 0.0
 
-    overheads = [float(r["round_ms"]) - float(r["draft_compute_ms"]) - float(r["verify_compute_ms"]) for r in rounds]
+    # Non-compute time on the critical path: the draft compute hidden behind verify is not subtracted.
+    overheads = [float(r["round_ms"]) - float(r["draft_critical_compute_ms"]) - float(r["verify_compute_ms"])
+                 for r in rounds]
+    steps = [float(r["draft_step_ms"]) for r in rounds if float(r["draft_step_ms"]) > 0]
     return {
         **_summary(rows), "token_ids": [r["token_ids"] for r in rows],
-        "alpha": round(accepted / drafted, 4) if drafted else 0.0,
+        # Leviathan's per-token alpha (accepted / (accepted + rejections)); acceptance_rate is per draft.
+        "alpha": round(accepted / (accepted + rejections), 4) if accepted + rejections else 0.0,
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else 0.0,
+        "draft_step_ms_p50": round(statistics.median(steps), 3) if steps else 0.0,
+        "overlapped_rounds": sum(s.get("overlapped_rounds", 0) for s in stats),
         "mean_accepted_len": round(sum(len(r["token_ids"]) for r in rows) / max(1, len(rounds)), 3),
         "num_draft_tokens": settings.num_draft_tokens, "rounds": len(rounds),
         "round_ms_p50": median("round_ms"),
         "overhead_ms_p50": round(percentile(overheads, 50), 3),
-        "round_split_ms_p50": {k: median(k) for k in ("draft_ms", "verify_ms", "draft_compute_ms",
-                                                        "verify_compute_ms", "network_ms", "orchestrator_ms")},
+        "round_split_ms_p50": {k: median(k) for k in ("draft_ms", "verify_ms", "draft_critical_compute_ms",
+                                                        "draft_hidden_ms", "verify_compute_ms", "network_ms",
+                                                        "orchestrator_ms")},
         "bytes_per_round": round(statistics.mean(int(r["bytes"]) for r in rounds), 1) if rounds else 0.0,
     }
 
@@ -183,7 +192,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0].set_title("throughput, batch 1" + (" (pinned)" if report["protocol"]["pinned"] else " (unpinned)"))
     axes[0].legend()
     split = report.get("specdec", {}).get("round_split_ms_p50", {})
-    parts = ["draft_compute_ms", "verify_compute_ms", "network_ms", "orchestrator_ms"]
+    parts = ["draft_critical_compute_ms", "verify_compute_ms", "network_ms", "orchestrator_ms"]
     bottom = 0.0
     for part in parts:
         value = split.get(part, 0.0)

@@ -19,6 +19,7 @@ class ProposeJob:
     gamma: int
     sampling: Sampling
     generator: torch.Generator | None
+    min_confidence: float = 0.0
 
 
 @dataclass
@@ -27,44 +28,31 @@ class Proposal:
     draft_probs: torch.Tensor | None  # [gamma, vocab] when sampling, else None
 
 
-def propose(runner, cache, append: list[int], gamma: int, sampling: Sampling,
-            generator: torch.Generator | None) -> Proposal:
-    """Append the committed tokens, then draw gamma tokens. The cache ends holding all but the last
-    proposed token (it was never fed back), which the caller learns from the cache length."""
-    logits = runner.extend(cache, append, keep=1)  # [1, vocab]
-    tokens: list[int] = []
-    rows: list[torch.Tensor] = []
-    for i in range(gamma):
-        if sampling.greedy:
-            token = int(logits[0].argmax())
-        else:
-            probs = logits_to_probs(logits, sampling)  # [1, vocab]
-            token = int(sample(probs, generator)[0])
-            rows.append(probs[0])
-        tokens.append(token)
-        if i + 1 < gamma:
-            logits = runner.extend(cache, [token], keep=1)
-    return Proposal(tokens, torch.stack(rows) if rows else None)
-
-
 def propose_batch(runner, jobs: list[ProposeJob]) -> list[Proposal]:
-    """Several sessions' proposals in lockstep: one (ragged) forward per draft position for all of them.
-    Each session's tokens and probabilities are the same as `propose` would give it alone, up to the
-    float rounding of a batched matrix product."""
+    """Each job's committed tokens are appended, then up to gamma tokens drawn one at a time (the
+    ordinary decode loop); several sessions run in lockstep, one (ragged) forward per draft position
+    for all of them. A session's cache ends holding all but its last proposed token (never fed back).
+    Tokens and probabilities equal a solo run's up to the float rounding of a batched product."""
     logits = runner.extend_batch([j.cache for j in jobs], [j.append for j in jobs], [1] * len(jobs))
     tokens: list[list[int]] = [[] for _ in jobs]
     rows: list[list[torch.Tensor]] = [[] for _ in jobs]
     active = list(range(len(jobs)))
+    stopped: set[int] = set()
     for step in range(max(j.gamma for j in jobs)):
         for index, row_logits in zip(active, logits):
             job = jobs[index]
             if job.sampling.greedy:
-                tokens[index].append(int(row_logits[0].argmax()))
+                token = int(row_logits[0].argmax())
+                confidence = float(row_logits[0].softmax(-1)[token]) if job.min_confidence > 0 else 1.0
             else:
                 probs = logits_to_probs(row_logits, job.sampling)  # [1, vocab]
-                tokens[index].append(int(sample(probs, job.generator)[0]))
+                token = int(sample(probs, job.generator)[0])
                 rows[index].append(probs[0])
-        active = [i for i in active if len(tokens[i]) < jobs[i].gamma]
+                confidence = float(probs[0, token])
+            tokens[index].append(token)
+            if confidence < job.min_confidence:
+                stopped.add(index)  # the draft doubts this token: proposing more past it rarely pays
+        active = [i for i in active if len(tokens[i]) < jobs[i].gamma and i not in stopped]
         if not active:
             break
         logits = runner.extend_batch([jobs[i].cache for i in active], [[tokens[i][-1]] for i in active],

@@ -30,7 +30,10 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
             generator = torch.Generator().manual_seed(request.seed & ((1 << 63) - 1))
 
         with self.session(request.session_id, request.prefix_len) as session:
-            done = self.worker.submit(ProposeJob(session.cache, append, gamma, sampling, generator),
+            if not 0.0 <= request.min_confidence <= 1.0:
+                raise InvalidArgument(f"min_confidence must be in [0, 1], got {request.min_confidence}")
+            done = self.worker.submit(ProposeJob(session.cache, append, gamma, sampling, generator,
+                                                 request.min_confidence),
                                       alive=self.caller_alive(context))
             cached_len = session.length
         record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + gamma - 1})

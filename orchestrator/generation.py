@@ -58,6 +58,8 @@ class _RoundDraft:
     server_ms: float = 0.0
     bytes: int = 0
     overlapped: bool = False
+    critical_compute_ms: float = 0.0
+    step_ms: float = 0.0
 
     def _add_call(self, call) -> None:
         self.compute_ms += call.compute_ms
@@ -66,9 +68,11 @@ class _RoundDraft:
         self.server_ms += call.server_total_ms
         self.bytes += call.bytes
 
-    def add_critical(self, call) -> None:
+    def add_critical(self, call, tokens: int) -> None:
         self._add_call(call)
         self.critical_ms += call.observed_ms
+        self.critical_compute_ms += call.compute_ms
+        self.step_ms = call.compute_ms / max(1, tokens)
 
     def add_overlapped(self, call, section_ms: float, verify_ms: float) -> None:
         """A draft call that ran beside a verify call: only what outlasted the verify is critical."""
@@ -76,6 +80,7 @@ class _RoundDraft:
         self.overlapped = True
         excess = max(0.0, section_ms - verify_ms)
         self.critical_ms += excess
+        self.critical_compute_ms += min(call.compute_ms, excess)
         self.hidden_ms += max(0.0, call.observed_ms - excess)
 
 
@@ -117,6 +122,7 @@ class Counters:
     accepted: int = 0
     recovered: int = 0
     bonus: int = 0
+    rejections: int = 0  # rounds that ended on a rejected draft token
     target_only_rounds: int = 0
     prepared_rounds: int = 0  # rounds whose drafts came from the previous round's continuation
     draft_critical_ms: float = 0.0
@@ -134,6 +140,7 @@ class Counters:
             self.bonus += 1
         else:
             self.recovered += 1
+            self.rejections += 1
         while len(self.drafted_at) < gamma:
             self.drafted_at.append(0)
             self.accepted_at.append(0)
@@ -208,7 +215,8 @@ class Generation:
             verify_compute_ms=verify.compute_ms, queue_ms=verify.queue_ms + draft.queue_ms,
             network_ms=network_ms, orchestrator_ms=orchestrator_ms,
             bytes=verify.bytes + draft.bytes, verify_batch_size=verify.batch_size,
-            draft_hidden_ms=draft.hidden_ms)
+            draft_hidden_ms=draft.hidden_ms, draft_critical_compute_ms=draft.critical_compute_ms,
+            draft_step_ms=draft.step_ms)
         if self.load_model is not None and not draft.overlapped:
             self.load_model.observe(event.gamma, verify.batch_size, verify.compute_ms, draft.compute_ms)
         record_round(event.gamma, event.accepted, outcome, round_ms, draft_ms, verify.observed_ms, network_ms,
@@ -254,8 +262,9 @@ class Generation:
             try:
                 proposal, draft_base = self.draft.propose(self.committed, gamma, self.sampling_message,
                                                           draft_seed, self.metadata)
-                self._round_draft.add_critical(self.draft.calls[-1])
                 draft_ids, draft_cached = list(proposal.token_ids), proposal.cached_len
+                self._round_draft.add_critical(self.draft.calls[-1], len(draft_ids))
+                gamma = len(draft_ids)  # fewer than asked when the draft stopped on low confidence
                 draft_probs = self._draft_probs(proposal)
             except grpc.RpcError as error:
                 self._draft_failed(error)
@@ -407,4 +416,5 @@ class Generation:
             target_only_rounds=c.target_only_rounds,
             acceptance_by_position=[a / d for a, d in zip(c.accepted_at, c.drafted_at)],
             recovered_tokens=c.recovered, bonus_tokens=c.bonus, overlapped_rounds=c.prepared_rounds,
+            alpha=c.accepted / (c.accepted + c.rejections) if c.accepted + c.rejections else 0.0,
         )

@@ -26,6 +26,7 @@ class OrchestratorSettings:
     draft_timeout_s: float = 5.0
     gamma_policy: str = "fixed"
     overlap: bool = True
+    draft_confidence: float = 0.0
     ready_timeout_s: float = 120.0
     max_workers: int = 64
 
@@ -34,7 +35,8 @@ def start(settings: OrchestratorSettings, interceptors=()) -> RunningServer:
     deployment = connect(settings.verify, settings.draft, settings.tokenizer, settings.ready_timeout_s)
     servicer = OrchestratorServicer(deployment, settings.num_draft_tokens, settings.max_draft_tokens,
                                     settings.rpc_timeout_s, settings.adaptive_cost_ratio,
-                                    settings.draft_timeout_s, settings.gamma_policy, settings.overlap)
+                                    settings.draft_timeout_s, settings.gamma_policy, settings.overlap,
+                                    settings.draft_confidence)
     running = start_server([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer)],
                            [SERVICE_NAME], settings.port, settings.host, settings.max_workers, interceptors)
     running.servicer = servicer

@@ -92,10 +92,13 @@ class DraftSession(SessionClient):
         super().__init__(session_id, timeout_s)
         self.stub = stub
 
+    min_confidence = 0.0
+
     def propose(self, committed, gamma, sampling: common_pb2.SamplingParams, seed: int, metadata=()):
         def build(prefix, append):
             return draft_pb2.ProposeRequest(session_id=self.session_id, prefix_len=prefix, append_tokens=append,
-                                            num_draft_tokens=gamma, sampling=sampling, seed=seed)
+                                            num_draft_tokens=gamma, sampling=sampling, seed=seed,
+                                            min_confidence=self.min_confidence)
         response, prefix, appended = self._call(self.stub.Propose, build, committed, metadata)
         return response, prefix + appended
 

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, deployment: Deployment, default_gamma: int = 4, max_gamma: int = 16,
                  rpc_timeout_s: float = 30.0, adaptive_cost_ratio: float | None = None,
-                 draft_timeout_s: float = 5.0, gamma_policy: str = "fixed", overlap: bool = True):
+                 draft_timeout_s: float = 5.0, gamma_policy: str = "fixed", overlap: bool = True,
+                 draft_confidence: float = 0.0):
         self.deployment = deployment
         self.default_gamma = default_gamma
         self.max_gamma = min(max_gamma, deployment.verify_info.max_draft_tokens or max_gamma,
@@ -34,6 +35,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         self.rpc_timeout_s = rpc_timeout_s
         self.draft_timeout_s = draft_timeout_s
         self.overlap = overlap
+        self.draft_confidence = draft_confidence
         if gamma_policy not in ("fixed", "load"):
             raise ValueError(f"--gamma-policy must be fixed or load, got {gamma_policy!r}")
         self.load_model = LoadModel() if gamma_policy == "load" else None
@@ -89,6 +91,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         session_id = request.request_id + "-" + uuid.uuid4().hex if request.request_id else uuid.uuid4().hex
         d = self.deployment
         draft = DraftSession(d.draft_stub, session_id, self.draft_timeout_s) if d.draft_stub else None
+        if draft is not None:
+            draft.min_confidence = self.draft_confidence
         verify = VerifySession(d.verify_stub, session_id, self.rpc_timeout_s)
         policy = None
         if spec.adaptive and self.load_model is not None:

@@ -49,7 +49,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "new_tokens", "rounds", "drafted_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_len", "tokens_per_s", "wall_ms", "draft_ms", "verify_ms", "other_ms", "draft_compute_ms", "verify_compute_ms", "network_ms", "bytes_per_round", "reprefills", "target_only_rounds", "acceptance_by_position", "recovered_tokens", "bonus_tokens", "overlapped_rounds")
+    __slots__ = ("prompt_tokens", "new_tokens", "rounds", "drafted_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_len", "tokens_per_s", "wall_ms", "draft_ms", "verify_ms", "other_ms", "draft_compute_ms", "verify_compute_ms", "network_ms", "bytes_per_round", "reprefills", "target_only_rounds", "acceptance_by_position", "recovered_tokens", "bonus_tokens", "overlapped_rounds", "alpha")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +72,7 @@ class GenerationStats(_message.Message):
     RECOVERED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BONUS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OVERLAPPED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     new_tokens: int
     rounds: int
@@ -94,10 +95,11 @@ class GenerationStats(_message.Message):
     recovered_tokens: int
     bonus_tokens: int
     overlapped_rounds: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., wall_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., other_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., reprefills: _Optional[int] = ..., target_only_rounds: _Optional[int] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., recovered_tokens: _Optional[int] = ..., bonus_tokens: _Optional[int] = ..., overlapped_rounds: _Optional[int] = ...) -> None: ...
+    alpha: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., wall_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., other_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., reprefills: _Optional[int] = ..., target_only_rounds: _Optional[int] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., recovered_tokens: _Optional[int] = ..., bonus_tokens: _Optional[int] = ..., overlapped_rounds: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class RoundTiming(_message.Message):
-    __slots__ = ("num_draft_tokens", "accepted", "round_ms", "draft_ms", "verify_ms", "draft_compute_ms", "verify_compute_ms", "queue_ms", "network_ms", "orchestrator_ms", "bytes", "verify_batch_size", "draft_hidden_ms")
+    __slots__ = ("num_draft_tokens", "accepted", "round_ms", "draft_ms", "verify_ms", "draft_compute_ms", "verify_compute_ms", "queue_ms", "network_ms", "orchestrator_ms", "bytes", "verify_batch_size", "draft_hidden_ms", "draft_critical_compute_ms", "draft_step_ms")
     NUM_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     ROUND_MS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +113,8 @@ class RoundTiming(_message.Message):
     BYTES_FIELD_NUMBER: _ClassVar[int]
     VERIFY_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DRAFT_HIDDEN_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_CRITICAL_COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_STEP_MS_FIELD_NUMBER: _ClassVar[int]
     num_draft_tokens: int
     accepted: int
     round_ms: float
@@ -124,7 +128,9 @@ class RoundTiming(_message.Message):
     bytes: int
     verify_batch_size: int
     draft_hidden_ms: float
-    def __init__(self, num_draft_tokens: _Optional[int] = ..., accepted: _Optional[int] = ..., round_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., orchestrator_ms: _Optional[float] = ..., bytes: _Optional[int] = ..., verify_batch_size: _Optional[int] = ..., draft_hidden_ms: _Optional[float] = ...) -> None: ...
+    draft_critical_compute_ms: float
+    draft_step_ms: float
+    def __init__(self, num_draft_tokens: _Optional[int] = ..., accepted: _Optional[int] = ..., round_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., orchestrator_ms: _Optional[float] = ..., bytes: _Optional[int] = ..., verify_batch_size: _Optional[int] = ..., draft_hidden_ms: _Optional[float] = ..., draft_critical_compute_ms: _Optional[float] = ..., draft_step_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("token_ids", "text", "finish_reason", "stats", "round")

@@ -63,6 +63,9 @@ def serve(
         True, envvar=_env("overlap"),
         help="orchestrator: while the target verifies, let the draft continue as if all drafts will be accepted; "
              "when they are and its guess of the bonus token is right, the next round needs no draft call"),
+    draft_confidence: float = typer.Option(
+        0.0, envvar=_env("draft_confidence"),
+        help="orchestrator: the draft stops proposing once its probability of a token falls below this (0: off)"),
     rpc_timeout_s: float = typer.Option(30.0, envvar=_env("rpc_timeout_s"), help="orchestrator: verify call deadline"),
     draft_timeout_s: float = typer.Option(5.0, envvar=_env("draft_timeout_s"),
                                           help="orchestrator: draft call deadline; past it the round goes target-only"),
@@ -98,7 +101,8 @@ def serve(
                 verify=verify, draft=draft, port=port, host=host, tokenizer=tokenizer,
                 num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
                 adaptive_cost_ratio=adaptive_cost_ratio, rpc_timeout_s=rpc_timeout_s,
-                draft_timeout_s=draft_timeout_s, gamma_policy=gamma_policy, overlap=overlap))
+                draft_timeout_s=draft_timeout_s, gamma_policy=gamma_policy, overlap=overlap,
+                draft_confidence=draft_confidence))
         except Exception as error:  # startup refusals are for a person to read, not a traceback
             typer.echo(f"specdec: orchestrator refused to start: {error}", err=True)
             raise typer.Exit(2)
@@ -219,8 +223,8 @@ def bench(
                              modes=("greedy",) if greedy_only else ("greedy", "temperature_1"))
     report = run_bench(settings)
     ours, base = report["specdec"], report["target_only"]
-    draft_step_ms = ours["round_split_ms_p50"]["draft_compute_ms"] / max(1, ours["num_draft_tokens"])
-    add_leviathan_bound(report, draft_step_ms / base["p50_ms_per_token"] if base["p50_ms_per_token"] else 0.0)
+    # c from this run: the draft's compute per proposed token over target-only's time per token.
+    add_leviathan_bound(report, ours["draft_step_ms_p50"] / base["p50_ms_per_token"] if base["p50_ms_per_token"] else 0.0)
     plot(report, png)
     if as_json:
         typer.echo(json.dumps(report))

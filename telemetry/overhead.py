@@ -78,6 +78,7 @@ def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, ga
     modes = ["off", *(m for m in modes if m != "off")]
     totals = {mode: {"tokens": 0, "wall_s": 0.0, "cpu_s": 0.0} for mode in modes}
     ratios: dict[str, list[float]] = {mode: [] for mode in modes if mode != "off"}
+    cpu_ratios: dict[str, list[float]] = {mode: [] for mode in ratios}
     turns: list[dict] = []  # tokens/s of each generation, by mode, in the order run
     with tempfile.TemporaryDirectory() as trace_dir, contextlib.ExitStack() as stacks:
         clients = {mode: stacks.enter_context(_client(target, draft, MODES[mode], Path(trace_dir)))
@@ -86,7 +87,7 @@ def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, ga
             client.generate(prompts[0], max_new_tokens, num_draft_tokens=gamma)  # warm-up
         order = list(modes)
         for turn, prompt in enumerate(prompts * repeats):
-            rates = {}
+            rates, cpu = {}, {}
             for mode in order[turn % len(order):] + order[:turn % len(order)]:
                 client, pids = clients[mode]
                 cpu_before, client_before = cpu_seconds(pids), time.process_time()
@@ -96,10 +97,12 @@ def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, ga
                 total = totals[mode]
                 total["tokens"] += tokens
                 total["wall_s"] += elapsed
-                total["cpu_s"] += cpu_seconds(pids) - cpu_before + time.process_time() - client_before
+                cpu[mode] = cpu_seconds(pids) - cpu_before + time.process_time() - client_before
+                total["cpu_s"] += cpu[mode]
                 rates[mode] = tokens / elapsed
             for mode in ratios:
                 ratios[mode].append(rates[mode] / rates["off"])
+                cpu_ratios[mode].append(cpu[mode] / cpu["off"])  # same prompt, same tokens
             turns.append({mode: round(rate, 2) for mode, rate in rates.items()})
     result = {"generations_per_mode": len(prompts) * repeats, "max_new_tokens": max_new_tokens, "modes": {},
               "turns": turns}
@@ -112,7 +115,8 @@ def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, ga
             entry.update(overhead=1 - entry["tokens_per_s"] / (off["tokens"] / off["wall_s"]),
                          overhead_per_prompt_median=1 - statistics.median(ratios[mode]),
                          overhead_per_prompt_iqr=[1 - q3, 1 - q1],
-                         cpu_overhead=entry["cpu_ms_per_token"] / (1000 * off["cpu_s"] / off["tokens"]) - 1)
+                         cpu_overhead=entry["cpu_ms_per_token"] / (1000 * off["cpu_s"] / off["tokens"]) - 1,
+                         cpu_overhead_per_prompt_median=statistics.median(cpu_ratios[mode]) - 1)
         result["modes"][mode] = entry
     return result
 

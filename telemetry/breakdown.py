@@ -87,8 +87,14 @@ def _from_attributes(attributes: dict, side: str, observed_ms: float | None = No
     if not reported:
         return None  # no call this round (target-only), or not recorded
     scale = 1.0 if observed_ms is None else observed_ms / reported
-    return Call(side, reported * scale, *(float(attributes.get(f"specdec.{side}.{k}_ms", 0.0)) * scale
-                                          for k in ("server", "compute", "queue")))
+    observed = reported * scale
+    server, compute, queue = (float(attributes.get(f"specdec.{side}.{k}_ms", 0.0)) * scale
+                              for k in ("server", "compute", "queue"))
+    # Nested as they are measured, whatever the attributes say (an overlapped round's draft attributes
+    # may sum calls that were partly off the critical path): the parts never exceed the call.
+    server = min(server, observed)
+    compute = min(compute, server)
+    return Call(side, observed, server, compute, min(queue, server - compute))
 
 
 def _from_spans(client: dict, children: dict[str, list[dict]], attributes: dict) -> Call:

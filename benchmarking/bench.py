@@ -57,41 +57,54 @@ def _summary(rows: list[dict]) -> dict:
             "p99_ms_per_token": round(percentile(per_token_ms, 99), 3)}
 
 
-def run_hf(system: str, settings: BenchSettings, sample: bool) -> dict:
-    command = [sys.executable, "-m", "benchmarking.hf_baselines", "--system", system, "--target", settings.target,
-               "--draft", settings.draft, "--prompts", json.dumps(settings.prompts),
-               "--max-new-tokens", str(settings.max_new_tokens), "--seed", str(settings.seed), "--threads", "1"]
-    if sample:
-        command.append("--sample")
-    if settings.pinned:
-        command = ["taskset", "-c", str(settings.target_cpu), *command]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{system} failed:\n{done.stderr[-3000:]}")
-    rows = json.loads(done.stdout.strip().splitlines()[-1])["rows"]
-    return {**_summary(rows), "token_ids": [r["token_ids"] for r in rows]}
+class BaselineWorker:
+    """A long-lived benchmarking.hf_baselines process (pinned like the target), one prompt at a time."""
+
+    def __init__(self, system: str, settings: "BenchSettings"):
+        command = [sys.executable, "-m", "benchmarking.hf_baselines", "--serve", "--system", system,
+                   "--target", settings.target, "--draft", settings.draft, "--threads", "1"]
+        if settings.pinned:
+            command = ["taskset", "-c", str(settings.target_cpu), *command]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+        self.system = system
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True, env=env, cwd=REPO_ROOT)
+        if "ready" not in self._read():
+            raise RuntimeError(f"{system} worker did not start")
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.system} worker exited with code {self.process.wait()}")
+        return json.loads(line)
+
+    def generate(self, prompt: str, max_new_tokens: int, sample: bool, seed: int) -> dict:
+        self.process.stdin.write(json.dumps({"prompt": prompt, "max_new_tokens": max_new_tokens,
+                                             "sample": sample, "seed": seed}) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
 
 
-def run_specdec(settings: BenchSettings, sample: bool, client: Client) -> dict:
-    rows, rounds, stats = [], [], []
-    options = {"num_draft_tokens": settings.num_draft_tokens}
-    client.generate(settings.prompts[0], max_new_tokens=8, **options)  # warm-up
-    for i, prompt in enumerate(settings.prompts):
-        if sample:
-            options.update(temperature=1.0, seed=settings.seed + i)
-        result, per_token = GenerationResult(), []
-        started = last = time.perf_counter()
-        for chunk in client.stream(prompt, settings.max_new_tokens, **options):
-            now = time.perf_counter()
-            if chunk.token_ids:
-                per_token.extend([(now - last) / len(chunk.token_ids)] * len(chunk.token_ids))
-            last = now
-            result.add(chunk)
-            if chunk.round:
-                rounds.append(chunk.round)
-        rows.append({"token_ids": result.token_ids, "wall_s": time.perf_counter() - started, "per_token_s": per_token})
-        stats.append(result.stats)
+def specdec_generate(client: Client, prompt: str, max_new_tokens: int, options: dict) -> tuple[dict, list, dict]:
+    result, per_token, rounds = GenerationResult(), [], []
+    started = last = time.perf_counter()
+    for chunk in client.stream(prompt, max_new_tokens, **options):
+        now = time.perf_counter()
+        if chunk.token_ids:
+            per_token.extend([(now - last) / len(chunk.token_ids)] * len(chunk.token_ids))
+        last = now
+        result.add(chunk)
+        if chunk.round:
+            rounds.append(chunk.round)
+    row = {"token_ids": result.token_ids, "wall_s": time.perf_counter() - started, "per_token_s": per_token}
+    return row, rounds, result.stats
+
+
+def summarise_specdec(rows: list[dict], rounds: list[dict], stats: list[dict], gamma: int) -> dict:
     drafted = sum(s["drafted_tokens"] for s in stats)
     accepted = sum(s["accepted_tokens"] for s in stats)
     rejections = sum(1 for r in rounds if int(r["num_draft_tokens"]) > int(r["accepted"]))
@@ -111,7 +124,7 @@ def run_specdec(settings: BenchSettings, sample: bool, client: Client) -> dict:
         "draft_step_ms_p50": round(statistics.median(steps), 3) if steps else 0.0,
         "overlapped_rounds": sum(s.get("overlapped_rounds", 0) for s in stats),
         "mean_accepted_len": round(sum(len(r["token_ids"]) for r in rows) / max(1, len(rounds)), 3),
-        "num_draft_tokens": settings.num_draft_tokens, "rounds": len(rounds),
+        "num_draft_tokens": gamma, "rounds": len(rounds),
         "round_ms_p50": median("round_ms"),
         "overhead_ms_p50": round(percentile(overheads, 50), 3),
         "round_split_ms_p50": {k: median(k) for k in ("draft_ms", "verify_ms", "draft_critical_compute_ms",
@@ -121,37 +134,62 @@ def run_specdec(settings: BenchSettings, sample: bool, client: Client) -> dict:
     }
 
 
+SYSTEMS = ("target_only", "hf_assisted", "specdec")
+
+
 def run_bench(settings: BenchSettings) -> dict:
+    """Systems interleaved prompt by prompt, in rotating order, so the machine's drifting speed (a
+    shared VM) weighs on all of them alike."""
     report: dict = {"protocol": {
         "pinned": settings.pinned, "target_cpu": settings.target_cpu if settings.pinned else None,
         "draft_cpu": settings.draft_cpu if settings.pinned else None, "threads_per_process": 1,
         "prompts": len(settings.prompts), "max_new_tokens": settings.max_new_tokens,
-        "num_draft_tokens": settings.num_draft_tokens, "target": settings.target, "draft": settings.draft}}
+        "num_draft_tokens": settings.num_draft_tokens, "target": settings.target, "draft": settings.draft,
+        "order": "interleaved per prompt, rotating"}}
     cpu = (lambda c: c) if settings.pinned else (lambda c: None)
-    steps = [(mode, system) for mode in settings.modes for system in ("target_only", "hf_assisted", "specdec")]
-    progress = tqdm(total=len(steps), desc="bench", unit="run", file=sys.stderr)
-    with local_stack(settings.target, settings.draft, draft_cpu=cpu(settings.draft_cpu),
-                     verify_cpu=cpu(settings.target_cpu), orchestrator_cpu=cpu(settings.draft_cpu), threads=1,
-                     orchestrator_args=settings.orchestrator_args) as stack, Client(stack.orchestrator) as client:
-        for mode, system in steps:
-            progress.set_postfix_str(f"{mode} {system}")
-            sample = mode != "greedy"
-            if system == "specdec":
-                result = run_specdec(settings, sample, client)
-            else:
-                result = run_hf(system, settings, sample)
-            report.setdefault(mode, {})[system] = result
-            progress.update(1)
-    progress.close()
-    for mode, systems in report.items():
-        if mode == "protocol":
-            continue
-        base = systems["target_only"]["tokens_per_s"]
-        for result in systems.values():
+    workers = {s: BaselineWorker(s, settings) for s in ("target_only", "hf_assisted")}
+    progress = tqdm(total=len(settings.modes) * len(settings.prompts), desc="bench", unit="prompt", file=sys.stderr)
+    try:
+        with local_stack(settings.target, settings.draft, draft_cpu=cpu(settings.draft_cpu),
+                         verify_cpu=cpu(settings.target_cpu), orchestrator_cpu=cpu(settings.draft_cpu), threads=1,
+                         orchestrator_args=settings.orchestrator_args) as stack, \
+                Client(stack.orchestrator) as client:
+            for worker in workers.values():  # warm-up
+                worker.generate(settings.prompts[0], 8, False, 0)
+            client.generate(settings.prompts[0], max_new_tokens=8)
+            for mode in settings.modes:
+                sample = mode != "greedy"
+                rows = {s: [] for s in SYSTEMS}
+                rounds, stats = [], []
+                for i, prompt in enumerate(settings.prompts):
+                    seed = settings.seed + i
+                    order = SYSTEMS[i % 3:] + SYSTEMS[:i % 3]
+                    for system in order:
+                        if system == "specdec":
+                            options = {"num_draft_tokens": settings.num_draft_tokens}
+                            if sample:
+                                options.update(temperature=1.0, seed=seed)
+                            row, r, st = specdec_generate(client, prompt, settings.max_new_tokens, options)
+                            rows[system].append(row)
+                            rounds.extend(r)
+                            stats.append(st)
+                        else:
+                            rows[system].append(workers[system].generate(prompt, settings.max_new_tokens, sample, seed))
+                    progress.update(1)
+                report[mode] = {s: {**_summary(rows[s]), "token_ids": [r["token_ids"] for r in rows[s]]}
+                                for s in ("target_only", "hf_assisted")}
+                report[mode]["specdec"] = summarise_specdec(rows["specdec"], rounds, stats, settings.num_draft_tokens)
+    finally:
+        for worker in workers.values():
+            worker.close()
+        progress.close()
+    for mode in settings.modes:
+        base = report[mode]["target_only"]["tokens_per_s"]
+        for result in report[mode].values():
             result["speedup_vs_target_only"] = round(result["tokens_per_s"] / base, 3) if base else 0.0
     greedy = report.get("greedy")
     if greedy:
-        ids = [greedy[s]["token_ids"] for s in ("target_only", "hf_assisted", "specdec")]
+        ids = [greedy[s]["token_ids"] for s in SYSTEMS]
         report["greedy_outputs_identical"] = ids[0] == ids[1] == ids[2]
         # Top-level entries per system are the greedy results (the headline numbers).
         for system, result in greedy.items():

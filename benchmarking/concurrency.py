@@ -72,10 +72,12 @@ def run_target_batched(target: str, prompts: list[str], max_new_tokens: int, thr
 
 
 def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[int], max_new_tokens: int,
-                    num_draft_tokens: int) -> dict:
+                    num_draft_tokens: int, verify_threads: int = 1) -> dict:
     report: dict = {}
     progress = tqdm(total=2 * len(levels), desc="concurrency", unit="run", file=sys.stderr)
-    with local_stack(target, draft, threads=1, verify_args=("--runtime", "lean"),
+    # One torch thread for the verify service: with two, verify, draft and orchestrator oversubscribe
+    # the two cores and 32 streams fell from 222 to 79 tokens/s (docs/benchmarks.md).
+    with local_stack(target, draft, threads=1, verify_args=("--runtime", "lean", "--threads", str(verify_threads)),
                      orchestrator_args=("--gamma-policy", "load", "--num-draft-tokens", str(num_draft_tokens))
                      ) as stack, Client(stack.orchestrator, timeout=1800) as client:
         client.generate(prompts[0], max_new_tokens=8)  # warm-up

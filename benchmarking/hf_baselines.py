@@ -41,30 +41,53 @@ class TokenClock(BaseStreamer):
         pass
 
 
-def run(system: str, target_dir: str, draft_dir: str, prompts: list[str], max_new_tokens: int, sample: bool,
-        seed: int, threads: int) -> dict:
-    torch.set_num_threads(threads)
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-    kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.eos_token_id}
-    if sample:
-        kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
-    if system == "hf_assisted":
-        kwargs["assistant_model"] = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
-    with torch.inference_mode():  # warm-up
-        target.generate(**tokenizer(prompts[0], return_tensors="pt"), **{**kwargs, "max_new_tokens": 8})
-    rows = []
-    for i, prompt in enumerate(prompts):
-        inputs = tokenizer(prompt, return_tensors="pt")
+class Baseline:
+    """One loaded system; `generate` runs one prompt and times it."""
+
+    def __init__(self, system: str, target_dir: str, draft_dir: str, threads: int):
+        torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(target_dir)
+        self.target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+        self.assistant = None
+        if system == "hf_assisted":
+            self.assistant = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+
+    def generate(self, prompt: str, max_new_tokens: int, sample: bool, seed: int) -> dict:
+        kwargs = {"do_sample": sample, "max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.eos_token_id}
+        if sample:
+            kwargs.update(temperature=1.0, top_k=0, top_p=1.0)
+        if self.assistant is not None:
+            kwargs["assistant_model"] = self.assistant
+        inputs = self.tokenizer(prompt, return_tensors="pt")
         clock = TokenClock()
-        torch.manual_seed(seed + i)
+        torch.manual_seed(seed)
         started = time.perf_counter()
         with torch.inference_mode():
-            out = target.generate(**inputs, streamer=clock, **kwargs)
+            out = self.target.generate(**inputs, streamer=clock, **kwargs)
         wall = time.perf_counter() - started
-        rows.append({"token_ids": out[0, inputs["input_ids"].shape[1]:].tolist(), "wall_s": wall,
-                     "per_token_s": clock.per_token_s})
-    return {"system": system, "rows": rows}
+        return {"token_ids": out[0, inputs["input_ids"].shape[1]:].tolist(), "wall_s": wall,
+                "per_token_s": clock.per_token_s}
+
+
+def run(system: str, target_dir: str, draft_dir: str, prompts: list[str], max_new_tokens: int, sample: bool,
+        seed: int, threads: int) -> dict:
+    baseline = Baseline(system, target_dir, draft_dir, threads)
+    baseline.generate(prompts[0], 8, sample, seed)  # warm-up
+    return {"system": system, "rows": [baseline.generate(p, max_new_tokens, sample, seed + i)
+                                       for i, p in enumerate(prompts)]}
+
+
+def serve_lines(system: str, target_dir: str, draft_dir: str, threads: int) -> None:
+    """Worker mode: one JSON request per stdin line ({"prompt", "max_new_tokens", "sample", "seed"}),
+    one JSON row per stdout line. Lets a benchmark interleave systems prompt by prompt."""
+    import sys
+
+    baseline = Baseline(system, target_dir, draft_dir, threads)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        print(json.dumps(baseline.generate(request["prompt"], request["max_new_tokens"], request["sample"],
+                                           request["seed"])), flush=True)
 
 
 def run_batched(target_dir: str, prompts: list[str], max_new_tokens: int, threads: int) -> dict:
@@ -112,12 +135,16 @@ def main() -> None:
     parser.add_argument("--system", choices=["target_only", "hf_assisted", "target_batched"], required=True)
     parser.add_argument("--target", required=True)
     parser.add_argument("--draft", required=True)
-    parser.add_argument("--prompts", required=True, help="JSON list of prompt strings")
+    parser.add_argument("--prompts", default="[]", help="JSON list of prompt strings")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--sample", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--serve", action="store_true", help="worker mode: prompts on stdin, rows on stdout")
     args = parser.parse_args()
+    if args.serve:
+        serve_lines(args.system, args.target, args.draft, args.threads)
+        return
     prompts = json.loads(args.prompts)
     if args.system == "target_batched":
         print(json.dumps(run_batched(args.target, prompts, args.max_new_tokens, args.threads)))

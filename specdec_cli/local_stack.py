@@ -39,6 +39,19 @@ def wait_healthy(address: str, timeout_s: float, process: subprocess.Popen | Non
     raise TimeoutError(f"{address} not healthy after {timeout_s:.0f}s")
 
 
+def stop_processes(processes: list[subprocess.Popen], timeout_s: float = 20.0) -> None:
+    """SIGTERM, so each service drains and flushes its exporters; SIGKILL what outlives the timeout."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class LocalStack:
     orchestrator: str
@@ -87,10 +100,4 @@ def local_stack(target: str, draft: str, *, draft_cpu: int | None = None, verify
         yield LocalStack(f"127.0.0.1:{ports['orchestrator']}", f"127.0.0.1:{ports['draft']}",
                          f"127.0.0.1:{ports['verify']}", processes)
     finally:
-        for process in reversed(processes):
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(list(reversed(processes)))

@@ -25,7 +25,7 @@ from pathlib import Path
 import grpc
 
 from netlab.delay_path import DelayPath, delay_path
-from specdec_cli.local_stack import free_port, wait_healthy
+from specdec_cli.local_stack import free_port, stop_processes, wait_healthy
 from specdec_cli.paths import REPO_ROOT
 from telemetry.breakdown import PARTS, Round, rounds_from_spans, summarize
 from telemetry.span_reader import read_spans
@@ -64,19 +64,6 @@ def _spawn(args: list[str], prefix: list[str], env: dict, log_path: Path) -> sub
     with open(log_path, "w") as log:
         return subprocess.Popen([*prefix, sys.executable, "-m", "specdec_cli", *args], cwd=REPO_ROOT,
                                 env=environment, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _stop(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM, so each service drains and its span exporter flushes at exit."""
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _client_tracing(path: Path):
@@ -183,7 +170,7 @@ def run_study(plan: StudyPlan) -> list[dict]:
             _drive(plan, f"127.0.0.1:{port}", path, levels, provider)
         finally:
             provider.shutdown()
-            _stop(processes)
+            stop_processes(processes)
         rounds = rounds_from_spans(read_spans(sorted(out.glob("*.jsonl"))))
         by_level = {level.name: [r for r in rounds if r.trace_id in level.traces] for level in levels}
         if not any(by_level.values()):

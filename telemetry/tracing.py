@@ -129,9 +129,10 @@ def get_tracer() -> trace.Tracer:
 def server_interceptors() -> list:
     if _provider is None:
         return []
-    from opentelemetry.instrumentation.grpc import server_interceptor
+    from opentelemetry.instrumentation.grpc import filters, server_interceptor
 
-    return [server_interceptor()]
+    # Health checks (Kubernetes probes every few seconds) would bury the generations in a trace viewer.
+    return [server_interceptor(filter_=filters.negate(filters.health_check()))]
 
 
 def traced_channel(channel: grpc.Channel, tracer_provider=None) -> grpc.Channel:

@@ -213,3 +213,9 @@ shutdown_tracing()
     spans = [(span.name, {a.key: a.value.string_value for a in rs.resource.attributes}["service.name"])
              for request in received for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
     assert spans == [("sent over otlp", "specdec-otlp-test")]
+
+
+def test_health_checks_are_not_traced(traced_generation):
+    """local_stack polled every service's health before the generation; none of it is in the traces."""
+    _, spans, _ = traced_generation
+    assert spans and not [s for s in spans if "grpc.health" in s["name"]]

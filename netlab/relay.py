@@ -6,11 +6,13 @@ a sender that writes each one when it falls due, so a stream of chunks is delaye
 bytes never reorder. Connection setup itself is not delayed (gRPC keeps its connections open). The delay
 can change while connections are open; it applies to chunks read from then on.
 
-A timer fires late (here about 0.2-0.7 ms: timer slack, the loop's own turn, a vCPU being woken),
-which would add that much to every hold. The relay asks to be woken `lead` earlier and moves the lead a
-quarter of the way toward each wake-up's error, so it settles on the timer's typical lateness within a
-few chunks; a fixed 10 us step took ~100 chunks to get there, and short exchanges (a test's 9 round
-trips) ran every hold late. No CPU spins. new_event_loop() uses select(), whose
+A timer fires late (here about 0.2 ms: timer slack, the loop's own turn, a busy CPU), which would add that
+much to every hold. The relay asks to be woken `lead` earlier and nudges the lead a 50 us step up after every
+late wake-up and a step down after every early one, so half the holds end late and half early: the
+median hold is the delay asked for, however skewed the lateness of a busy machine (a mean-tracking
+correction would make typical holds short there: one wake-up late by a descheduled vCPU's few ms
+drags it). 50 us steps reach this VM's ~0.3-0.7 ms lateness in about ten chunks; 10 us steps needed
+~50, and short exchanges (a test's 9 round trips) saw every hold run late. No CPU spins. new_event_loop() uses select(), whose
 timeout is in microseconds.
 
 Knows bytes and time, nothing of what flows through (HTTP/2 passes untouched).
@@ -30,7 +32,7 @@ from netlab.addresses import Address
 CHUNK = 1 << 16
 MAX_HELD_CHUNKS = 512  # backpressure: past this, stop reading until the sender catches up
 MAX_LEAD_S = 0.002
-LEAD_GAIN = 0.25
+LEAD_STEP_S = 0.00005
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -127,10 +129,8 @@ class DelayRelay:
         if wake <= loop.time():
             return
         await asyncio.sleep(wake - loop.time())
-        # Move the lead a quarter of the way toward this wake-up's error (late: positive): it settles on
-        # the timer's typical lateness within a few chunks, where a fixed small step needed ~100 chunks
-        # and a short exchange saw every hold run late (6.3-7.9 ms of round trip for 2 x 3 ms here).
-        self.lead_s = min(MAX_LEAD_S, max(0.0, self.lead_s + LEAD_GAIN * (loop.time() - due)))
+        step = LEAD_STEP_S if loop.time() > due else -LEAD_STEP_S
+        self.lead_s = min(MAX_LEAD_S, max(0.0, self.lead_s + step))
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Copy one direction, each chunk written delay_ms after it was read, then EOF. False if a side broke."""

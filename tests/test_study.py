@@ -21,9 +21,9 @@ DELAYS_MS = (0.0, 2.0, 10.0)
 def study(tiny, tmp_path_factory):
     run = tmp_path_factory.mktemp("study")
     prompts = run / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:4]))
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:6]))
     command = [sys.executable, "-m", "specdec_cli", "study", "--json", "--target", str(tiny.target),
-               "--draft", str(tiny.draft), "--prompts", str(prompts), "--count", "4", "--max-new-tokens", "20",
+               "--draft", str(tiny.draft), "--prompts", str(prompts), "--count", "6", "--max-new-tokens", "24",
                "--out", str(run / "out")]
     for delay in DELAYS_MS:
         command += ["--delay-ms", str(delay)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from speculation.gamma_policy import VerifyCostModel, best_gamma_under_load
+from speculation.gamma_policy import VerifyCostModel, best_gamma_under_load, smoothed_alpha
 
 
 @dataclass
@@ -41,9 +41,7 @@ class LoadAwareGamma:
     smoothing: float = 0.2
 
     def update(self, drafted: int, accepted: int) -> int:
-        if drafted > 0:
-            trials = accepted + (0 if accepted == drafted else 1)
-            self.alpha = (1 - self.smoothing) * self.alpha + self.smoothing * (accepted / trials)
+        self.alpha = smoothed_alpha(self.alpha, drafted, accepted, self.smoothing)
         with self.load.lock:
             coefficients = self.load.verify_cost.coefficients()
             draft_step, batch = self.load.draft_step_ms, self.load.batch

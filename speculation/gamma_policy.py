@@ -21,6 +21,15 @@ def expected_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
     return expected_tokens_per_round(alpha, gamma) / (gamma * cost_ratio + 1.0)
 
 
+def smoothed_alpha(alpha: float, drafted: int, accepted: int, smoothing: float) -> float:
+    """Moves the per-token acceptance estimate toward one round's evidence: `accepted` successes, then
+    one failure unless every drafted token was accepted (a truncated geometric trial)."""
+    if drafted <= 0:
+        return alpha
+    trials = accepted + (0 if accepted == drafted else 1)
+    return (1 - smoothing) * alpha + smoothing * (accepted / trials)
+
+
 def best_gamma(alpha: float, cost_ratio: float, max_gamma: int) -> int:
     """The gamma in [0, max_gamma] with the highest expected speedup (0 = speculation does not pay)."""
     return max(range(max_gamma + 1), key=lambda g: (expected_speedup(alpha, g, cost_ratio), -g))
@@ -44,10 +53,7 @@ class AdaptiveGamma:
     def update(self, drafted: int, accepted: int) -> int:
         if drafted <= 0:
             return self.gamma
-        # Per-token alpha from a truncated round: `accepted` successes, then one failure unless all
-        # were accepted.
-        trials = accepted + (0 if accepted == drafted else 1)
-        self.alpha = (1 - self.smoothing) * self.alpha + self.smoothing * (accepted / trials)
+        self.alpha = smoothed_alpha(self.alpha, drafted, accepted, self.smoothing)
         self.gamma = max(1, best_gamma(min(self.alpha, 0.999), self.cost_ratio, self.max_gamma))
         return self.gamma
 

@@ -47,6 +47,11 @@ class GenerationSpec:
     max_gamma: int = 16
 
 
+def probs_from_message(m) -> torch.Tensor:
+    """ProbMatrix message -> [rows, vocab] probabilities (the inverse of the services' encode_to_message)."""
+    return decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
+
+
 @dataclass
 class _RoundDraft:
     """A round's draft time, split into what was on the critical path and what verify hid."""
@@ -183,7 +188,6 @@ class Generation:
         return max(0, gamma)
 
     def rounds(self) -> Iterator[RoundEvent]:
-        spec = self.spec
         self.started = time.perf_counter()
         try:
             while self.finish_reason == orchestrator_pb2.FINISH_REASON_UNSPECIFIED and self.is_active():
@@ -326,8 +330,7 @@ class Generation:
     def _draft_probs(self, proposal):
         if self.spec.sampling.greedy:
             return None
-        m = proposal.draft_probs
-        return decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
+        return probs_from_message(proposal.draft_probs)
 
     def _draft_failed(self, error: grpc.RpcError) -> None:
         if error.code() not in DRAFT_OUTAGE_CODES:
@@ -364,8 +367,7 @@ class Generation:
     def _accept(self, gamma: int, draft_ids: list[int], draft_probs, scored) -> RoundOutcome:
         if self.spec.sampling.greedy:
             return greedy_accept(draft_ids, list(scored.argmax_token_ids))
-        m = scored.target_probs
-        target_probs = decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
+        target_probs = probs_from_message(scored.target_probs)
         if draft_probs is None:
             draft_probs = torch.zeros(0, target_probs.shape[1])
         return rejection_sample(torch.tensor(draft_ids, dtype=torch.long), draft_probs, target_probs, self.generator)

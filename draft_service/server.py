@@ -11,6 +11,5 @@ SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 
 def start(settings: ModelServerSettings, interceptors=()) -> RunningServer:
-    """Drafts default to the lean runtime where the architecture allows (settings.runtime "auto")."""
     return start_model_server(settings, DraftServicer, draft_pb2_grpc.add_DraftServiceServicer_to_server,
                               SERVICE_NAME, interceptors)

@@ -35,6 +35,7 @@ class _Layer:
     qkv_t: torch.Tensor  # [hidden, (heads + 2 * kv_heads) * head_dim]
     qkv_bias: torch.Tensor | None
     o_t: torch.Tensor  # [heads * head_dim, hidden]
+    o_bias: torch.Tensor | None  # Llama's attention_bias puts a bias on o_proj too
     norm2: torch.Tensor
     gate_up_t: torch.Tensor  # [hidden, 2 * intermediate]
     down_t: torch.Tensor  # [intermediate, hidden]
@@ -96,6 +97,7 @@ class LeanLlama:
                 qkv_t=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().t().contiguous(),
                 qkv_bias=torch.cat(biases).detach() if biases[0] is not None else None,
                 o_t=attn.o_proj.weight.detach().t().contiguous(),
+                o_bias=attn.o_proj.bias.detach() if attn.o_proj.bias is not None else None,
                 norm2=layer.post_attention_layernorm.weight.detach(),
                 gate_up_t=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().t().contiguous(),
                 down_t=mlp.down_proj.weight.detach().t().contiguous(),
@@ -162,7 +164,8 @@ class LeanLlama:
                     q[row:row + n].transpose(0, 1), cache.keys[i][:, :end], cache.values[i][:, :end],
                     attn_mask=mask, enable_gqa=kv_heads != heads)  # [heads, n, head_dim]
                 outputs.append(attn.transpose(0, 1).reshape(n, q_size))
-            x = x + (outputs[0] if len(outputs) == 1 else torch.cat(outputs)) @ layer.o_t
+            attended = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)) @ layer.o_t
+            x = x + (attended if layer.o_bias is None else attended + layer.o_bias)
             h = F.rms_norm(x, (x.shape[-1],), layer.norm2, self.eps)
             gate, up = (h @ layer.gate_up_t).chunk(2, dim=-1)
             x = x + (F.silu(gate) * up) @ layer.down_t

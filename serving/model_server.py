@@ -26,7 +26,7 @@ class ModelServerSettings:
     session_ttl_s: float = 600.0
     max_draft_tokens: int = 32
     max_workers: int = 64
-    runtime: str = "hf"  # hf | lean | auto (serving/kv_cache.py: make_runner)
+    runtime: str = "auto"  # auto | lean | hf (serving/kv_cache.py: make_runner)
     max_batch: int = 32  # sessions per forward pass (batching needs the lean runtime)
     max_wait_ms: float = 0.0  # wait this long for a batch to fill; 0 batches only what is already queued
     max_queue: int = 256  # requests waiting for the worker before RESOURCE_EXHAUSTED

@@ -43,10 +43,11 @@ def serve(
     max_sessions: int = typer.Option(1024, envvar=_env("max_sessions")),
     session_ttl_s: float = typer.Option(600.0, envvar=_env("session_ttl_s"), help="idle sessions expire"),
     max_draft_tokens: int = typer.Option(32, envvar=_env("max_draft_tokens"), help="largest gamma accepted"),
-    runtime: Optional[str] = typer.Option(
-        None, envvar=_env("runtime"),
-        help="hf | lean | auto. Default: verify hf (greedy output equals the target's generate), draft auto "
-             "(a lean Llama forward: ~2.4x cheaper draft steps)"),
+    runtime: str = typer.Option(
+        "auto", envvar=_env("runtime"),
+        help="auto | lean | hf. auto (default): the lean Llama forward where the architecture allows "
+             "(pre-transposed, fused projections: ~40% cheaper draft steps, 10-20% cheaper verify), else the "
+             "model's own HF forward"),
     draft: Optional[str] = typer.Option(None, envvar=_env("draft"), help="orchestrator: draft HOST:PORT"),
     verify: Optional[str] = typer.Option(None, envvar=_env("verify"), help="orchestrator: verify HOST:PORT"),
     tokenizer: Optional[str] = typer.Option(None, envvar=_env("tokenizer"),
@@ -70,7 +71,7 @@ def serve(
     draft_timeout_s: float = typer.Option(5.0, envvar=_env("draft_timeout_s"),
                                           help="orchestrator: draft call deadline; past it the round goes target-only"),
     max_batch: int = typer.Option(32, envvar=_env("max_batch"),
-                                  help="draft/verify: sessions per forward pass (cross-session batching needs --runtime lean)"),
+                                  help="draft/verify: sessions per forward pass (cross-session batching needs the lean runtime, the default for Llama)"),
     max_wait_ms: float = typer.Option(0.0, envvar=_env("max_wait_ms"),
                                       help="draft/verify: wait this long for a batch to fill (0: batch what is queued)"),
     max_queue: int = typer.Option(256, envvar=_env("max_queue"),
@@ -115,7 +116,7 @@ def serve(
             model=model, port=port, host=host, device=device, dtype=dtype, threads=threads,
             session_memory_mb=session_memory_mb, max_sessions=max_sessions, session_ttl_s=session_ttl_s,
             max_draft_tokens=max_draft_tokens,
-            runtime=runtime or ("auto" if role is Role.draft else "hf"), max_batch=max_batch,
+            runtime=runtime, max_batch=max_batch,
             max_wait_ms=max_wait_ms, max_queue=max_queue, max_concurrent_rpcs=max_concurrent_rpcs)
         if role is Role.draft:
             from draft_service.server import start

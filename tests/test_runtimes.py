@@ -13,7 +13,12 @@ def tiny_llama(kv_heads=4, bias=False):
     config = LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=128,
                          attention_bias=bias)
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # HF initialises biases to zero, which would hide a missing bias term
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0, 0.5)
+    return model
 
 
 def steps(run, cache):
@@ -40,7 +45,7 @@ def test_growable_cache_gives_bitwise_the_same_logits_as_dynamic_cache():
     assert torch.equal(ours, torch.cat(expected))
 
 
-@pytest.mark.parametrize("kv_heads,bias", [(4, False), (2, False), (4, True)], ids=["mha", "gqa", "qkv-bias"])
+@pytest.mark.parametrize("kv_heads,bias", [(4, False), (2, False), (4, True)], ids=["mha", "gqa", "attention-bias"])
 def test_lean_llama_matches_the_hf_forward_to_rounding(kv_heads, bias):
     model = tiny_llama(kv_heads, bias)
     hf = ModelRunner(model, torch.device("cpu"))

@@ -134,6 +134,36 @@ def test_a_full_queue_is_refused_and_departed_callers_are_dropped():
     assert worker.stats.dropped == 1 and worker.stats.rejected == 1
 
 
+def test_an_idle_worker_runs_the_call_on_its_own_thread_and_a_busy_one_batches():
+    release = threading.Event()
+    threads_seen = []
+
+    def run_batch(payloads):
+        threads_seen.append((threading.get_ident(), list(payloads)))
+        if payloads == ["first"]:
+            release.wait(5)
+        return [p.upper() for p in payloads]
+
+    worker = ModelWorker(run_batch, max_batch=8)
+    done = worker.submit("solo")
+    assert done.result == "SOLO" and done.queue_us == 0 and threads_seen[-1] == (threading.get_ident(), ["solo"])
+
+    first = threading.Thread(target=worker.submit, args=("first",))
+    first.start()
+    time.sleep(0.05)  # "first" holds the forward pass: the next two must queue and share one
+    results = {}
+    waiting = [threading.Thread(target=lambda p=p: results.__setitem__(p, worker.submit(p))) for p in ("a", "b")]
+    for t in waiting:
+        t.start()
+    time.sleep(0.05)
+    release.set()
+    for t in (first, *waiting):
+        t.join(5)
+    assert {p: r.result for p, r in results.items()} == {"a": "A", "b": "B"}
+    assert sorted(threads_seen[-1][1]) == ["a", "b"] and results["a"].batch_size == 2
+    assert threads_seen[-1][0] not in (threading.get_ident(), first.ident)  # the worker thread ran it
+
+
 def _raises(call):
     try:
         call()

@@ -160,9 +160,11 @@ class LeanLlama:
                 end = start + n
                 cache.keys[i][:, start:end] = k[row:row + n].transpose(0, 1)
                 cache.values[i][:, start:end] = v[row:row + n].transpose(0, 1)
+                # 4-D (a batch of one): with 3-D inputs the CPU dispatcher falls back to the unfused math
+                # kernel, 2-3x slower here (80 vs 43 us per draft layer, 359 vs 130 us per verify layer).
                 attn = F.scaled_dot_product_attention(
-                    q[row:row + n].transpose(0, 1), cache.keys[i][:, :end], cache.values[i][:, :end],
-                    attn_mask=mask, enable_gqa=kv_heads != heads)  # [heads, n, head_dim]
+                    q[None, row:row + n].transpose(1, 2), cache.keys[i][None, :, :end], cache.values[i][None, :, :end],
+                    attn_mask=mask, enable_gqa=kv_heads != heads)[0]  # [heads, n, head_dim]
                 outputs.append(attn.transpose(0, 1).reshape(n, q_size))
             attended = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)) @ layer.o_t
             x = x + (attended if layer.o_bias is None else attended + layer.o_bias)

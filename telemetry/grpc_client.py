@@ -6,7 +6,7 @@ needs the package's own channel wrapper), and for server-streaming calls that wr
 generator, without the cancel(), code() or trailing_metadata() of a grpc call, which callers (the SDK's
 stream) use. This interceptor returns grpc's own call objects and ends the span when the call completes.
 Span name and attributes follow the instrumentation (and the RPC semantic conventions): the full method
-name, rpc.system, rpc.service, rpc.method, rpc.grpc.status_code. The server side uses the instrumentation.
+name, rpc.system, rpc.service, rpc.method, rpc.grpc.status_code. The server side is telemetry.grpc_server.
 
 Knows gRPC calls and spans, not what the calls carry.
 """

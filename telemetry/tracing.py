@@ -1,6 +1,6 @@
 """Tracing setup for one process: the global TracerProvider, its exporters, and the gRPC interceptors that
-carry W3C tracecontext in call metadata (OpenTelemetry's propagator; the server side is
-opentelemetry-instrumentation-grpc's interceptor, the client side telemetry.grpc_client's).
+carry W3C tracecontext in call metadata (OpenTelemetry's propagator, in telemetry.grpc_server's and
+telemetry.grpc_client's interceptors).
 
 Exporters come from the standard environment variables: OTEL_TRACES_EXPORTER=otlp|console|none (a comma
 list), OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT and OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL=grpc|http/protobuf
@@ -127,12 +127,12 @@ def get_tracer() -> trace.Tracer:
 
 
 def server_interceptors() -> list:
+    """A SERVER span per call (not health checks) as the child of the caller's span; none while tracing is off."""
     if _provider is None:
         return []
-    from opentelemetry.instrumentation.grpc import filters, server_interceptor
+    from telemetry.grpc_server import TracingServerInterceptor
 
-    # Health checks (Kubernetes probes every few seconds) would bury the generations in a trace viewer.
-    return [server_interceptor(filter_=filters.negate(filters.health_check()))]
+    return [TracingServerInterceptor(trace.get_tracer("specdec.grpc"))]
 
 
 def traced_channel(channel: grpc.Channel, tracer_provider=None) -> grpc.Channel:

@@ -219,3 +219,59 @@ def test_health_checks_are_not_traced(traced_generation):
     """local_stack polled every service's health before the generation; none of it is in the traces."""
     _, spans, _ = traced_generation
     assert spans and not [s for s in spans if "grpc.health" in s["name"]]
+
+
+def test_the_server_interceptor_continues_the_callers_trace_and_records_failures():
+    from concurrent import futures
+
+    from opentelemetry.trace import StatusCode
+
+    from telemetry.grpc_server import TracingServerInterceptor
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    def echo(request, context):
+        with provider.get_tracer("test").start_as_current_span("inside"):
+            pass
+        if request == b"bad":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad request")
+        return request
+
+    def count(request, context):
+        yield from (b"1", b"2")
+
+    server = grpc.server(futures.ThreadPoolExecutor(2),
+                         interceptors=[TracingServerInterceptor(provider.get_tracer("specdec.grpc"))])
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", {
+        "Echo": grpc.unary_unary_rpc_method_handler(echo),
+        "Count": grpc.unary_stream_rpc_method_handler(count)}),))
+    port = server.add_insecure_port("localhost:0")
+    server.start()
+    try:
+        client_tracer = provider.get_tracer("client")
+        with grpc.insecure_channel(f"localhost:{port}") as raw:
+            channel = traced_channel(raw, tracer_provider=provider)
+            with client_tracer.start_as_current_span("caller") as caller:
+                assert channel.unary_unary("/t.S/Echo")(b"ok", timeout=5) == b"ok"
+                with pytest.raises(grpc.RpcError) as failed:
+                    channel.unary_unary("/t.S/Echo")(b"bad", timeout=5)
+                assert list(channel.unary_stream("/t.S/Count")(b"", timeout=5)) == [b"1", b"2"]
+    finally:
+        server.stop(None)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    spans = exporter.get_finished_spans()
+    servers = [s for s in spans if s.kind.name == "SERVER"]
+    assert [s.name for s in servers] == ["/t.S/Echo", "/t.S/Echo", "/t.S/Count"]
+    clients = {s.context.span_id: s for s in spans if s.kind.name == "CLIENT"}
+    for span in servers:  # each server span is the child of its client span, in the caller's trace
+        assert span.parent.span_id in clients and span.context.trace_id == caller.get_span_context().trace_id
+        assert span.attributes["rpc.system"] == "grpc" and span.attributes["rpc.service"] == "t.S"
+    ok, bad, stream = servers
+    assert ok.attributes["rpc.grpc.status_code"] == 0 and ok.status.status_code != StatusCode.ERROR
+    assert bad.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert bad.status.status_code == StatusCode.ERROR and "INVALID_ARGUMENT" in bad.status.description
+    assert stream.attributes["rpc.grpc.status_code"] == 0
+    inside = [s for s in spans if s.name == "inside"]
+    assert {s.parent.span_id for s in inside} == {ok.context.span_id, bad.context.span_id}

@@ -1,0 +1,98 @@
+"""A gRPC server interceptor that opens a SERVER span per call, as the child of the caller's span (W3C
+tracecontext read from the call's metadata through OpenTelemetry's global propagator).
+
+Why not opentelemetry-instrumentation-grpc's server_interceptor: on this project's CPU it cost ~180 us
+per call (it wraps the servicer context, parses the peer address and sets a dozen attributes), which is
+most of what tracing cost a speculative round of ~3 calls. This one does what a latency study needs and
+no more: the span (named after the full method, as the instrumentation names it), the RPC semantic
+conventions' rpc.system / rpc.service / rpc.method / rpc.grpc.status_code, an error status when the
+handler fails, and the span made current so that the handler's own spans (queue_wait, forward) nest
+under it. Health checks are not traced (Kubernetes probes them every few seconds).
+
+Knows gRPC calls and spans, not what the calls carry.
+"""
+
+from __future__ import annotations
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+_UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class TracingServerInterceptor(grpc.ServerInterceptor):
+    def __init__(self, tracer: trace.Tracer):
+        self._tracer = tracer
+        self._attributes: dict[str, dict] = {}
+
+    def _method_attributes(self, method: str) -> dict:
+        attributes = self._attributes.get(method)
+        if attributes is None:
+            service, _, name = method.lstrip("/").partition("/")
+            attributes = self._attributes[method] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        return attributes
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_UNTRACED_PREFIXES):
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary, method))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._streaming(handler.unary_stream, method))
+        return handler  # client- and bidi-streaming: none in this system's services
+
+    def _start(self, method: str, context):
+        parent = extract({key: value for key, value in context.invocation_metadata() if not key.endswith("-bin")})
+        span = self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER,
+                                       attributes=self._method_attributes(method))
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    @staticmethod
+    def _finish(span, token, context, error: BaseException | None) -> None:
+        code = _status_code(context, error)
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code != grpc.StatusCode.OK:
+            details = context.details() if hasattr(context, "details") else None
+            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or error or ''}"))
+        span.end()
+        otel_context.detach(token)
+
+    def _unary(self, behavior, method: str):
+        def traced(request, context):
+            span, token = self._start(method, context)
+            error = None
+            try:
+                return behavior(request, context)
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                self._finish(span, token, context, error)
+        return traced
+
+    def _streaming(self, behavior, method: str):
+        def traced(request, context):
+            span, token = self._start(method, context)
+            error = None
+            try:
+                yield from behavior(request, context)
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                self._finish(span, token, context, error)
+        return traced
+
+
+def _status_code(context, error: BaseException | None) -> grpc.StatusCode:
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if error is None:
+        return grpc.StatusCode.OK
+    return grpc.StatusCode.CANCELLED if isinstance(error, GeneratorExit) else grpc.StatusCode.UNKNOWN

@@ -11,7 +11,6 @@ from transformers import AutoTokenizer
 
 from serving.grpc_server import CHANNEL_OPTIONS
 from specdec_api import common_pb2, draft_pb2_grpc, verify_pb2_grpc
-from telemetry.tracing import traced_channel
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,8 @@ def check_pair(draft: common_pb2.ModelInfo, target: common_pb2.ModelInfo) -> Non
 
 
 def _channel(address: str) -> grpc.Channel:
-    return traced_channel(grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+    # Plain: the calls on the hot path open their CLIENT spans themselves (service_clients.py).
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
 def connect(verify_address: str, draft_address: str | None, tokenizer: str | None = None,

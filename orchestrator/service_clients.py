@@ -15,6 +15,12 @@ import grpc
 
 from serving.errors import ERROR_KIND_KEY, SESSION_LOST
 from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
+from telemetry.grpc_client import end_client_call, start_client_call
+
+
+_DRAFT = f"/{draft_pb2.DESCRIPTOR.services_by_name['DraftService'].full_name}/"
+_VERIFY = f"/{verify_pb2.DESCRIPTOR.services_by_name['VerifyService'].full_name}/"
+PROPOSE, VERIFY = _DRAFT + "Propose", _VERIFY + "Verify"
 
 
 def is_session_lost(error: grpc.RpcError) -> bool:
@@ -48,19 +54,23 @@ class SessionClient:
     retry_unavailable = False
     wait_for_ready = True
 
-    def _call(self, method, build, committed: list[int], metadata):
-        """build(prefix_len, append_tokens) -> request. Returns (response, prefix_len, len(append))."""
+    def _call(self, method, path: str, build, committed: list[int], metadata):
+        """build(prefix_len, append_tokens) -> request. Returns (response, prefix_len, len(append)).
+
+        `path` names the method for its CLIENT span (the channel is a plain one; see start_client_call)."""
         deadline = time.monotonic() + self.timeout_s
         reprefilled = False
         backoff = 0.05
         while True:
             prefix = self.synced_len
             request = build(prefix, committed[prefix:])
+            span, trace_metadata = start_client_call(path)
             started = time.perf_counter()
             try:
                 response = method(request, timeout=max(0.01, deadline - time.monotonic()), wait_for_ready=self.wait_for_ready,
-                                  metadata=metadata)
+                                  metadata=(*metadata, *trace_metadata))
             except grpc.RpcError as error:
+                end_client_call(span, error)
                 if not reprefilled and prefix > 0 and is_session_lost(error):
                     reprefilled = True
                     self.reprefills += 1
@@ -74,6 +84,7 @@ class SessionClient:
                     continue
                 raise
             observed = (time.perf_counter() - started) * 1000
+            end_client_call(span)
             t = response.timing
             self.calls.append(CallRecord(observed, t.total_us / 1000, t.compute_us / 1000, t.queue_us / 1000,
                                          request.ByteSize() + response.ByteSize(), max(1, t.batch_size)))
@@ -99,7 +110,7 @@ class DraftSession(SessionClient):
             return draft_pb2.ProposeRequest(session_id=self.session_id, prefix_len=prefix, append_tokens=append,
                                             num_draft_tokens=gamma, sampling=sampling, seed=seed,
                                             min_confidence=self.min_confidence)
-        response, prefix, appended = self._call(self.stub.Propose, build, committed, metadata)
+        response, prefix, appended = self._call(self.stub.Propose, PROPOSE, build, committed, metadata)
         return response, prefix + appended
 
 
@@ -114,13 +125,19 @@ class VerifySession(SessionClient):
         def build(prefix, append):
             return verify_pb2.VerifyRequest(session_id=self.session_id, prefix_len=prefix, append_tokens=append,
                                             draft_token_ids=draft_token_ids, sampling=sampling)
-        response, prefix, appended = self._call(self.stub.Verify, build, committed, metadata)
+        response, prefix, appended = self._call(self.stub.Verify, VERIFY, build, committed, metadata)
         return response, prefix + appended
 
 
 def release(stub, session_id: str, timeout_s: float = 2.0) -> None:
     """Best effort: a service that is down has already lost the session."""
+    service = _DRAFT if isinstance(stub, draft_pb2_grpc.DraftServiceStub) else _VERIFY
+    span, trace_metadata = start_client_call(service + "ReleaseSession")
     try:
-        stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session_id), timeout=timeout_s)
-    except grpc.RpcError:
-        pass
+        stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session_id), timeout=timeout_s,
+                            metadata=trace_metadata)
+    except grpc.RpcError as error:
+        end_client_call(span, error)
+    else:
+        end_client_call(span)
+

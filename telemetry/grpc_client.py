@@ -78,3 +78,36 @@ class TracingClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStrea
 
     def intercept_unary_stream(self, continuation, client_call_details, request):
         return self._intercept(continuation, client_call_details, request)
+
+
+def start_client_call(method: str):
+    """A CLIENT span for one call made on a plain channel, and the metadata that carries its context.
+
+    The orchestrator's two calls per round go through this instead of TracingClientInterceptor: the
+    same span and the same propagator, without grpc.intercept_channel's wrapping of every call (about
+    100 us of CPU per call here). Returns (None, ()) while tracing is off."""
+    from telemetry.tracing import get_tracer, tracing_enabled
+
+    if not tracing_enabled():
+        return None, ()
+    attributes = _CLIENT_ATTRIBUTES.get(method)
+    if attributes is None:
+        service, _, name = method.lstrip("/").partition("/")
+        attributes = _CLIENT_ATTRIBUTES[method] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    span = get_tracer().start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
+    carrier: dict[str, str] = {}
+    inject(carrier, context=trace.set_span_in_context(span))
+    return span, tuple(carrier.items())
+
+
+def end_client_call(span, error: grpc.RpcError | None = None) -> None:
+    if span is None:
+        return
+    code = error.code() if error is not None else grpc.StatusCode.OK
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code != grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {error.details()}"))
+    span.end()
+
+
+_CLIENT_ATTRIBUTES: dict[str, dict] = {}

@@ -1,0 +1,85 @@
+"""The floor under `overhead_ms_p50`: what one trivial gRPC Python unary call costs on this machine.
+
+    python -m benchmarking.rpc_floor            # server on core 1, client on core 0, as in the pinned bench
+
+A server process with an empty handler and a client process calling it, pinned like the verify service
+and the orchestrator, (a) back to back and (b) with a pause between calls as in a speculative round (the
+handler "computes" for a while, so both sides go idle between messages). Prints one JSON object with
+the p50 / p90 round trip in ms of each. A round makes two such calls (draft, verify) plus their payloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent import futures
+
+import grpc
+
+_METHOD = "/floor.Echo/Call"
+
+
+def _serve(port: int) -> None:
+    def call(request, context):
+        return request
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "floor.Echo", {"Call": grpc.unary_unary_rpc_method_handler(call)}),))
+    server.add_insecure_port(f"localhost:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def _measure(port: int, calls: int, pause_s: float) -> dict:
+    with grpc.insecure_channel(f"localhost:{port}") as channel:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        call = channel.unary_unary(_METHOD)
+        for _ in range(20):
+            call(b"x" * 64)
+        times = []
+        for _ in range(calls):
+            if pause_s:
+                time.sleep(pause_s)
+            started = time.perf_counter()
+            call(b"x" * 64)
+            times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return {"p50_ms": round(statistics.median(times), 3), "p90_ms": round(times[int(0.9 * (len(times) - 1))], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=400)
+    parser.add_argument("--pause-ms", type=float, default=6.0, help="idle time between calls in (b)")
+    parser.add_argument("--server-cpu", type=int, default=1)
+    parser.add_argument("--client-cpu", type=int, default=0)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        os.sched_setaffinity(0, {args.server_cpu})
+        _serve(args.serve)
+        return
+    from specdec_cli.local_stack import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "benchmarking.rpc_floor", "--serve", str(port),
+                               "--server-cpu", str(args.server_cpu)])
+    try:
+        os.sched_setaffinity(0, {args.client_cpu})
+        result = {"server_cpu": args.server_cpu, "client_cpu": args.client_cpu,
+                  "back_to_back": _measure(port, args.calls, 0.0),
+                  f"pause_{args.pause_ms:g}_ms": _measure(port, args.calls, args.pause_ms / 1000)}
+    finally:
+        server.terminate()
+        server.wait(10)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

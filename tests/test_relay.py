@@ -101,15 +101,20 @@ def test_round_trip_grows_by_twice_the_one_way_delay(relay):
 
 def test_chunks_in_flight_are_held_once_not_one_after_another(relay):
     relay.set_delay(20)
-    with _connect(relay.bound[0]) as sock:
-        started = time.perf_counter()
-        for _ in range(20):  # 20 separate chunks, 1 ms apart, all in flight together
-            sock.sendall(b"y")
-            time.sleep(0.001)
-        _recv_exactly(sock, 20)
-        elapsed_ms = (time.perf_counter() - started) * 1000
-    # Held one after another they would take 20 * 40 ms; held once each, about 40 ms plus the 20 ms of sends.
-    assert 40 <= elapsed_ms < 40 + 20 + 40, elapsed_ms
+
+    def elapsed_ms() -> float:
+        with _connect(relay.bound[0]) as sock:
+            started = time.perf_counter()
+            for _ in range(20):  # 20 separate chunks, 1 ms apart, all in flight together
+                sock.sendall(b"y")
+                time.sleep(0.001)
+            _recv_exactly(sock, 20)
+            return (time.perf_counter() - started) * 1000
+
+    # Held one after another they would take 20 * 40 ms every time; held once each, about 40 ms plus the
+    # 20 ms of sends. The best of three tries: a VM stall of ~50 ms once pushed a single try to 102 ms.
+    tries = [elapsed_ms() for _ in range(3)]
+    assert all(t >= 40 for t in tries) and min(tries) < 40 + 20 + 40, tries
 
 
 def test_half_close_reaches_the_upstream_after_the_held_bytes(relay):
@@ -150,17 +155,24 @@ def test_loopback_path_puts_the_relay_in_front_of_each_service_and_says_why():
             assert (path.isolation, path.method) == ("loopback", "relay") and "unavailable" in path.note
             from netlab.addresses import Address
 
-            with _connect(Address.parse(path.reach["verify"])) as sock:
-                # Alternate no delay and 3 ms a few times: this VM's speed drifts between seconds, and
-                # one baseline followed by one delayed sample would charge the drift to the relay.
-                base, delayed = [], []
-                for _ in range(4):
-                    path.set_delay(0)
-                    base.append(_median_round_trip_ms(sock, 9))
-                    path.set_delay(3)
-                    delayed.append(_median_round_trip_ms(sock, 9))
-                added = statistics.median(delayed) - statistics.median(base)
-            assert abs(added - 6.0) <= 0.6 + 0.4
+            def added_ms() -> float:
+                with _connect(Address.parse(path.reach["verify"])) as sock:
+                    # Alternate no delay and 3 ms a few times: this VM's speed drifts between seconds, and
+                    # one baseline followed by one delayed sample would charge the drift to the relay.
+                    base, delayed = [], []
+                    for _ in range(4):
+                        path.set_delay(0)
+                        base.append(_median_round_trip_ms(sock, 9))
+                        path.set_delay(3)
+                        delayed.append(_median_round_trip_ms(sock, 9))
+                    return statistics.median(delayed) - statistics.median(base)
+
+            # A second complete measurement only when the first misses (a fresh-clone CI run once read
+            # 1.9 ms off during a slow spell of this VM; reruns were within 0.3 ms).
+            first = added_ms()
+            if abs(first - 6.0) > 0.6 + 0.4:
+                again = added_ms()
+                assert abs(again - 6.0) <= 0.6 + 0.4, (first, again)
         finally:
             for server in servers:
                 server.shutdown()

@@ -2,7 +2,7 @@
 ours against target-only decoding batched at the same level (HF generate on that many prompts).
 
 The whole deployment shares both cores (no pinning): the verify service batches across sessions (lean
-runtime), the orchestrator adapts gamma to the load (--gamma-policy load).
+runtime), the orchestrator adapts gamma to the load (--gamma-policy load, or fixed with `--gamma-policy fixed`).
 """
 
 from __future__ import annotations
@@ -72,13 +72,13 @@ def run_target_batched(target: str, prompts: list[str], max_new_tokens: int, thr
 
 
 def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[int], max_new_tokens: int,
-                    num_draft_tokens: int, verify_threads: int = 1) -> dict:
+                    num_draft_tokens: int, verify_threads: int = 1, gamma_policy: str = "load") -> dict:
     report: dict = {}
     progress = tqdm(total=2 * len(levels), desc="concurrency", unit="run", file=sys.stderr)
     # One torch thread for the verify service: with two, verify, draft and orchestrator oversubscribe
     # the two cores and 32 streams fell from 222 to 79 tokens/s (docs/benchmarks.md).
     with local_stack(target, draft, threads=1, verify_args=("--runtime", "lean", "--threads", str(verify_threads)),
-                     orchestrator_args=("--gamma-policy", "load", "--num-draft-tokens", str(num_draft_tokens))
+                     orchestrator_args=("--gamma-policy", gamma_policy, "--num-draft-tokens", str(num_draft_tokens))
                      ) as stack, Client(stack.orchestrator, timeout=1800) as client:
         client.generate(prompts[0], max_new_tokens=8)  # warm-up
         for level in levels:

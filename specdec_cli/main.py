@@ -199,6 +199,7 @@ def bench(
     png: Path = typer.Option(Path("bench.png"), help="chart of the results"),
     concurrency: Optional[str] = typer.Option(
         None, help="e.g. 1,4,16,32: aggregate tokens/s at each level of concurrent streams vs batched target-only"),
+    gamma_policy: str = typer.Option("load", help="with --concurrency: the orchestrator's --gamma-policy (load | fixed)"),
 ):
     """target_only vs hf_assisted vs specdec on the reference pair: tokens/s, speedup, alpha, round split."""
     from benchmarking.bench import BenchSettings, add_leviathan_bound, plot, run_bench
@@ -208,7 +209,8 @@ def bench(
         from benchmarking.concurrency import run_concurrency
 
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
-        result = run_concurrency(target, draft, load_prompts(prompts), levels, max_new_tokens, num_draft_tokens)
+        result = run_concurrency(target, draft, load_prompts(prompts), levels, max_new_tokens, num_draft_tokens,
+                                 gamma_policy=gamma_policy)
         if as_json:
             typer.echo(json.dumps({"concurrency": result}))
             return

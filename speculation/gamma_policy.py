@@ -90,10 +90,14 @@ class VerifyCostModel:
 
 
 def best_gamma_under_load(alpha: float, draft_step_ms: float, fixed_ms: float, per_token_ms: float,
-                          batch: float, max_gamma: int) -> int:
+                          batch: float, max_gamma: int, round_overhead_ms: float = 0.0) -> int:
     """The gamma maximising committed tokens per unit of time when `batch` sessions share each verify:
-    E(alpha, gamma) / (gamma * draft_step_ms + fixed_ms + per_token_ms * batch * (gamma + 1)).
+    E(alpha, gamma) / (gamma * draft_step_ms + fixed_ms + per_token_ms * batch * (gamma + 1) + overhead).
+    `round_overhead_ms` is what a round costs besides compute whatever its gamma (the calls' transport,
+    the orchestrator's own work, waiting behind other sessions' passes): every extra round pays it
+    again, so it favours longer drafts.
     0 means plain decoding: under heavy load the rejected drafts' compute costs more than it saves."""
     def rate(g: int) -> float:
-        return expected_tokens_per_round(alpha, g) / (g * draft_step_ms + fixed_ms + per_token_ms * batch * (g + 1))
+        return expected_tokens_per_round(alpha, g) / (g * draft_step_ms + fixed_ms + per_token_ms * batch * (g + 1)
+                                                      + round_overhead_ms)
     return max(range(max_gamma + 1), key=lambda g: (rate(g), -g))

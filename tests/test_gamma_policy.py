@@ -46,3 +46,28 @@ def test_gamma_shrinks_to_plain_decoding_as_the_batch_grows():
     loaded = best_gamma_under_load(0.75, 0.5, 10.0, 0.05, batch=32, max_gamma=12)
     saturated = best_gamma_under_load(0.75, 0.5, 10.0, 0.5, batch=64, max_gamma=12)
     assert memory_bound > loaded > saturated == 0
+
+
+def test_a_per_round_overhead_favours_longer_drafts():
+    from speculation.gamma_policy import best_gamma_under_load, expected_tokens_per_round
+
+    args = dict(alpha=0.8, draft_step_ms=1.0, fixed_ms=5.0, per_token_ms=1.0, batch=8, max_gamma=12)
+    bare = best_gamma_under_load(**args)
+    with_overhead = best_gamma_under_load(**args, round_overhead_ms=30.0)
+    assert with_overhead > bare
+
+    def rate(g, overhead):  # the objective, written out: the chosen gamma must be its maximum
+        return expected_tokens_per_round(0.8, g) / (g * 1.0 + 5.0 + 8 * (g + 1) + overhead)
+    assert rate(with_overhead, 30.0) == max(rate(g, 30.0) for g in range(13))
+
+
+def test_new_sessions_start_from_the_deployments_measured_acceptance():
+    from orchestrator.load_gamma import LoadAwareGamma, LoadModel
+
+    load = LoadModel()
+    first = LoadAwareGamma(load, max_gamma=8, gamma=4)
+    assert first.alpha == 0.7  # nothing measured yet: the prior
+    for _ in range(60):  # a draft that gets 9 of every 10 tokens accepted
+        first.update(drafted=10, accepted=9)
+    later = LoadAwareGamma(load, max_gamma=8, gamma=4)
+    assert later.alpha == load.alpha and 0.85 < later.alpha < 0.91

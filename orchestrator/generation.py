@@ -222,9 +222,10 @@ class Generation:
             draft_hidden_ms=draft.hidden_ms, draft_critical_compute_ms=draft.critical_compute_ms,
             draft_step_ms=draft.step_ms)
         if self.load_model is not None and not draft.overlapped:
-            # Everything a round waits for besides its own compute: transport, the orchestrator, and the
-            # queue behind other sessions' forward passes, which each extra round waits through again.
-            overhead_ms = round_ms - draft.compute_ms - verify.compute_ms
+            # What a round costs besides compute and queueing: transport and the orchestrator. Queue waits
+            # are left out: they are other sessions' compute, which grows with their gamma, and counting
+            # them as a fixed cost per round pushed gamma up exactly when the verify was saturated.
+            overhead_ms = round_ms - draft.compute_ms - verify.compute_ms - verify.queue_ms - draft.queue_ms
             self.load_model.observe(event.gamma, verify.batch_size, verify.compute_ms, draft.compute_ms, overhead_ms)
         record_round(event.gamma, event.accepted, outcome, round_ms, draft_ms, verify.observed_ms, network_ms,
                      orchestrator_ms)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from speculation.gamma_policy import VerifyCostModel, best_gamma_under_load, smoothed_alpha
+from speculation.gamma_policy import AcceptanceEstimate, VerifyCostModel, best_gamma_under_load
 
 
 @dataclass
@@ -18,8 +18,9 @@ class LoadModel:
     verify_cost: VerifyCostModel = field(default_factory=VerifyCostModel)
     draft_step_ms: float = 0.0
     batch: float = 1.0
-    round_overhead_ms: float = 0.0  # round wall time minus its compute: transport, orchestrator, queueing
-    alpha: float = 0.7  # acceptance across all sessions: where a new session's own estimate starts
+    round_overhead_ms: float = 0.0  # round wall time minus its compute and queue waits: transport, orchestrator
+    # Acceptance across all sessions, slower to move: where a new session's own estimate starts.
+    acceptance: AcceptanceEstimate = field(default_factory=lambda: AcceptanceEstimate(decay=0.95))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def observe(self, gamma: int, batch_size: int, verify_compute_ms: float, draft_compute_ms: float,
@@ -41,17 +42,21 @@ class LoadAwareGamma:
     load: LoadModel
     max_gamma: int
     gamma: int
-    alpha: float = field(init=False, default=0.7)
-    smoothing: float = 0.2
+    acceptance: AcceptanceEstimate = field(init=False)
 
     def __post_init__(self) -> None:
+        # A short generation would otherwise spend its rounds unlearning a fixed prior.
         with self.load.lock:
-            self.alpha = self.load.alpha  # a short generation would otherwise spend its rounds unlearning a prior
+            self.acceptance = AcceptanceEstimate(prior=self.load.acceptance.alpha)
+
+    @property
+    def alpha(self) -> float:
+        return self.acceptance.alpha
 
     def update(self, drafted: int, accepted: int) -> int:
-        self.alpha = smoothed_alpha(self.alpha, drafted, accepted, self.smoothing)
+        self.acceptance.update(drafted, accepted)
         with self.load.lock:
-            self.load.alpha = smoothed_alpha(self.load.alpha, drafted, accepted, self.smoothing / 4)
+            self.load.acceptance.update(drafted, accepted)
             coefficients = self.load.verify_cost.coefficients()
             draft_step, batch, overhead = self.load.draft_step_ms, self.load.batch, self.load.round_overhead_ms
         if coefficients is not None and draft_step > 0:

@@ -7,7 +7,7 @@ step over one target step), the expected speedup of gamma drafts per round is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def expected_tokens_per_round(alpha: float, gamma: int) -> float:
@@ -21,13 +21,34 @@ def expected_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
     return expected_tokens_per_round(alpha, gamma) / (gamma * cost_ratio + 1.0)
 
 
-def smoothed_alpha(alpha: float, drafted: int, accepted: int, smoothing: float) -> float:
-    """Moves the per-token acceptance estimate toward one round's evidence: `accepted` successes, then
-    one failure unless every drafted token was accepted (a truncated geometric trial)."""
-    if drafted <= 0:
-        return alpha
-    trials = accepted + (0 if accepted == drafted else 1)
-    return (1 - smoothing) * alpha + smoothing * (accepted / trials)
+@dataclass
+class AcceptanceEstimate:
+    """Per-token acceptance alpha from rounds of drafts, each a truncated geometric trial: `accepted`
+    successes, then one failure unless every drafted token was accepted.
+
+    alpha is the ratio of exponentially weighted successes to trials, which is the maximum-likelihood
+    estimate. Averaging each round's own ratio instead weighs a round rejected at its first token as
+    much as one that accepted four, and read 0.64-0.78 where the pooled rate was 0.84 (reference pair).
+    Starts from `prior` as if `prior_trials` trials had been seen."""
+
+    prior: float = 0.7
+    prior_trials: float = 4.0
+    decay: float = 0.8  # per round: the weight of what was measured before it
+    successes: float = field(init=False)
+    trials: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.successes, self.trials = self.prior * self.prior_trials, self.prior_trials
+
+    @property
+    def alpha(self) -> float:
+        return self.successes / self.trials if self.trials > 0 else self.prior
+
+    def update(self, drafted: int, accepted: int) -> float:
+        if drafted > 0:
+            self.successes = self.decay * self.successes + accepted
+            self.trials = self.decay * self.trials + accepted + (0 if accepted >= drafted else 1)
+        return self.alpha
 
 
 def best_gamma(alpha: float, cost_ratio: float, max_gamma: int) -> int:
@@ -47,13 +68,16 @@ class AdaptiveGamma:
     max_gamma: int
     gamma: int
     cost_ratio: float
-    smoothing: float = 0.2
-    alpha: float = 0.7  # prior until rounds are measured
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+
+    @property
+    def alpha(self) -> float:
+        return self.acceptance.alpha
 
     def update(self, drafted: int, accepted: int) -> int:
         if drafted <= 0:
             return self.gamma
-        self.alpha = smoothed_alpha(self.alpha, drafted, accepted, self.smoothing)
+        self.acceptance.update(drafted, accepted)
         self.gamma = max(1, best_gamma(min(self.alpha, 0.999), self.cost_ratio, self.max_gamma))
         return self.gamma
 
@@ -94,8 +118,7 @@ def best_gamma_under_load(alpha: float, draft_step_ms: float, fixed_ms: float, p
     """The gamma maximising committed tokens per unit of time when `batch` sessions share each verify:
     E(alpha, gamma) / (gamma * draft_step_ms + fixed_ms + per_token_ms * batch * (gamma + 1) + overhead).
     `round_overhead_ms` is what a round costs besides compute whatever its gamma (the calls' transport,
-    the orchestrator's own work, waiting behind other sessions' passes): every extra round pays it
-    again, so it favours longer drafts.
+    the orchestrator's own work): every extra round pays it again, so it favours longer drafts.
     0 means plain decoding: under heavy load the rejected drafts' compute costs more than it saves."""
     def rate(g: int) -> float:
         return expected_tokens_per_round(alpha, g) / (g * draft_step_ms + fixed_ms + per_token_ms * batch * (g + 1)

@@ -70,4 +70,24 @@ def test_new_sessions_start_from_the_deployments_measured_acceptance():
     for _ in range(60):  # a draft that gets 9 of every 10 tokens accepted
         first.update(drafted=10, accepted=9)
     later = LoadAwareGamma(load, max_gamma=8, gamma=4)
-    assert later.alpha == load.alpha and 0.85 < later.alpha < 0.91
+    assert later.alpha == load.acceptance.alpha and 0.85 < later.alpha < 0.91
+
+
+def test_acceptance_is_the_pooled_rate_not_the_mean_of_round_ratios():
+    from speculation.gamma_policy import AcceptanceEstimate
+
+    # Draws from a draft whose every token is accepted with probability 0.8, in rounds of 4: the
+    # estimate must find 0.8. The mean of per-round ratios (accepted / trials) would read ~0.7.
+    import random
+
+    rng = random.Random(0)
+    estimate = AcceptanceEstimate(prior=0.3, decay=0.999)
+    ratios = []
+    for _ in range(4000):
+        accepted = 0
+        while accepted < 4 and rng.random() < 0.8:
+            accepted += 1
+        estimate.update(drafted=4, accepted=accepted)
+        ratios.append(accepted / (accepted + (accepted < 4)))
+    assert estimate.alpha == pytest.approx(0.8, abs=0.02)
+    assert sum(ratios) / len(ratios) < 0.75  # the estimator it replaced, biased low

@@ -14,11 +14,38 @@ Knows gRPC calls and spans, not what the calls carry.
 from __future__ import annotations
 
 import collections
+import functools
 
 import grpc
 from opentelemetry import trace
 from opentelemetry.propagate import inject
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from telemetry.tracing import get_tracer, tracing_enabled
+
+
+@functools.lru_cache(maxsize=256)
+def rpc_attributes(method: str) -> dict:
+    """The RPC semantic conventions' attributes of a full method name ("/pkg.Service/Method"), made once
+    per method (client and server spans alike; the SDK copies them into each span)."""
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+def _open_client_span(tracer: trace.Tracer, method: str):
+    """A CLIENT span and the metadata items (W3C tracecontext, OpenTelemetry's propagator) that carry it."""
+    span = tracer.start_span(method, kind=SpanKind.CLIENT, attributes=rpc_attributes(method))
+    carrier: dict[str, str] = {}
+    inject(carrier, context=trace.set_span_in_context(span))
+    return span, tuple(carrier.items())
+
+
+def _close_client_span(span, code: grpc.StatusCode | None, details: str | None) -> None:
+    code = code or grpc.StatusCode.OK
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code != grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details}"))
+    span.end()
 
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
@@ -30,36 +57,17 @@ class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", 
 class TracingClientInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     def __init__(self, tracer: trace.Tracer):
         self._tracer = tracer
-        self._attributes: dict[str, dict] = {}  # per method, made once: this runs twice per round
-
-    def _method_attributes(self, method: str) -> dict:
-        attributes = self._attributes.get(method)
-        if attributes is None:
-            service, _, name = method.lstrip("/").partition("/")
-            attributes = self._attributes[method] = {
-                "rpc.system": "grpc", "rpc.service": service, "rpc.method": name,
-                "rpc.grpc.status_code": grpc.StatusCode.OK.value[0]}  # overwritten when a call fails
-        return attributes
 
     def _start(self, details: grpc.ClientCallDetails):
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=self._method_attributes(method))
-        carrier: dict[str, str] = {}
-        inject(carrier, context=trace.set_span_in_context(span))
-        metadata = [*(details.metadata or ()), *carrier.items()]
+        span, trace_metadata = _open_client_span(self._tracer, method)
+        metadata = [*(details.metadata or ()), *trace_metadata]
         return span, _CallDetails(details.method, details.timeout, metadata, details.credentials,
                                   getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
 
     @staticmethod
     def _end_when_done(span, call):
-        def done(finished):
-            code = finished.code()
-            if code is not None and code != grpc.StatusCode.OK:
-                span.set_attribute("rpc.grpc.status_code", code.value[0])
-                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {finished.details()}"))
-            span.end()
-
-        call.add_done_callback(done)
+        call.add_done_callback(lambda finished: _close_client_span(span, finished.code(), finished.details()))
         return call
 
     def _intercept(self, continuation, details, request):
@@ -86,28 +94,12 @@ def start_client_call(method: str):
     The orchestrator's two calls per round go through this instead of TracingClientInterceptor: the
     same span and the same propagator, without grpc.intercept_channel's wrapping of every call (about
     100 us of CPU per call here). Returns (None, ()) while tracing is off."""
-    from telemetry.tracing import get_tracer, tracing_enabled
-
     if not tracing_enabled():
         return None, ()
-    attributes = _CLIENT_ATTRIBUTES.get(method)
-    if attributes is None:
-        service, _, name = method.lstrip("/").partition("/")
-        attributes = _CLIENT_ATTRIBUTES[method] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-    span = get_tracer().start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
-    carrier: dict[str, str] = {}
-    inject(carrier, context=trace.set_span_in_context(span))
-    return span, tuple(carrier.items())
+    return _open_client_span(get_tracer(), method)
 
 
 def end_client_call(span, error: grpc.RpcError | None = None) -> None:
-    if span is None:
-        return
-    code = error.code() if error is not None else grpc.StatusCode.OK
-    span.set_attribute("rpc.grpc.status_code", code.value[0])
-    if code != grpc.StatusCode.OK:
-        span.set_status(Status(StatusCode.ERROR, f"{code.name}: {error.details()}"))
-    span.end()
-
-
-_CLIENT_ATTRIBUTES: dict[str, dict] = {}
+    if span is not None:
+        _close_client_span(span, error.code() if error is not None else None,
+                           error.details() if error is not None else None)

@@ -14,11 +14,15 @@ Knows gRPC calls and spans, not what the calls carry.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from telemetry.grpc_client import rpc_attributes
 
 _UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -26,14 +30,6 @@ _UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 class TracingServerInterceptor(grpc.ServerInterceptor):
     def __init__(self, tracer: trace.Tracer):
         self._tracer = tracer
-        self._attributes: dict[str, dict] = {}
-
-    def _method_attributes(self, method: str) -> dict:
-        attributes = self._attributes.get(method)
-        if attributes is None:
-            service, _, name = method.lstrip("/").partition("/")
-            attributes = self._attributes[method] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-        return attributes
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -46,46 +42,38 @@ class TracingServerInterceptor(grpc.ServerInterceptor):
             return handler._replace(unary_stream=self._streaming(handler.unary_stream, method))
         return handler  # client- and bidi-streaming: none in this system's services
 
-    def _start(self, method: str, context):
+    @contextmanager
+    def _span(self, method: str, context):
+        """The SERVER span around one call, current while the handler runs; its status from the call's."""
         parent = extract({key: value for key, value in context.invocation_metadata() if not key.endswith("-bin")})
         span = self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER,
-                                       attributes=self._method_attributes(method))
-        return span, otel_context.attach(trace.set_span_in_context(span, parent))
-
-    @staticmethod
-    def _finish(span, token, context, error: BaseException | None) -> None:
-        code = _status_code(context, error)
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code != grpc.StatusCode.OK:
-            details = context.details() if hasattr(context, "details") else None
-            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or error or ''}"))
-        span.end()
-        otel_context.detach(token)
+                                       attributes=rpc_attributes(method))
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        error = None
+        try:
+            yield
+        except BaseException as raised:  # GeneratorExit included: a streaming call the client cancelled
+            error = raised
+            raise
+        finally:
+            code = _status_code(context, error)
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code != grpc.StatusCode.OK:
+                details = context.details() if hasattr(context, "details") else None
+                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or error or ''}"))
+            span.end()
+            otel_context.detach(token)
 
     def _unary(self, behavior, method: str):
         def traced(request, context):
-            span, token = self._start(method, context)
-            error = None
-            try:
+            with self._span(method, context):
                 return behavior(request, context)
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                self._finish(span, token, context, error)
         return traced
 
     def _streaming(self, behavior, method: str):
         def traced(request, context):
-            span, token = self._start(method, context)
-            error = None
-            try:
+            with self._span(method, context):
                 yield from behavior(request, context)
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                self._finish(span, token, context, error)
         return traced
 
 

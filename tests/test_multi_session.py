@@ -183,6 +183,9 @@ def test_load_aware_gamma_keeps_greedy_output_identical_and_adapts(tiny, stacks)
         assert [[t for c in job_chunks for t in c.token_ids] for job_chunks in chunks] == expected
         gammas = {c.round["num_draft_tokens"] for job_chunks in chunks for c in job_chunks}
         assert len(gammas) > 1  # the policy moved gamma away from the default
-        assert stack.orchestrator.servicer.load_model.verify_cost.coefficients() is not None
+        load = stack.orchestrator.servicer.load_model
+        assert load.verify_cost.coefficients() is not None
+        assert load.round_overhead_ms > 0  # each round's transport and orchestrator time reached the policy
+        assert load.acceptance.trials != load.acceptance.prior_trials  # so did the deployment's acceptance
     finally:
         stack.stop()

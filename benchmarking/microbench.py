@@ -1,0 +1,198 @@
+"""The microbenchmarks behind docs/benchmarks.md's per-change numbers, each printing one JSON line.
+
+    python -m benchmarking.microbench logits    # HF and lean, 5 positions at once vs HF one-token decode
+    python -m benchmarking.microbench sdpa      # attention with 3-D vs 4-D inputs (math vs fused kernel)
+    python -m benchmarking.microbench forward   # draft step and verify of 5 tokens, default runtime
+    python -m benchmarking.microbench handler   # Verify's non-compute time per call, servicer in-process
+    python -m benchmarking.microbench spans     # CPU per span and per traced gRPC call
+
+Run them pinned (`taskset -c 1 ...`) with one torch thread, as the bench pins the target side. The VM's
+speed drifts, so compare numbers from runs made back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, load_prompts
+
+
+def _median_ms(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 4)
+
+
+def _loaded(path):
+    from serving.kv_cache import make_runner
+    from serving.model_loading import load_model
+
+    loaded = load_model(str(path), "cpu", "auto")
+    return loaded, make_runner(loaded.model, loaded.device, "auto")
+
+
+def logits(prompts: int = 6, new_tokens: int = 40) -> dict:
+    """Greedy continuations from `generate`; each runtime re-scores them 5 positions per pass."""
+    from transformers import AutoTokenizer
+
+    from serving.kv_cache import ModelRunner
+    from serving.lean_llama import LeanLlama
+
+    loaded, _ = _loaded(DEFAULT_TARGET)
+    model, tokenizer = loaded.model, AutoTokenizer.from_pretrained(str(DEFAULT_TARGET))
+    hf, lean = ModelRunner(model, loaded.device), LeanLlama(model)
+    worst = {"hf": 0.0, "lean": 0.0}
+    for prompt in load_prompts(DEFAULT_PROMPTS, prompts):
+        ids = tokenizer(prompt)["input_ids"]
+        new = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False)[0, len(ids):].tolist()
+        cache = hf.new_cache()
+        reference = torch.cat([hf.extend(cache, ids, 1)] + [hf.extend(cache, [t], 1) for t in new[:-1]])
+        for name, runner in (("hf", hf), ("lean", lean)):
+            cache = runner.new_cache()
+            scored = [runner.extend(cache, ids, 1)]
+            for start in range(0, len(new) - 1, 5):
+                chunk = new[start:min(start + 5, len(new) - 1)]
+                scored.append(runner.extend(cache, chunk, len(chunk)))
+            worst[name] = max(worst[name], float((torch.cat(scored) - reference).abs().max()))
+    return {"max_abs_logit_diff_vs_one_token_decode": worst}
+
+
+def sdpa(keys: int = 300, repeats: int = 300) -> dict:
+    import torch.nn.functional as F
+
+    out = {}
+    for label, heads, dim, queries in (("draft layer", 4, 32, 1), ("verify layer", 8, 64, 5)):
+        q, k, v = torch.randn(heads, queries, dim), torch.randn(heads, keys, dim), torch.randn(heads, keys, dim)
+        mask = None if queries == 1 else torch.arange(keys)[None, :] <= torch.arange(keys - queries, keys)[:, None]
+        out[label] = {
+            "3d_us": 1000 * _median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), repeats),
+            "4d_us": 1000 * _median_ms(lambda: F.scaled_dot_product_attention(q[None], k[None], v[None],
+                                                                              attn_mask=mask), repeats)}
+    return out
+
+
+def forward(repeats: int = 60) -> dict:
+    _, draft = _loaded(DEFAULT_DRAFT)
+    _, target = _loaded(DEFAULT_TARGET)
+    out = {}
+    for name, runner, tokens in (("draft_step_ms", draft, [5]), ("verify_5_tokens_ms", target, [5, 6, 7, 8, 9])):
+        cache = runner.new_cache()
+        runner.extend(cache, list(range(100, 300)), 1)
+
+        def step():
+            cache.crop(200)
+            runner.extend(cache, tokens, len(tokens))
+        out[name] = _median_ms(step, repeats)
+    return out
+
+
+def handler(repeats: int = 60) -> dict:
+    """Verify through the servicer without gRPC: time around the call minus the worker's compute."""
+    from serving.sessions import SessionStore
+    from specdec_api import common_pb2, verify_pb2
+    from verify_service.servicer import VerifyServicer
+
+    loaded, runner = _loaded(DEFAULT_TARGET)
+    servicer = VerifyServicer(loaded, runner, SessionStore(runner.new_cache, max_bytes=1 << 30, max_sessions=4,
+                                                           ttl_s=600))
+
+    class Context:
+        def is_active(self):
+            return True
+
+        def time_remaining(self):
+            return 60.0
+
+    prompt = list(range(100, 300))
+    servicer.Verify(verify_pb2.VerifyRequest(session_id="s", append_tokens=prompt,
+                                             sampling=common_pb2.SamplingParams()), Context())
+    non_compute = []
+    for _ in range(repeats):
+        request = verify_pb2.VerifyRequest(session_id="s", prefix_len=len(prompt), append_tokens=[7],
+                                           draft_token_ids=[8, 9, 10, 11], sampling=common_pb2.SamplingParams())
+        started = time.perf_counter()
+        reply = servicer.Verify(request, Context())
+        non_compute.append((time.perf_counter() - started) * 1000 - reply.timing.compute_us / 1000)
+    return {"verify_non_compute_ms_p50": round(statistics.median(non_compute), 4)}
+
+
+def spans(count: int = 5000, calls: int = 1500) -> dict:
+    """CPU per SDK span (bare, batch processor, JSONL file) and per unary call untraced vs traced."""
+    import tempfile
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    from telemetry.grpc_server import TracingServerInterceptor
+    from telemetry.span_file import JsonlSpanExporter
+    from telemetry.tracing import install_provider, traced_channel
+
+    class Discard(SpanExporter):
+        def export(self, batch):
+            return SpanExportResult.SUCCESS
+
+    attributes = {"specdec.session_id": "s", "specdec.gamma": 4, "specdec.accepted": 3, "specdec.round_ms": 1.5}
+    out, directory = {}, tempfile.mkdtemp()
+
+    def per_span_us(provider) -> float:
+        tracer, started = provider.get_tracer("bench"), time.process_time()
+        for _ in range(count):
+            tracer.start_span("round", attributes=attributes).end()
+        provider.force_flush()
+        return round((time.process_time() - started) / count * 1e6, 1)
+
+    bare, batch, jsonl = TracerProvider(), TracerProvider(), TracerProvider()
+    batch.add_span_processor(BatchSpanProcessor(Discard()))
+    jsonl.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(f"{directory}/spans.jsonl")))
+    out["span_us"] = {"bare": per_span_us(bare), "batch_processor": per_span_us(batch), "jsonl": per_span_us(jsonl)}
+
+    install_provider(jsonl)
+
+    def per_call_us(traced: bool) -> float:
+        server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=(
+            [TracingServerInterceptor(trace.get_tracer("bench"))] if traced else []))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
+        port = server.add_insecure_port("localhost:0")
+        server.start()
+        channel = grpc.insecure_channel(f"localhost:{port}")
+        call = (traced_channel(channel) if traced else channel).unary_unary("/bench.Echo/Call")
+        for _ in range(100):
+            call(b"x")
+        started = time.process_time()
+        for _ in range(calls):
+            call(b"x")
+        spent = (time.process_time() - started) / calls * 1e6
+        channel.close()
+        server.stop(None)
+        return round(spent)
+
+    out["call_cpu_us"] = {"untraced": per_call_us(False), "traced_client_and_server": per_call_us(True)}
+    return out
+
+
+MEASUREMENTS = {"logits": logits, "sdpa": sdpa, "forward": forward, "handler": handler, "spans": spans}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("measurement", choices=sorted(MEASUREMENTS))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(json.dumps({"measurement": args.measurement, **MEASUREMENTS[args.measurement]()}))
+
+
+if __name__ == "__main__":
+    main()

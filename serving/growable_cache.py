@@ -65,13 +65,20 @@ class GrowableLayer(DynamicLayer):
         return self._key_buffer.numel() * self._key_buffer.element_size() * 2
 
 
+# Layer types whose attention mask transformers builds from the config alone, so a full-length cache
+# serves them exactly: a sliding-window layer masks what lies outside its window whatever the cache holds.
+GROWABLE_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
 def supports_growable(config) -> bool:
-    """Only plain full-attention decoders: sliding-window and linear-attention layers keep their own."""
+    """Decoders whose every layer is full or sliding-window attention. Sliding-window layers get a
+    full-length cache too: transformers' own sliding layer cannot be cropped once the window has filled,
+    and rollback of rejected drafts needs cropping. It costs memory beyond the window, not exactness (the
+    mask hides what the window excludes; tests/test_greedy_exactness.py checks a Mistral pair).
+    Linear-attention and state-space layers keep transformers' own cache."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layer_types = getattr(text, "layer_types", None)
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
-        return False
-    return not getattr(text, "sliding_window", None)
+    return layer_types is None or all(t in GROWABLE_LAYER_TYPES for t in layer_types)
 
 
 def new_cache(config) -> Cache:

@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-from serving.growable_cache import new_cache
+from serving.growable_cache import new_cache, supports_growable
 
 
 class KVCache:
@@ -64,6 +64,25 @@ class ModelRunner:
         the lean runtime batches them ragged."""
         return [self.extend(c, t, k) for c, t, k in zip(caches, token_lists, keeps)]
 
+    def check_rollback(self) -> None:
+        """Raise ValueError, naming the model type, when its cache cannot drop rejected draft tokens.
+
+        Caches of full / sliding-window attention are our growable ones; others (linear attention,
+        state-space layers) keep transformers' cache, which may refuse to crop: find out at startup, not
+        in the middle of someone's generation."""
+        if supports_growable(self.model.config):
+            return
+        cache = self.new_cache()
+        try:
+            self.extend(cache, [0, 0, 0], 1)
+            cache.crop(2)
+        except Exception as error:  # noqa: BLE001 - whatever the cache raises, the model is unservable
+            raise ValueError(f"{self.model.config.model_type!r} models cannot be served: their KV cache cannot "
+                             f"roll back rejected draft tokens ({type(error).__name__}: {error})") from error
+        if cache.length != 2:
+            raise ValueError(f"{self.model.config.model_type!r} models cannot be served: cropping their cache to "
+                             f"2 tokens left {cache.length}")
+
 
 RUNTIMES = ("auto", "hf", "lean")
 
@@ -87,4 +106,6 @@ def make_runner(model: torch.nn.Module, device: torch.device, runtime: str = "au
         runner = lean_llama.LeanLlama(model)
         runner.name = "lean"
         return runner
-    return ModelRunner(model, device)
+    runner = ModelRunner(model, device)
+    runner.check_rollback()
+    return runner

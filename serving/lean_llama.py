@@ -1,15 +1,18 @@
-"""A lean forward pass for Llama-architecture models, for drafting.
+"""A lean forward pass for Llama-architecture models: the default runtime of both services for them.
 
 Why: a small draft model spends almost all of its per-token time in eager-mode op overhead (HF's Llama
 layer runs ~70 small ops); the draft's cost ratio c is what speculation's speedup hinges on. This
 runner reads the same HF weights and runs ~15 ops per layer: fused QKV and gate/up projections with
 pre-transposed weights (MKL's small-M path is much faster for x @ W^T stored contiguous), one rms_norm
-op per norm, rotary tables precomputed, and its own preallocated KV buffers.
+op per norm, rotary tables precomputed, and its own preallocated KV buffers. For the target, the same
+pre-transposed products make scoring gamma + 1 positions cheaper, and sessions batch ragged
+(`extend_batch`).
 
-Its logits match HF's to float rounding, not bit for bit. That is safe for a drafter: rejection
-sampling is exact for any proposal distribution, as long as draft_probs are the ones the draft sampled
-from, which they are. The verify service keeps the HF forward, so greedy output stays identical to the
-target's own `generate`.
+Its logits match HF's to float rounding, not bit for bit; so do HF's own when it scores several
+positions in one pass instead of `generate`'s one-token steps (serving/kv_cache.py: make_runner gives
+the measured differences). Greedy exactness against `generate` is tested on this runtime
+(tests/test_greedy_exactness.py); rejection sampling is exact for any proposal distribution as long as
+draft_probs are the ones the draft sampled from, which they are.
 
 Knows nothing about sessions or gRPC. Supports model_type "llama" with default RoPE and SiLU MLP;
 `supports(config)` says when to fall back to the HF runner.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,9 @@ def tokenizer_fingerprint(name_or_path: str) -> str:
 
 def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
     torch_dtype = resolve_dtype(dtype, device)
+    if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        # transformers would call it a malformed hub repo id; say what is actually wrong
+        raise FileNotFoundError(f"no model directory at {name_or_path}")
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
     model.to(device).eval()
     config = model.config

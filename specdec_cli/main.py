@@ -122,7 +122,11 @@ def serve(
             from draft_service.server import start
         else:
             from verify_service.server import start
-        running = start(settings)
+        try:
+            running = start(settings)
+        except (ValueError, OSError) as error:  # a bad flag, a missing model, a model we cannot serve
+            typer.echo(f"specdec: {role.value} service refused to start: {error}", err=True)
+            raise typer.Exit(2)
     typer.echo(f"{role.value} listening on port {running.port}", err=True)
     running.wait_for_termination()
     shutdown_tracing()

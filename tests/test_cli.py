@@ -46,6 +46,16 @@ def test_generate_reports_bad_input_without_a_traceback(stacks):
     assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_serve_refuses_to_start_with_one_line_that_says_why(tiny, tmp_path):
+    missing = specdec("serve", "draft", "--model", str(tmp_path / "no-such-model"), "--port", "0")
+    assert missing.returncode == 2
+    assert f"draft service refused to start: no model directory at {tmp_path / 'no-such-model'}" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad_runtime = specdec("serve", "verify", "--model", str(tiny.target), "--runtime", "fastest", "--port", "0")
+    assert bad_runtime.returncode == 2
+    assert "verify service refused to start: --runtime must be one of auto, hf, lean" in bad_runtime.stderr
+
+
 def test_serve_exposes_health_and_reflection_and_stops_on_sigterm(tiny):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "specdec_cli", "serve", "verify", "--model", str(tiny.target),

@@ -127,11 +127,36 @@ def test_streamed_chunks_add_up_to_the_final_text_and_stats(stacks, tokenizer):
     assert stats["bytes_per_round"] > 0
 
 
+def _served_like_generate(target_dir, draft_dir, prompts, runtime: str = "hf") -> list:
+    """Serve the pair, generate each prompt greedily through the orchestrator and assert it equals the
+    target's own `generate` on the orchestrator's tokenization; returns (inputs, expected) per prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import start_stack
+
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    target_tokenizer = AutoTokenizer.from_pretrained(target_dir)  # what the orchestrator tokenizes with
+    stack = start_stack(target_dir, draft_dir)
+    served = []
+    try:
+        assert stack.verify.servicer.runner.name == runtime and stack.draft.servicer.runner.name == runtime
+        with stack.client() as client:
+            for prompt in prompts:
+                inputs = target_tokenizer(prompt, return_tensors="pt")
+                with torch.inference_mode():
+                    expected = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+                result = client.generate(prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
+                assert result.token_ids == expected[0, inputs["input_ids"].shape[1]:].tolist(), prompt
+                assert result.stats["drafted_tokens"] > 0
+                served.append((inputs, expected))
+    finally:
+        stack.stop()
+    return served
+
+
 def test_a_gpt2_pair_is_served_exactly_too(tiny, tokenizer, tmp_path):
     """Not only Llama: GPT-2 target and draft run through the HF runtime (the lean one is Llama-only)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tests.conftest import start_stack
 
     for name, (width, layers, seed) in {"target": (64, 2, 1), "draft": (32, 1, 2)}.items():
         torch.manual_seed(seed)
@@ -140,16 +165,33 @@ def test_a_gpt2_pair_is_served_exactly_too(tiny, tokenizer, tmp_path):
                                            bos_token_id=tokenizer.eos_token_id))
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
-    target = GPT2LMHeadModel.from_pretrained(tmp_path / "target").eval()
-    stack = start_stack(tmp_path / "target", tmp_path / "draft")
-    try:
-        assert stack.draft.servicer.runner.name == "hf"
-        with stack.client() as client:
-            for prompt in PROMPTS[:8]:
-                inputs = tokenizer(prompt, return_tensors="pt")
-                with torch.inference_mode():
-                    expected = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
-                result = client.generate(prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
-                assert result.token_ids == expected[0, inputs["input_ids"].shape[1]:].tolist(), prompt
-    finally:
-        stack.stop()
+    _served_like_generate(tmp_path / "target", tmp_path / "draft", PROMPTS[:8])
+
+
+def test_sliding_window_models_are_served_exactly(tokenizer, tmp_path):
+    """Mistral (every layer windowed) as the target, a Qwen2 hybrid (full + sliding layers) as the draft,
+    with a 4-token window so it fills in every generation: rollback past the window must not break either
+    service's cache, and the output stays the target's `generate`."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shared = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                  bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                  max_position_embeddings=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+
+    def target_model(window):
+        torch.manual_seed(1)
+        return MistralForCausalLM(MistralConfig(hidden_size=64, num_hidden_layers=2, sliding_window=window, **shared))
+
+    torch.manual_seed(2)
+    draft = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, num_hidden_layers=2, use_sliding_window=True, sliding_window=4,
+                                         max_window_layers=1, **shared))
+    for name, model in {"target": target_model(4), "draft": draft}.items():
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    served = _served_like_generate(tmp_path / "target", tmp_path / "draft", PROMPTS[:8])
+    unwindowed = target_model(None).eval()
+    with torch.inference_mode():
+        window_mattered = any(
+            not torch.equal(expected, unwindowed.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW))
+            for inputs, expected in served)
+    assert window_mattered, "the 4-token window never changed an output: this test would not see it ignored"

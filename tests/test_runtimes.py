@@ -62,3 +62,12 @@ def test_runtime_choice():
     assert make_runner(model, torch.device("cpu"), "hf").name == "hf"
     with pytest.raises(ValueError, match="--runtime"):
         make_runner(model, torch.device("cpu"), "fastest")
+
+
+def test_a_model_whose_cache_cannot_roll_back_is_refused_at_startup():
+    """Mamba's state cannot drop rejected draft tokens: refuse to serve it, naming why, before any request."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    model = MambaForCausalLM(MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=4)).eval()
+    with pytest.raises(ValueError, match="'mamba' models cannot be served: their KV cache cannot roll back"):
+        make_runner(model, torch.device("cpu"), "auto")

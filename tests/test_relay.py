@@ -71,6 +71,28 @@ def _median_round_trip_ms(sock: socket.socket, count: int = 25) -> float:
     return statistics.median(times)
 
 
+def _added_round_trip_ms(sock: socket.socket, set_delay, delay_ms: float) -> float:
+    """Median round trip with `delay_ms` minus without it. Alternates the two a few times: this VM's speed
+    drifts between seconds, and one baseline followed by one delayed sample would charge the drift to the
+    relay."""
+    base, delayed = [], []
+    for _ in range(4):
+        set_delay(0)
+        base.append(_median_round_trip_ms(sock, 9))
+        set_delay(delay_ms)
+        delayed.append(_median_round_trip_ms(sock, 9))
+    return statistics.median(delayed) - statistics.median(base)
+
+
+def _within_after_one_retry(measure, expected: float, tolerance: float) -> None:
+    """A second complete measurement only when the first misses (fresh-clone CI runs have read 1.9 and
+    3.6 ms off during slow spells of this VM; reruns were within 0.3 ms). Never more than one retry."""
+    first = measure()
+    if abs(first - expected) > tolerance:
+        again = measure()
+        assert abs(again - expected) <= tolerance, f"added {first:.2f} then {again:.2f} ms, expected {expected} ms"
+
+
 def test_every_byte_arrives_in_order_over_tcp_and_unix_listeners(relay):
     payload = os.urandom(1 << 20)
     relay.set_delay(1.0)
@@ -90,13 +112,8 @@ def test_every_byte_arrives_in_order_over_tcp_and_unix_listeners(relay):
 
 
 def test_round_trip_grows_by_twice_the_one_way_delay(relay):
-    with _connect(relay.bound[0]) as sock:
-        relay.set_delay(0)
-        base = _median_round_trip_ms(sock)
-        relay.set_delay(5)  # changed on an open connection
-        delayed = _median_round_trip_ms(sock)
-    added = delayed - base
-    assert abs(added - 10.0) <= 1.0 + 0.4, f"round trip {base:.2f} -> {delayed:.2f} ms, expected +10 ms"
+    with _connect(relay.bound[0]) as sock:  # the delay changes on an open connection
+        _within_after_one_retry(lambda: _added_round_trip_ms(sock, relay.set_delay, 5), 10.0, 1.0 + 0.4)
 
 
 def test_chunks_in_flight_are_held_once_not_one_after_another(relay):
@@ -155,24 +172,8 @@ def test_loopback_path_puts_the_relay_in_front_of_each_service_and_says_why():
             assert (path.isolation, path.method) == ("loopback", "relay") and "unavailable" in path.note
             from netlab.addresses import Address
 
-            def added_ms() -> float:
-                with _connect(Address.parse(path.reach["verify"])) as sock:
-                    # Alternate no delay and 3 ms a few times: this VM's speed drifts between seconds, and
-                    # one baseline followed by one delayed sample would charge the drift to the relay.
-                    base, delayed = [], []
-                    for _ in range(4):
-                        path.set_delay(0)
-                        base.append(_median_round_trip_ms(sock, 9))
-                        path.set_delay(3)
-                        delayed.append(_median_round_trip_ms(sock, 9))
-                    return statistics.median(delayed) - statistics.median(base)
-
-            # A second complete measurement only when the first misses (a fresh-clone CI run once read
-            # 1.9 ms off during a slow spell of this VM; reruns were within 0.3 ms).
-            first = added_ms()
-            if abs(first - 6.0) > 0.6 + 0.4:
-                again = added_ms()
-                assert abs(again - 6.0) <= 0.6 + 0.4, (first, again)
+            with _connect(Address.parse(path.reach["verify"])) as sock:
+                _within_after_one_retry(lambda: _added_round_trip_ms(sock, path.set_delay, 3), 6.0, 0.6 + 0.4)
         finally:
             for server in servers:
                 server.shutdown()

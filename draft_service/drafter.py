@@ -20,6 +20,7 @@ class ProposeJob:
     sampling: Sampling
     generator: torch.Generator | None
     min_confidence: float = 0.0
+    vocab_limit: int = 0  # propose only ids below this (0: all); see ProposeRequest.vocab_limit
 
 
 @dataclass
@@ -41,6 +42,8 @@ def propose_batch(runner, jobs: list[ProposeJob]) -> list[Proposal]:
     for step in range(max(j.gamma for j in jobs)):
         for index, row_logits in zip(active, logits):
             job = jobs[index]
+            if 0 < job.vocab_limit < row_logits.shape[-1]:
+                row_logits = row_logits[..., :job.vocab_limit]  # only ids the target has; probs renormalise
             if job.sampling.greedy:
                 token = int(row_logits[0].argmax())
                 confidence = float(row_logits[0].softmax(-1)[token]) if job.min_confidence > 0 else 1.0

@@ -32,8 +32,10 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
         with self.session(request.session_id, request.prefix_len) as session:
             if not 0.0 <= request.min_confidence <= 1.0:
                 raise InvalidArgument(f"min_confidence must be in [0, 1], got {request.min_confidence}")
+            if request.vocab_limit < 0:
+                raise InvalidArgument(f"vocab_limit must be >= 0 (0: no limit), got {request.vocab_limit}")
             done = self.worker.submit(ProposeJob(session.cache, append, gamma, sampling, generator,
-                                                 request.min_confidence),
+                                                 request.min_confidence, request.vocab_limit),
                                       alive=self.caller_alive(context))
             cached_len = session.length
         record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + gamma - 1})

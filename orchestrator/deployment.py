@@ -35,16 +35,28 @@ class Deployment:
 
 
 def check_pair(draft: common_pb2.ModelInfo, target: common_pb2.ModelInfo) -> None:
-    """Draft and target must share a vocabulary, or draft_probs and target_probs are not comparable."""
+    """Draft and target must share a vocabulary, or draft_probs and target_probs are not comparable.
+
+    The same tokenizer with a different number of logits is allowed (a family's small and large models
+    often pad their embedding matrices to different sizes, e.g. 151936 vs 152064 rows): the rows past the
+    tokenizer are padding, the draft proposes only ids the target has (ProposeRequest.vocab_limit) and the
+    orchestrator compares distributions over the target's ids. That needs both fingerprints to say the
+    tokenizers are the same; without them, differing sizes are refused."""
     if draft.tokenizer_fingerprint and target.tokenizer_fingerprint and \
             draft.tokenizer_fingerprint != target.tokenizer_fingerprint:
         raise IncompatibleModels(
             f"draft {draft.model!r} and target {target.model!r} have different tokenizer vocabularies; "
             "speculative decoding needs a draft trained with the target's tokenizer")
-    if draft.vocab_size != target.vocab_size:
+    same_tokenizer = bool(draft.tokenizer_fingerprint) and draft.tokenizer_fingerprint == target.tokenizer_fingerprint
+    if draft.vocab_size != target.vocab_size and not same_tokenizer:
         raise IncompatibleModels(
             f"draft {draft.model!r} has {draft.vocab_size} logits per token but target {target.model!r} has "
-            f"{target.vocab_size}; pick a draft with the target's vocabulary")
+            f"{target.vocab_size}, and their tokenizers cannot be compared (a service found no tokenizer); "
+            "pick a draft with the target's vocabulary, or ship the tokenizer beside both models")
+    if draft.vocab_size != target.vocab_size:
+        log.info("draft %s has %d logits per token, target %s %d: same tokenizer, the difference is padding; "
+                 "drafts are limited to the target's ids", draft.model, draft.vocab_size, target.model,
+                 target.vocab_size)
 
 
 def _channel(address: str) -> grpc.Channel:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from telemetry.tracing import get_tracer
 
 log = logging.getLogger(__name__)
 
-# Draft failures that mean "carry on without speculation for a while" rather than "fail the request".
+# Draft failures that may pass (an outage, a full queue): target-only for a few rounds, then try again.
+# Any other draft failure (the draft's context is shorter than the target's, it refuses a token) turns
+# speculation off for the rest of that generation. Never a failed request: the target alone is exact.
 DRAFT_OUTAGE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL}
 DRAFT_RETRY_AFTER_ROUNDS = 8
@@ -45,11 +48,28 @@ class GenerationSpec:
     max_context: int
     adaptive: bool = False
     max_gamma: int = 16
+    draft_vocab_size: int = 0  # logits per token of each model; they differ only by padding rows
+    target_vocab_size: int = 0  # (orchestrator/deployment.py: check_pair)
 
 
 def probs_from_message(m) -> torch.Tensor:
     """ProbMatrix message -> [rows, vocab] probabilities (the inverse of the services' encode_to_message)."""
     return decode_probs(m.rows, m.cols, m.dense, m.row_offsets, m.col_indices, m.values)
+
+
+def over_target_ids(draft_probs: torch.Tensor, target_vocab: int) -> torch.Tensor:
+    """Draft rows [n, draft_vocab] as rows over the target's ids [n, target_vocab]. A larger draft samples
+    under vocab_limit, so its rows are already the target's width; a smaller one gives zero probability
+    to the target's extra (padding) ids. Wider rows are cut only if their mass there is zero."""
+    width = draft_probs.shape[1]
+    if width > target_vocab:
+        if draft_probs[:, target_vocab:].sum() > 0:
+            raise ValueError(f"draft rows put mass on ids past the target's {target_vocab}; "
+                             "the draft must propose under vocab_limit")
+        return draft_probs[:, :target_vocab]
+    if width < target_vocab:
+        return torch.nn.functional.pad(draft_probs, (0, target_vocab - width))
+    return draft_probs
 
 
 @dataclass
@@ -173,7 +193,8 @@ class Generation:
         self.final_text = ""
         self.started = 0.0
         self.wall_s = 0.0
-        self._draft_down_until = -1
+        self._draft_down_until: float = -1  # target-only while rounds < this; inf: for the rest
+        self._check_draft_can_read(spec.prompt_ids)
         self.sampling_message = common_pb2.SamplingParams(
             temperature=spec.sampling.temperature, top_k=spec.sampling.top_k, top_p=spec.sampling.top_p)
 
@@ -337,11 +358,26 @@ class Generation:
         return probs_from_message(proposal.draft_probs)
 
     def _draft_failed(self, error: grpc.RpcError) -> None:
-        if error.code() not in DRAFT_OUTAGE_CODES:
-            raise error
-        log.warning("draft unavailable (%s: %s); target-only for %d rounds", error.code().name,
-                    error.details(), DRAFT_RETRY_AFTER_ROUNDS)
-        self._draft_down_until = self.counters.rounds + DRAFT_RETRY_AFTER_ROUNDS
+        if error.code() in DRAFT_OUTAGE_CODES:
+            log.warning("draft unavailable (%s: %s); target-only for %d rounds", error.code().name,
+                        error.details(), DRAFT_RETRY_AFTER_ROUNDS)
+            self._draft_down_until = self.counters.rounds + DRAFT_RETRY_AFTER_ROUNDS
+        else:
+            log.warning("draft refused (%s: %s); target-only for the rest of this generation", error.code().name,
+                        error.details())
+            self._draft_down_until = math.inf
+
+    def _check_draft_can_read(self, tokens: list[int]) -> None:
+        """A target with more (padding) logits than the draft can emit an id the draft has no embedding for;
+        the draft cannot continue that context, so the rest of the generation runs target-only."""
+        limit = self.spec.draft_vocab_size
+        if self.draft is None or self._draft_down_until == math.inf or not limit or limit >= self.spec.target_vocab_size:
+            return
+        beyond = [t for t in tokens if t >= limit]
+        if beyond:
+            log.warning("token %d is past the draft's %d logits; target-only for the rest of this generation",
+                        beyond[0], limit)
+            self._draft_down_until = math.inf
 
     def _room_for_continuation(self, gamma: int) -> bool:
         spec = self.spec
@@ -374,6 +410,7 @@ class Generation:
         target_probs = probs_from_message(scored.target_probs)
         if draft_probs is None:
             draft_probs = torch.zeros(0, target_probs.shape[1])
+        draft_probs = over_target_ids(draft_probs, target_probs.shape[1])
         return rejection_sample(torch.tensor(draft_ids, dtype=torch.long), draft_probs, target_probs, self.generator)
 
     def _commit(self, tokens: list[int]) -> list[int]:
@@ -395,6 +432,7 @@ class Generation:
             self._stop_text_end = hit.text_end
         self.generated.extend(kept)
         self.committed.extend(kept)
+        self._check_draft_can_read(kept)
         return kept
 
     def stats(self) -> orchestrator_pb2.GenerationStats:

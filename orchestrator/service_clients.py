@@ -104,12 +104,13 @@ class DraftSession(SessionClient):
         self.stub = stub
 
     min_confidence = 0.0
+    vocab_limit = 0  # the target's logits count when the draft has more (ProposeRequest.vocab_limit)
 
     def propose(self, committed, gamma, sampling: common_pb2.SamplingParams, seed: int, metadata=()):
         def build(prefix, append):
             return draft_pb2.ProposeRequest(session_id=self.session_id, prefix_len=prefix, append_tokens=append,
                                             num_draft_tokens=gamma, sampling=sampling, seed=seed,
-                                            min_confidence=self.min_confidence)
+                                            min_confidence=self.min_confidence, vocab_limit=self.vocab_limit)
         response, prefix, appended = self._call(self.stub.Propose, PROPOSE, build, committed, metadata)
         return response, prefix + appended
 

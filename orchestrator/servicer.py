@@ -6,6 +6,7 @@ import logging
 import secrets
 import uuid
 
+import grpc
 from opentelemetry import trace
 
 from orchestrator.deployment import Deployment
@@ -13,7 +14,7 @@ from orchestrator.load_gamma import LoadAwareGamma, LoadModel
 from orchestrator.generation import Generation, GenerationSpec
 from orchestrator.service_clients import DraftSession, VerifySession, release
 from orchestrator.text_stream import TextStream
-from serving.errors import InvalidArgument, OutOfRange
+from serving.errors import Downstream, InvalidArgument, OutOfRange
 from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
 from speculation.gamma_policy import AdaptiveGamma
 from speculation.sampling import Sampling
@@ -83,7 +84,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         return GenerationSpec(
             prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens, sampling=sampling, seed=seed,
             gamma=gamma, stop=list(request.stop), eos_token_ids=set(info.eos_token_ids),
-            max_context=info.max_context, adaptive=adaptive, max_gamma=self.max_gamma)
+            max_context=info.max_context, adaptive=adaptive, max_gamma=self.max_gamma,
+            draft_vocab_size=self.deployment.draft_info.vocab_size if self.deployment.draft_info else 0,
+            target_vocab_size=info.vocab_size)
 
     # -- RPCs -------------------------------------------------------------------------------------
     def Generate(self, request, context):
@@ -93,6 +96,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         draft = DraftSession(d.draft_stub, session_id, self.draft_timeout_s) if d.draft_stub else None
         if draft is not None:
             draft.min_confidence = self.draft_confidence
+            if spec.draft_vocab_size > spec.target_vocab_size:
+                draft.vocab_limit = spec.target_vocab_size
         verify = VerifySession(d.verify_stub, session_id, self.rpc_timeout_s)
         policy = None
         if spec.adaptive and self.load_model is not None:
@@ -119,6 +124,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     span.set_attributes({"specdec.new_tokens": stats.new_tokens, "specdec.rounds": stats.rounds,
                                          "specdec.acceptance_rate": stats.acceptance_rate})
                 yield chunk
+        except grpc.RpcError as error:  # the verify service's status, not UNKNOWN (draft errors never get here)
+            raise Downstream("verify", error) from error
         finally:
             span.end()
             release(d.verify_stub, session_id)

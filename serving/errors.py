@@ -46,6 +46,14 @@ class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Downstream(ServiceError):
+    """A service this one called failed: pass its status code on, saying which service it was."""
+
+    def __init__(self, service: str, error: grpc.RpcError):
+        super().__init__(f"{service} service: {error.details()}")
+        self.code = error.code()
+
+
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     if isinstance(error, ServiceError):
         if error.kind:

@@ -143,3 +143,52 @@ def test_overlapped_drafting_keeps_outputs_exact_and_saves_draft_calls(tiny, sta
         on.stop()
         off.stop()
         noisy_on.stop()
+
+
+def test_a_draft_with_a_shorter_context_hands_over_to_the_target_with_the_same_tokens(tiny, stacks, tmp_path):
+    """The draft refuses (OUT_OF_RANGE) once the session outgrows its 24 positions: the rest of the
+    generation runs target-only, and the tokens are the target's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    short = AutoModelForCausalLM.from_pretrained(tiny.noisy_draft)
+    short.config.max_position_embeddings = 24
+    short.save_pretrained(tmp_path / "short_draft")
+    AutoTokenizer.from_pretrained(tiny.noisy_draft).save_pretrained(tmp_path / "short_draft")
+    expected = _solo(stacks)
+    stack = start_stack(tiny.target, tmp_path / "short_draft")
+    try:
+        with stack.client() as client:
+            result = client.generate(PROMPT, max_new_tokens=30, num_draft_tokens=2)
+    finally:
+        stack.stop()
+    assert result.token_ids == expected.token_ids
+    assert result.stats["drafted_tokens"] > 0 and result.stats["target_only_rounds"] >= 1
+
+
+class FullVerify(VerifyServicer):
+    """Session memory that is always full, as a verify replica under more sessions than its budget."""
+
+    def Verify(self, request, context):
+        from serving.errors import ResourceExhausted
+
+        raise ResourceExhausted("session memory is full (test): retry later or raise --session-memory-mb")
+
+
+def test_the_verify_services_status_reaches_the_client_with_its_code_and_message(tiny):
+    import pytest
+
+    import orchestrator.server as orchestrator_server
+    from specdec_client.errors import SpecDecError
+
+    verify = start_model_server(ModelServerSettings(str(tiny.target), host="localhost"), FullVerify,
+                                verify_pb2_grpc.add_VerifyServiceServicer_to_server, verify_server.SERVICE_NAME)
+    orch = orchestrator_server.start(orchestrator_server.OrchestratorSettings(verify=f"localhost:{verify.port}",
+                                                                              host="localhost"))
+    try:
+        with Stack(verify, None, orch).client() as client, pytest.raises(SpecDecError) as raised:
+            client.generate(PROMPT, max_new_tokens=8)
+    finally:
+        orch.stop(None)
+        verify.stop(None)
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED  # not UNKNOWN
+    assert "verify service: session memory is full (test)" in str(raised.value)

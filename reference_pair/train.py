@@ -190,6 +190,11 @@ class Trainer:
         out = self.out_dir / name
         model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
         model.to(torch.float32)
+        # Stored in bf16 (half the bytes), declared float32: transformers 5 loads the declared dtype by
+        # default, so `from_pretrained(dir)` computes in fp32, as the services do on a CPU. Declared bf16,
+        # the "target alone" a user runs would be a bf16 model, whose one-token steps round differently.
+        model.config.dtype = torch.float32
+        model.config.save_pretrained(out)
         tokenizer.save_pretrained(out)
         GenerationConfig(
             bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,

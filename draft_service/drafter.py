@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speculation.sampling import Sampling, logits_to_probs, sample
+from speculation.sampling import Sampling, coupled_sample, logits_to_probs, sample
 
 
 @dataclass
@@ -21,6 +21,7 @@ class ProposeJob:
     generator: torch.Generator | None
     min_confidence: float = 0.0
     vocab_limit: int = 0  # propose only ids below this (0: all); see ProposeRequest.vocab_limit
+    seed: int = 0  # the request's seed: the first token is coupled_sample(probs, seed), the rest use generator
 
 
 @dataclass
@@ -49,7 +50,10 @@ def propose_batch(runner, jobs: list[ProposeJob]) -> list[Proposal]:
                 confidence = float(row_logits[0].softmax(-1)[token]) if job.min_confidence > 0 else 1.0
             else:
                 probs = logits_to_probs(row_logits, job.sampling)  # [1, vocab]
-                token = int(sample(probs, job.generator)[0])
+                # The first token by Gumbel-max on the request's seed: when this proposal continues past a
+                # verify (the overlap), it is the guess for the bonus token the orchestrator draws with the
+                # same seed. Exact sampling from the draft either way.
+                token = coupled_sample(probs[0], job.seed) if step == 0 else int(sample(probs, job.generator)[0])
                 rows[index].append(probs[0])
                 confidence = float(probs[0, token])
             tokens[index].append(token)

@@ -114,6 +114,8 @@ class _Continuation:
     token_ids: list[int]  # [guess for the bonus token, next round's drafts...]
     rows_after_guess: torch.Tensor | None  # draft_probs of token_ids[1:]
     cached_len: int
+    seed: int  # the guess is coupled_sample(draft row, seed); the bonus is drawn with the same seed
+    width: int  # ids the guess was drawn over (the coupling needs the target's rows to be as wide)
 
 
 @dataclass
@@ -317,7 +319,7 @@ class Generation:
 
         # 3. Accept: greedy prefix match, or rejection sampling with the orchestrator's RNG.
         with get_tracer().start_as_current_span("accept"):
-            outcome = self._accept(gamma, draft_ids, draft_probs, scored)
+            outcome = self._accept(gamma, draft_ids, draft_probs, scored, continuation)
         self.counters.record(gamma, outcome)
 
         # 4. Roll back: each service's cache stays valid through the accepted drafts it was fed.
@@ -402,16 +404,21 @@ class Generation:
             return None
         probs = self._draft_probs(proposal)
         return _Continuation(list(proposal.token_ids), probs[1:] if probs is not None else None,
-                             proposal.cached_len)
+                             proposal.cached_len, seed, probs.shape[1] if probs is not None else 0)
 
-    def _accept(self, gamma: int, draft_ids: list[int], draft_probs, scored) -> RoundOutcome:
+    def _accept(self, gamma: int, draft_ids: list[int], draft_probs, scored,
+                continuation: "_Continuation | None" = None) -> RoundOutcome:
         if self.spec.sampling.greedy:
             return greedy_accept(draft_ids, list(scored.argmax_token_ids))
         target_probs = probs_from_message(scored.target_probs)
         if draft_probs is None:
             draft_probs = torch.zeros(0, target_probs.shape[1])
         draft_probs = over_target_ids(draft_probs, target_probs.shape[1])
-        return rejection_sample(torch.tensor(draft_ids, dtype=torch.long), draft_probs, target_probs, self.generator)
+        # The bonus shares the continuation's Gumbel noise, so the draft's guess matches it as often as the
+        # two distributions allow; it is an exact draw from the target's row all the same.
+        coupled = continuation is not None and continuation.width == target_probs.shape[1]
+        return rejection_sample(torch.tensor(draft_ids, dtype=torch.long), draft_probs, target_probs, self.generator,
+                                bonus_seed=continuation.seed if coupled else None)
 
     def _commit(self, tokens: list[int]) -> list[int]:
         spec = self.spec

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speculation.sampling import sample
+from speculation.sampling import coupled_sample, sample
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ def rejection_sample(
     draft_probs: torch.Tensor,  # [gamma, vocab]
     target_probs: torch.Tensor,  # [gamma + 1, vocab]
     generator: torch.Generator | None,
+    bonus_seed: int | None = None,  # draw the bonus by coupled_sample with this seed (the draft's guess's)
 ) -> RoundOutcome:
     gamma = draft_token_ids.shape[0]
     if target_probs.shape[0] != gamma + 1 or draft_probs.shape[0] != gamma:
@@ -54,6 +55,8 @@ def rejection_sample(
             token = int(sample(residual[None], generator)[0])
             return RoundOutcome(accepted=n, next_token=token, bonus=False)
     # Every draft token accepted: one bonus token from the target's next distribution.
+    if bonus_seed is not None:
+        return RoundOutcome(accepted=gamma, next_token=coupled_sample(target_probs[gamma], bonus_seed), bonus=True)
     token = int(sample(target_probs[gamma][None], generator)[0])
     return RoundOutcome(accepted=gamma, next_token=token, bonus=True)
 

@@ -66,3 +66,22 @@ def logits_to_probs(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """[rows, vocab] -> [rows] token ids; one draw per row."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# torch's CPU generator seeds from the low 32 bits only; the coupling stream must differ from the one a
+# draft seeded with the same value samples its later tokens from, so its low bits are shifted.
+_COUPLING_OFFSET = 0x9E3779B9
+
+
+def coupled_sample(probs: torch.Tensor, seed: int) -> int:
+    """One draw from a [vocab] distribution by the Gumbel-max trick, argmax(log p + G), with the Gumbel
+    noise G fixed by `seed`. Alone it is an exact sample of `probs`; two distributions drawn with the same
+    seed pick the same token far more often than independent draws do (always, when they are equal).
+
+    The draft guesses the target's bonus token this way while the target verifies (the overlap's
+    continuation), and the orchestrator draws the bonus with the same seed, so a draft close to the
+    target guesses it right about as often as it would under greedy decoding."""
+    generator = torch.Generator().manual_seed((seed + _COUPLING_OFFSET) & 0xFFFFFFFF)
+    uniform = torch.rand(probs.shape[-1], generator=generator, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(uniform))
+    return int((torch.log(probs.double()) + gumbel).argmax())

@@ -192,3 +192,19 @@ def test_the_verify_services_status_reaches_the_client_with_its_code_and_message
         verify.stop(None)
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED  # not UNKNOWN
     assert "verify service: session memory is full (test)" in str(raised.value)
+
+
+def test_at_temperature_one_a_matching_draft_guesses_the_bonus_so_rounds_chain(tiny):
+    """The draft's guess for the bonus and the target's bonus share their Gumbel noise (coupled_sample):
+    with the target as its own draft every guess is right, so nearly every round reuses the drafts made
+    during the previous verify, as under greedy decoding. Drawn independently, few would."""
+    stack = start_stack(tiny.target, tiny.target, overlap=True)
+    try:
+        with stack.client() as client:
+            results = [client.generate(prompt, max_new_tokens=30, num_draft_tokens=3, temperature=1.0, seed=seed)
+                       for seed, prompt in enumerate(PROMPTS[:4])]
+    finally:
+        stack.stop()
+    for result in results:
+        assert result.stats["accepted_tokens"] == result.stats["drafted_tokens"] > 0
+        assert result.stats["overlapped_rounds"] >= result.stats["rounds"] - 2, result.stats

@@ -106,3 +106,41 @@ def test_a_wrong_distribution_is_detected_by_the_same_check():
     draft_row = torch.randn(8).softmax(-1)
     counts = torch.bincount(torch.multinomial(draft_row, 6000, replacement=True), minlength=8).float()
     assert chi_square_p(counts, target_row) < 1e-3
+
+
+def test_a_coupled_draw_is_an_exact_sample_and_couples_close_distributions():
+    from speculation.sampling import coupled_sample
+
+    torch.manual_seed(3)
+    p = (torch.randn(12) * 1.5).softmax(-1)
+    q = (p.log() + 0.3 * torch.randn(12)).softmax(-1)  # a draft close to the target
+    seeds = range(6000)
+    draws_p = torch.tensor([coupled_sample(p, s) for s in seeds])
+    draws_q = torch.tensor([coupled_sample(q, s) for s in seeds])
+    assert chi_square_p(torch.bincount(draws_p, minlength=12).float(), p) > 1e-3
+    assert chi_square_p(torch.bincount(draws_q, minlength=12).float(), q) > 1e-3
+    assert all(coupled_sample(p, s) == coupled_sample(p.clone(), s) for s in range(50))  # equal: always agree
+    coupled_agreement = (draws_p == draws_q).float().mean().item()
+    independent_agreement = float((p * q).sum())
+    assert coupled_agreement > independent_agreement + 0.3, (coupled_agreement, independent_agreement)
+    assert coupled_agreement >= float(torch.minimum(p, q).sum()) - 0.25  # near the best any coupling can do
+
+
+def test_a_bonus_drawn_with_a_shared_seed_keeps_the_target_distribution():
+    """The same check as above, the bonus drawn by coupled_sample with a fresh seed each round."""
+    vocab, gamma, draws = 8, 2, 6000
+    torch.manual_seed(21)
+    target_row = torch.randn(vocab).softmax(-1)
+    draft_row = (target_row.log() + 0.5 * torch.randn(vocab)).softmax(-1)
+    generator = torch.Generator().manual_seed(4)
+    bonus_counts = torch.zeros(vocab)
+    bonuses = 0
+    for round_index in range(draws):
+        drafts = torch.multinomial(draft_row.expand(gamma, vocab), 1, generator=generator).squeeze(-1)
+        outcome = rejection_sample(drafts, draft_row.expand(gamma, vocab), target_row.expand(gamma + 1, vocab),
+                                   generator, bonus_seed=1_000_003 * round_index + 17)
+        if outcome.bonus:
+            bonus_counts[outcome.next_token] += 1
+            bonuses += 1
+    assert bonuses > 1000
+    assert chi_square_p(bonus_counts, target_row) > 1e-3

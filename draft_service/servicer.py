@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from draft_service.drafter import ProposeJob, propose_batch
 from serving.errors import InvalidArgument
 from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import draft_pb2, draft_pb2_grpc
+from speculation.sampling import seeded_generator
 from speculation.wire import encode_probs
 
 
@@ -27,7 +26,7 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
         sampling = self.sampling_from(request.sampling)
         generator = None
         if not sampling.greedy:
-            generator = torch.Generator().manual_seed(request.seed & ((1 << 63) - 1))
+            generator = seeded_generator(request.seed)
 
         with self.session(request.session_id, request.prefix_len) as session:
             if not 0.0 <= request.min_confidence <= 1.0:

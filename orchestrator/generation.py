@@ -21,7 +21,7 @@ from orchestrator.service_clients import DraftSession, VerifySession
 from orchestrator.text_stream import TextStream
 from specdec_api import common_pb2, orchestrator_pb2
 from speculation.rejection import RoundOutcome, greedy_accept, rejection_sample
-from speculation.sampling import Sampling
+from speculation.sampling import Sampling, seeded_generator
 from speculation.wire import decode_probs
 from telemetry.metrics import record_round
 from telemetry.tracing import get_tracer
@@ -187,7 +187,7 @@ class Generation:
         self.trace_context = trace_context  # the "generation" span's context: parent of every round
         self.load_model = load_model  # shared by the orchestrator's generations (--gamma-policy load)
         self.overlap = overlap and draft is not None
-        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.generator = seeded_generator(spec.seed)
         self.counters = Counters()
         self.committed = list(spec.prompt_ids)
         self.generated: list[int] = []

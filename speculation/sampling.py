@@ -68,9 +68,12 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# torch's CPU generator seeds from the low 32 bits only; the coupling stream must differ from the one a
-# draft seeded with the same value samples its later tokens from, so its low bits are shifted.
-_COUPLING_OFFSET = 0x9E3779B9
+def seeded_generator(seed: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for a 64-bit seed. torch's keeps only the low 32 bits of what it is given, so seeds
+    that differ only above bit 31 would replay the same draws: fold the high half in first. `stream` picks
+    another, independent stream for the same seed (a seed below 2**32 on stream 0 is used as it is)."""
+    folded = (seed ^ (seed >> 32)) & 0xFFFFFFFF
+    return torch.Generator().manual_seed((folded + stream * 0x9E3779B9) & 0xFFFFFFFF)
 
 
 def coupled_sample(probs: torch.Tensor, seed: int) -> int:
@@ -81,7 +84,7 @@ def coupled_sample(probs: torch.Tensor, seed: int) -> int:
     The draft guesses the target's bonus token this way while the target verifies (the overlap's
     continuation), and the orchestrator draws the bonus with the same seed, so a draft close to the
     target guesses it right about as often as it would under greedy decoding."""
-    generator = torch.Generator().manual_seed((seed + _COUPLING_OFFSET) & 0xFFFFFFFF)
+    generator = seeded_generator(seed, stream=1)  # not the stream a draft seeded alike samples from
     uniform = torch.rand(probs.shape[-1], generator=generator, dtype=torch.float64)
     gumbel = -torch.log(-torch.log(uniform))
     return int((torch.log(probs.double()) + gumbel).argmax())

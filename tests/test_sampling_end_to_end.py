@@ -36,3 +36,12 @@ def test_first_token_histogram_over_seeds_matches_the_target_distribution(stacks
     assert 0 < accepted_first < draws  # the first token came from both acceptance and the residual
     assert counts[target_probs == 0].sum() == 0
     assert chi_square_p(counts, target_probs) > 1e-3
+
+
+def test_seeds_that_differ_only_above_bit_31_give_different_generations(stacks):
+    """torch's CPU generator keeps 32 bits of a seed; the API's seed is 64-bit, so the high half counts."""
+    with stacks("noisy").client() as client:
+        runs = [client.generate(PROMPT, max_new_tokens=30, temperature=1.0, seed=s, num_draft_tokens=3)
+                for s in (11, 11 + (1 << 32), 11 + (1 << 32))]
+    assert runs[0].token_ids != runs[1].token_ids
+    assert runs[1].token_ids == runs[2].token_ids

@@ -144,3 +144,20 @@ def test_a_bonus_drawn_with_a_shared_seed_keeps_the_target_distribution():
             bonuses += 1
     assert bonuses > 1000
     assert chi_square_p(bonus_counts, target_row) > 1e-3
+
+
+def test_sample_draws_each_row_from_its_distribution_and_never_a_zero_probability_id():
+    from speculation.sampling import sample
+
+    torch.manual_seed(8)
+    rows = torch.randn(3, 10).softmax(-1)
+    rows[:, [0, 4, 9]] = 0.0  # ids at both ends and inside the support
+    rows = rows / rows.sum(-1, keepdim=True)
+    generator = torch.Generator().manual_seed(2)
+    draws = torch.stack([sample(rows, generator) for _ in range(4000)])  # [4000, 3]
+    for r in range(3):
+        counts = torch.bincount(draws[:, r], minlength=10).float()
+        assert counts[[0, 4, 9]].sum() == 0
+        assert chi_square_p(counts, rows[r]) > 1e-3
+    with pytest.raises(ValueError, match="sum to"):
+        sample(torch.zeros(1, 10), generator)

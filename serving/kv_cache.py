@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-from serving.growable_cache import new_cache, supports_growable
+from serving.growable_cache import new_cache
 
 
 class KVCache:
@@ -68,10 +68,9 @@ class ModelRunner:
         """Raise ValueError, naming the model type, when its cache cannot drop rejected draft tokens.
 
         Caches of full / sliding-window attention are our growable ones; others (linear attention,
-        state-space layers) keep transformers' cache, which may refuse to crop: find out at startup, not
-        in the middle of someone's generation."""
-        if supports_growable(self.model.config):
-            return
+        state-space layers) keep transformers' cache, which may refuse to crop; and a model's own forward
+        may not take either. A three-token forward and a crop find out at startup, not in the middle of
+        someone's generation."""
         cache = self.new_cache()
         try:
             self.extend(cache, [0, 0, 0], 1)

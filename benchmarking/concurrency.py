@@ -22,6 +22,16 @@ from specdec_cli.local_stack import REPO_ROOT, local_stack
 from specdec_client import Client
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc); None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _prompts_for(prompts: list[str], level: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(level)]
 
@@ -81,9 +91,16 @@ def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[in
                      orchestrator_args=("--gamma-policy", gamma_policy, "--num-draft-tokens", str(num_draft_tokens))
                      ) as stack, Client(stack.orchestrator, timeout=1800) as client:
         client.generate(prompts[0], max_new_tokens=8)  # warm-up
+        roles = {"draft": stack.processes[0].pid, "verify": stack.processes[1].pid,
+                 "orchestrator": stack.processes[2].pid, "client": os.getpid()}
         for level in levels:
             progress.set_postfix_str(f"specdec x{level}")
+            before, started = {role: _cpu_seconds(pid) for role, pid in roles.items()}, time.perf_counter()
             ours = run_ours(client, _prompts_for(prompts, level), max_new_tokens)
+            wall = time.perf_counter() - started
+            # Where the two cores went: CPU seconds per second of each process while the level ran.
+            ours["cpu_cores"] = {role: round((_cpu_seconds(pid) - before[role]) / wall, 3)
+                                 for role, pid in roles.items() if before[role] is not None}
             progress.update(1)
             report[str(level)] = ours
     for level in levels:

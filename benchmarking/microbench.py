@@ -5,6 +5,7 @@
     python -m benchmarking.microbench forward   # draft step and verify of 5 tokens, default runtime
     python -m benchmarking.microbench handler   # Verify's non-compute time per call, servicer in-process
     python -m benchmarking.microbench spans     # CPU per span and per traced gRPC call
+    python -m benchmarking.microbench batch     # one ragged verify forward: sessions x tokens each
 
 Run them pinned (`taskset -c 1 ...`) with one torch thread, as the bench pins the target side. The VM's
 speed drifts, so compare numbers from runs made back to back.
@@ -91,6 +92,28 @@ def forward(repeats: int = 60) -> dict:
             cache.crop(200)
             runner.extend(cache, tokens, len(tokens))
         out[name] = _median_ms(step, repeats)
+    return out
+
+
+def batch(repeats: int = 7, context: int = 150) -> dict:
+    """The target's ragged batched forward (extend_batch) for B sessions x T new tokens each, every
+    session holding `context` tokens: what one verify pass costs at a batch size and gamma (T = gamma+1).
+    Reports ms per pass and per position; speculation under load pays off where T > 1 costs little more."""
+    _, target = _loaded(DEFAULT_TARGET)
+    out = {}
+    for sessions in (1, 4, 16, 32):
+        caches = []
+        for _ in range(sessions):
+            cache = target.new_cache()
+            target.extend(cache, list(range(100, 100 + context)), 1)
+            caches.append(cache)
+        for tokens in (1, 2, 3, 5):
+            def run():
+                for cache in caches:
+                    cache.crop(context)
+                target.extend_batch(caches, [list(range(5, 5 + tokens))] * sessions, [tokens] * sessions)
+            ms = _median_ms(run, repeats)
+            out[f"{sessions}x{tokens}"] = {"ms": ms, "ms_per_position": round(ms / (sessions * tokens), 3)}
     return out
 
 
@@ -182,7 +205,8 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
     return out
 
 
-MEASUREMENTS = {"logits": logits, "sdpa": sdpa, "forward": forward, "handler": handler, "spans": spans}
+MEASUREMENTS = {"logits": logits, "sdpa": sdpa, "forward": forward, "handler": handler, "spans": spans,
+                "batch": batch}
 
 
 def main() -> None:

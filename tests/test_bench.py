@@ -45,3 +45,7 @@ def test_bench_concurrency_json_has_every_level(tiny, tmp_path):
         for key in ("tokens_per_s", "target_only_tokens_per_s", "p50_ms_per_token", "p99_ms_per_token"):
             assert entry[key] > 0
     assert levels["4"]["tokens"] == 40 and sum(levels["4"]["verify_batch_size_histogram"].values()) > 0
+    for entry in levels.values():  # CPU per process in clock ticks: a short level may read 0, never > 2 cores
+        assert set(entry["cpu_cores"]) == {"draft", "verify", "orchestrator", "client"}
+        assert all(0 <= cores <= 2.5 for cores in entry["cpu_cores"].values()), entry["cpu_cores"]
+    assert sum(levels["4"]["cpu_cores"].values()) > 0

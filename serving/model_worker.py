@@ -94,13 +94,15 @@ class ModelWorker:
         enqueued_unix = time.time_ns()
         started = time.perf_counter_ns()
         result = self.run_batch([payload])[0]
-        finished = time.perf_counter_ns()
+        compute_ns = time.perf_counter_ns() - started
+        self._count_batch(1, 0)
+        return _timed(result, 0, compute_ns, enqueued_unix, 1)
+
+    def _count_batch(self, size: int, oldest_wait_ns: int) -> None:
         self.stats.batches += 1
-        self.stats.jobs += 1
+        self.stats.jobs += size
         if self.on_batch is not None:
-            self.on_batch(1, 0.0)
-        return Timed(result, 0, (finished - started) // 1000, enqueued_unix, enqueued_unix,
-                     enqueued_unix + (finished - started), 1)
+            self.on_batch(size, oldest_wait_ns / 1e6)
 
     def _collect(self, first: _Job) -> list[_Job]:
         batch = [first]
@@ -137,12 +139,14 @@ class ModelWorker:
                         job.future.set_exception(error)
                     continue
                 finished = time.perf_counter_ns()
-            self.stats.batches += 1
-            self.stats.jobs += len(live)
-            if self.on_batch is not None:
-                self.on_batch(len(live), (started - live[0].enqueued) / 1e6)
+            self._count_batch(len(live), started - live[0].enqueued)
             for job, result in zip(live, results):
-                queue_ns = started - job.enqueued
-                start_unix = job.enqueued_unix + queue_ns
-                job.future.set_result(Timed(result, queue_ns // 1000, (finished - started) // 1000, job.enqueued_unix,
-                                            start_unix, start_unix + (finished - started), len(live)))
+                job.future.set_result(_timed(result, started - job.enqueued, finished - started, job.enqueued_unix,
+                                             len(live)))
+
+
+def _timed(result: Any, queue_ns: int, compute_ns: int, enqueued_unix: int, batch_size: int) -> Timed:
+    """A job's result with its queue wait and compute, and its start and end on the wall clock."""
+    start_unix = enqueued_unix + queue_ns
+    return Timed(result, queue_ns // 1000, compute_ns // 1000, enqueued_unix, start_unix, start_unix + compute_ns,
+                 batch_size)

@@ -20,16 +20,15 @@ from tqdm import tqdm
 from benchmarking.bench import percentile
 from specdec_cli.local_stack import REPO_ROOT, local_stack
 from specdec_client import Client
+from telemetry.overhead import cpu_seconds
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc); None where there is no /proc."""
+    """User + system CPU time of a process (telemetry.overhead reads /proc); None where there is none."""
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+        return cpu_seconds([pid])
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _prompts_for(prompts: list[str], level: int) -> list[str]:

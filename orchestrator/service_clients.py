@@ -141,4 +141,3 @@ def release(stub, session_id: str, timeout_s: float = 2.0) -> None:
         end_client_call(span, error)
     else:
         end_client_call(span)
-

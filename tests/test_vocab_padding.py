@@ -36,23 +36,28 @@ def _resized(source, out, rows: int, tokenizer, strong_padding: float = 0.0, see
     return out
 
 
-def _expected(target_dir, prompt):
+def _reference(target_dir):
+    """The target alone, loaded once: prompt -> its greedy `generate` continuation."""
     target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        out = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    def expected(prompt):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            out = target.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return expected
 
 
 def _serve_and_compare(target_dir, draft_dir, prompts):
+    expected = _reference(target_dir)
     stack = start_stack(target_dir, draft_dir)
     results = []
     try:
         with stack.client() as client:
             for prompt in prompts:
                 result = client.generate(prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3)
-                assert result.token_ids == _expected(target_dir, prompt), prompt
+                assert result.token_ids == expected(prompt), prompt
                 results.append(result)
             sampled = [client.generate(prompt, max_new_tokens=MAX_NEW, num_draft_tokens=3, temperature=1.0, seed=7)
                        for prompt in prompts[:4]]
@@ -90,7 +95,7 @@ def test_a_target_token_past_the_drafts_vocabulary_ends_speculation_for_that_gen
     """The target emits a padding id the draft has no embedding for: the rest runs target-only, exactly."""
     vocab = len(tokenizer)
     prompt = PROMPTS[0]
-    first = _expected(tiny.target, prompt)[3]
+    first = _reference(tiny.target)(prompt)[3]
     target_dir = _resized(tiny.target, tmp_path / "target", vocab + 8, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(target_dir)
     with torch.no_grad():  # padding id vocab + 3 outscores `first` wherever `first` would win
@@ -98,7 +103,7 @@ def test_a_target_token_past_the_drafts_vocabulary_ends_speculation_for_that_gen
         head[vocab + 3] = 1.5 * head[first]
         model.get_input_embeddings().weight[vocab + 3] = model.get_input_embeddings().weight[first]
     model.save_pretrained(target_dir)
-    expected = _expected(target_dir, prompt)
+    expected = _reference(target_dir)(prompt)
     assert vocab + 3 in expected, expected
     stack = start_stack(target_dir, tiny.target)
     try:

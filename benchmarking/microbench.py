@@ -6,6 +6,8 @@
     python -m benchmarking.microbench handler   # Verify's non-compute time per call, servicer in-process
     python -m benchmarking.microbench spans     # CPU per span and per traced gRPC call
     python -m benchmarking.microbench batch     # one ragged verify forward: sessions x tokens each
+    python -m benchmarking.microbench sample    # one sampled token: inverse CDF, torch.multinomial, Gumbel
+    python -m benchmarking.microbench bf16      # greedy vs generate in bfloat16: ours and HF assisted
 
 Run them pinned (`taskset -c 1 ...`) with one torch thread, as the bench pins the target side. The VM's
 speed drifts, so compare numbers from runs made back to back.
@@ -117,6 +119,68 @@ def batch(repeats: int = 7, context: int = 150) -> dict:
     return out
 
 
+def sample(repeats: int = 2000, vocab: int = 4096) -> dict:
+    """One draw from a [1, vocab] distribution (the reference pair's vocabulary), in microseconds:
+    speculation.sampling.sample (inverse CDF), torch.multinomial (what it replaced) and coupled_sample."""
+    from speculation.sampling import Sampling, coupled_sample, logits_to_probs
+    from speculation.sampling import sample as inverse_cdf
+
+    probs = logits_to_probs(torch.randn(1, vocab, generator=torch.Generator().manual_seed(0)) * 3, Sampling(1.0))
+    generator = torch.Generator().manual_seed(1)
+    out = {}
+    for _ in range(3):  # alternating, for this VM's drift
+        for name, draw in (("inverse_cdf_us", lambda: inverse_cdf(probs, generator)),
+                           ("multinomial_us", lambda: torch.multinomial(probs, 1, generator=generator)),
+                           ("coupled_us", lambda: coupled_sample(probs[0], 7))):
+            out.setdefault(name, []).append(round(1000 * _median_ms(draw, repeats // 3), 1))
+    return out
+
+
+def bf16(prompts: int = 23, new_tokens: int = 40) -> dict:
+    """How often greedy speculative output differs from the target's own one-token `generate` when both
+    run in bfloat16: ours (services started with --dtype bfloat16, gamma 1 and 4) and HF assisted
+    generation, on a tiny random Llama pair (hidden 128 / 3 layers and 64 / 1) with the shipped tokenizer.
+    Random weights make near-ties common, so this is a worst case; float32 is what the exactness tests check."""
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from specdec_cli.local_stack import local_stack
+    from specdec_client import Client
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEFAULT_TARGET))
+    texts = load_prompts(DEFAULT_PROMPTS, prompts)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for name, (hidden, layers, seed) in {"target": (128, 3, 1), "draft": (64, 1, 2)}.items():
+            torch.manual_seed(seed)
+            config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_key_value_heads=4, intermediate_size=2 * hidden,
+                                 max_position_embeddings=1024, eos_token_id=0, bos_token_id=0, pad_token_id=0)
+            paths[name] = Path(tmp) / name
+            LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(paths[name])
+            tokenizer.save_pretrained(paths[name])
+        target = LlamaForCausalLM.from_pretrained(paths["target"], dtype=torch.bfloat16).eval()
+        draft = LlamaForCausalLM.from_pretrained(paths["draft"], dtype=torch.bfloat16).eval()
+        inputs = [tokenizer(text[-400:], return_tensors="pt") for text in texts]
+        with torch.inference_mode():
+            reference = [target.generate(**x, do_sample=False, max_new_tokens=new_tokens)[0, x["input_ids"].shape[1]:]
+                         .tolist() for x in inputs]
+            assisted = [target.generate(**x, do_sample=False, max_new_tokens=new_tokens, assistant_model=draft,
+                                        num_assistant_tokens=gamma, num_assistant_tokens_schedule="constant")
+                        [0, x["input_ids"].shape[1]:].tolist() for x in inputs for gamma in (1, 4)]
+        flags = ("--dtype", "bfloat16")
+        with local_stack(str(paths["target"]), str(paths["draft"]), verify_args=flags, draft_args=flags) as stack, \
+                Client(stack.orchestrator, timeout=600) as client:
+            ours = [client.generate(x["input_ids"][0].tolist(), max_new_tokens=new_tokens, num_draft_tokens=gamma)
+                    .token_ids for x in inputs for gamma in (1, 4)]
+    expected = [r for r in reference for _ in (1, 4)]
+    return {"generations": len(expected),
+            "ours_differ": sum(a != b for a, b in zip(ours, expected)),
+            "hf_assisted_differ": sum(a != b for a, b in zip(assisted, expected))}
+
+
 def handler(repeats: int = 60) -> dict:
     """Verify through the servicer without gRPC: time around the call minus the worker's compute."""
     from serving.sessions import SessionStore
@@ -206,7 +270,7 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
 
 
 MEASUREMENTS = {"logits": logits, "sdpa": sdpa, "forward": forward, "handler": handler, "spans": spans,
-                "batch": batch}
+                "batch": batch, "sample": sample, "bf16": bf16}
 
 
 def main() -> None:

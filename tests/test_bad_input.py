@@ -71,6 +71,8 @@ def test_verify_service_rejects_bad_calls_clearly(stacks, request_fields, code, 
      "num_draft_tokens"),
     ({"session_id": "s", "append_tokens": [1], "num_draft_tokens": 99}, grpc.StatusCode.INVALID_ARGUMENT,
      "num_draft_tokens"),
+    ({"session_id": "s", "append_tokens": [1], "num_draft_tokens": 2, "vocab_limit": -1},
+     grpc.StatusCode.INVALID_ARGUMENT, "vocab_limit must be >= 0"),
 ])
 def test_draft_service_rejects_bad_calls_clearly(stacks, request_fields, code, fragment):
     stub = _draft_stub(stacks("different"))

@@ -35,7 +35,7 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
                 raise InvalidArgument(f"vocab_limit must be >= 0 (0: no limit), got {request.vocab_limit}")
             done = self.worker.submit(ProposeJob(session.cache, append, gamma, sampling, generator,
                                                  request.min_confidence, request.vocab_limit, request.seed),
-                                      alive=self.caller_alive(context))
+                                      alive=self.caller_alive(context), key=request.session_id)
             cached_len = session.length
         record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + gamma - 1})
         reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)

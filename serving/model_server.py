@@ -28,7 +28,7 @@ class ModelServerSettings:
     max_workers: int = 64
     runtime: str = "auto"  # auto | lean | hf (serving/kv_cache.py: make_runner)
     max_batch: int = 32  # sessions per forward pass (batching needs the lean runtime)
-    max_wait_ms: float = 0.0  # wait this long for a batch to fill; 0 batches only what is already queued
+    max_wait_ms: float = 0.0  # hold a pass open this long for sessions expected back; 0: what is queued
     max_queue: int = 256  # requests waiting for the worker before RESOURCE_EXHAUSTED
     max_concurrent_rpcs: int | None = None  # gRPC refuses calls beyond this with RESOURCE_EXHAUSTED
 

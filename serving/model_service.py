@@ -75,6 +75,7 @@ class ModelServiceBase:
 
     # -- RPCs shared by both services --------------------------------------------------------------
     def ReleaseSession(self, request, context):
+        self.worker.forget(request.session_id)
         return common_pb2.ReleaseSessionResponse(released=self.store.release(request.session_id))
 
     def GetModelInfo(self, request, context):

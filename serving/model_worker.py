@@ -1,27 +1,37 @@
 """The one thread that runs forward passes: it measures queue wait apart from compute, batches work
 from different sessions, and pushes back when it is overloaded.
 
-gRPC handler threads `submit` a payload and block on the result. When nothing is running or queued
-and batches are not held open (`max_wait_ms` 0), the handler thread runs its job itself: no hand-off
-to the worker and back, which costs two thread wake-ups (~0.1-0.4 ms on a VM). Otherwise the worker
-takes the oldest job,
-waits up to `max_wait_ms` for more (up to `max_batch`), drops jobs whose caller has gone (cancelled,
-or past its deadline), and hands the rest to `run_batch(payloads) -> results` as one batch. A full
-queue is refused at once with RESOURCE_EXHAUSTED rather than accepted and served late.
+gRPC handler threads `submit` a payload and block on the result. When nothing is running, queued or
+expected, the handler thread runs its job itself: no hand-off to the worker and back, which costs two
+thread wake-ups (~0.1-0.4 ms on a VM). Otherwise the worker takes the oldest job and everything queued
+behind it (up to `max_batch`), drops jobs whose caller has gone (cancelled, or past its deadline), and
+hands the rest to `run_batch(payloads) -> results` as one batch. A full queue is refused at once with
+RESOURCE_EXHAUSTED rather than accepted and served late.
+
+Holding a batch open (`max_wait_ms` > 0) waits only for sessions that are expected back: a session
+(the `key` of its jobs) whose last pass ended here and which has not been released, predicted by how
+long it stayed away before, is awaited if it should arrive before the wait runs out. Without this,
+sessions drift into groups that take turns (two passes of 2 sessions where one pass of 4 would do),
+and each pass pays the full read of the weights; with a plain fixed wait, a lone session would pay the
+wait every round for nobody. New sessions are not predicted and are not waited for.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 from serving.errors import ResourceExhausted, ServiceError
 
 import grpc
+
+
+FORGET_AFTER_S = 60.0  # a session not back this long after it was due is no longer tracked
 
 
 class CallerGone(ServiceError):
@@ -47,6 +57,14 @@ class _Job:
     enqueued: int
     enqueued_unix: int
     alive: Callable[[], bool]
+    key: Hashable = None
+
+
+@dataclass
+class _Away:
+    """A session between passes: when its last pass ended, and how long it stayed away before (EWMA)."""
+    left: float
+    away_s: float | None = None
 
 
 @dataclass
@@ -69,31 +87,85 @@ class ModelWorker:
         self._forward = threading.Lock()  # one forward pass at a time, inline or on the worker
         self._waiting = 0  # submitted to the worker and not yet started (what max_queue bounds)
         self._count = threading.Lock()
+        self._away: dict[Hashable, _Away] = {}  # sessions expected back (see the module docstring)
+        self._away_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, payload: Any, alive: Callable[[], bool] = lambda: True) -> Timed:
-        """Run `payload` (in a batch) and return its result; `alive` says whether the caller still waits."""
+    def submit(self, payload: Any, alive: Callable[[], bool] = lambda: True, key: Hashable = None) -> Timed:
+        """Run `payload` (in a batch) and return its result; `alive` says whether the caller still waits;
+        `key` names the session, so that a batch held open can wait for it to come back."""
         if self._waiting >= self.max_queue:
             self.stats.rejected += 1
             raise ResourceExhausted(f"the model worker's queue is full ({self.max_queue} requests waiting); "
                                     "retry with backoff or add replicas")
-        if self.max_wait_s == 0 and self._waiting == 0 and self._forward.acquire(blocking=False):
+        if self._waiting == 0 and self._forward.acquire(blocking=False):
             try:
-                if self._waiting == 0:  # still nobody waiting: run here, a batch of one
-                    return self._run_inline(payload)
+                # Still nobody waiting, and nobody else expected soon: run here, a batch of one.
+                if self._waiting == 0 and not self._others_expected(key):
+                    return self._run_inline(payload, key)
             finally:
                 self._forward.release()
         future: Future = Future()
         with self._count:
             self._waiting += 1
-        self._jobs.put(_Job(payload, future, time.perf_counter_ns(), time.time_ns(), alive))
+        self._jobs.put(_Job(payload, future, time.perf_counter_ns(), time.time_ns(), alive, key))
+        self._arrived(key)  # after the put: a batch that stops waiting for this key finds its job queued
         return future.result()
 
-    def _run_inline(self, payload: Any) -> Timed:
+    def forget(self, key: Hashable) -> None:
+        """The session is over (released): stop expecting it back."""
+        with self._away_lock:
+            self._away.pop(key, None)
+
+    def _arrived(self, key: Hashable) -> None:
+        if key is None or self.max_wait_s == 0:
+            return
+        now = time.monotonic()
+        with self._away_lock:
+            away = self._away.get(key)
+            if away is not None and away.left != math.inf:
+                took = now - away.left
+                away.away_s = took if away.away_s is None else 0.7 * away.away_s + 0.3 * took
+                away.left = math.inf  # here now; set again when its pass ends
+
+    def _left(self, keys: Sequence[Hashable]) -> None:
+        if self.max_wait_s == 0:
+            return
+        now = time.monotonic()
+        with self._away_lock:
+            for key in keys:
+                if key is not None:
+                    self._away.setdefault(key, _Away(now)).left = now
+
+    def _expected(self, deadline: float, now: float, present: set) -> bool:
+        """Whether a session not in `present` is predicted back before `deadline`. One overdue by more
+        than the wait itself is not waited for (it may have ended without a release, or be slow)."""
+        with self._away_lock:
+            for key, away in list(self._away.items()):
+                if key in present or away.left == math.inf:
+                    continue
+                due = away.left + (away.away_s or 0.0)
+                if now > due + FORGET_AFTER_S:  # gone without a release (its client vanished)
+                    del self._away[key]
+                elif due <= deadline and now <= due + self.max_wait_s:
+                    return True
+        return False
+
+    def _others_expected(self, key: Hashable) -> bool:
+        if self.max_wait_s == 0:
+            return False
+        now = time.monotonic()
+        return self._expected(now + self.max_wait_s, now, {key})
+
+    def _run_inline(self, payload: Any, key: Hashable = None) -> Timed:
+        self._arrived(key)
         enqueued_unix = time.time_ns()
         started = time.perf_counter_ns()
-        result = self.run_batch([payload])[0]
+        try:
+            result = self.run_batch([payload])[0]
+        finally:
+            self._left([key])
         compute_ns = time.perf_counter_ns() - started
         self._count_batch(1, 0)
         return _timed(result, 0, compute_ns, enqueued_unix, 1)
@@ -105,14 +177,24 @@ class ModelWorker:
             self.on_batch(size, oldest_wait_ns / 1e6)
 
     def _collect(self, first: _Job) -> list[_Job]:
+        """The oldest job, all queued behind it, and those expected back within `max_wait_ms`."""
         batch = [first]
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
             try:
-                batch.append(self._jobs.get(timeout=remaining) if remaining > 0 else self._jobs.get_nowait())
+                batch.append(self._jobs.get_nowait())
+                continue
             except queue.Empty:
+                pass
+            now = time.monotonic()
+            if self.max_wait_s == 0 or now >= deadline:
                 break
+            if not self._expected(deadline, now, {job.key for job in batch}):
+                break
+            try:  # an arrival (expected or not) wakes this; re-check who is still out after each
+                batch.append(self._jobs.get(timeout=min(deadline - now, 0.002)))
+            except queue.Empty:
+                pass
         return batch
 
     def _loop(self) -> None:
@@ -139,6 +221,7 @@ class ModelWorker:
                         job.future.set_exception(error)
                     continue
                 finished = time.perf_counter_ns()
+                self._left([job.key for job in live])
             self._count_batch(len(live), started - live[0].enqueued)
             for job, result in zip(live, results):
                 job.future.set_result(_timed(result, started - job.enqueued, finished - started, job.enqueued_unix,

@@ -73,7 +73,7 @@ def serve(
     max_batch: int = typer.Option(32, envvar=_env("max_batch"),
                                   help="draft/verify: sessions per forward pass (cross-session batching needs the lean runtime, the default for Llama)"),
     max_wait_ms: float = typer.Option(0.0, envvar=_env("max_wait_ms"),
-                                      help="draft/verify: wait this long for a batch to fill (0: batch what is queued)"),
+                                      help="draft/verify: hold a pass open up to this long for sessions expected back from their previous pass (0: batch what is queued)"),
     max_queue: int = typer.Option(256, envvar=_env("max_queue"),
                                   help="draft/verify: queued requests before RESOURCE_EXHAUSTED"),
     max_concurrent_rpcs: Optional[int] = typer.Option(None, envvar=_env("max_concurrent_rpcs"),

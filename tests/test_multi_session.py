@@ -164,6 +164,44 @@ def test_an_idle_worker_runs_the_call_on_its_own_thread_and_a_busy_one_batches()
     assert threads_seen[-1][0] not in (threading.get_ident(), first.ident)  # the worker thread ran it
 
 
+def test_a_held_batch_waits_only_for_sessions_expected_back():
+    """max_wait_ms holds a pass open for a session that just left an earlier pass, not for nobody."""
+    gate = threading.Event()
+    passes = []
+
+    def run_batch(payloads):
+        passes.append(sorted(payloads))
+        if "a1" in payloads:
+            gate.wait(5)  # hold a's first pass so that b queues behind it
+        return payloads
+
+    worker = ModelWorker(run_batch, max_batch=8, max_wait_ms=400)
+    started = time.perf_counter()
+    assert worker.submit("solo", key="solo").batch_size == 1  # nobody else is known: runs at once
+    worker.forget("solo")
+    assert time.perf_counter() - started < 0.2
+
+    results = {}
+    first = threading.Thread(target=lambda: results.__setitem__("a1", worker.submit("a1", key="a")))
+    first.start()
+    time.sleep(0.05)
+    second = threading.Thread(target=lambda: results.__setitem__("b1", worker.submit("b1", key="b")))
+    second.start()
+    time.sleep(0.05)
+    gate.set()  # a's pass ends: a is out, expected back; b's pass holds open for it
+    first.join(5)
+    time.sleep(0.05)  # a's round elsewhere (its draft, the accept step)
+    results["a2"] = worker.submit("a2", key="a")
+    second.join(5)
+    assert passes[-1] == ["a2", "b1"] and results["b1"].batch_size == results["a2"].batch_size == 2
+
+    worker.forget("a")
+    worker.forget("b")
+    started = time.perf_counter()
+    assert worker.submit("c1", key="c").batch_size == 1  # released sessions are not waited for
+    assert time.perf_counter() - started < 0.2
+
+
 def _raises(call):
     try:
         call()

@@ -26,7 +26,7 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
 
         with self.session(request.session_id, request.prefix_len) as session:
             done = self.worker.submit(ScoreJob(session.cache, append + drafts, len(drafts) + 1),
-                                      alive=self.caller_alive(context))
+                                      alive=self.caller_alive(context), key=request.session_id)
             cached_len = session.length
         scores = score(done.result, sampling)
         record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + len(drafts)})

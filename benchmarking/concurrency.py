@@ -1,8 +1,17 @@
 """`specdec bench --concurrency 1,4,16,32`: aggregate throughput at each level of concurrent streams,
 ours against target-only decoding batched at the same level (HF generate on that many prompts).
 
-The whole deployment shares both cores (no pinning): the verify service batches across sessions (lean
-runtime), the orchestrator adapts gamma to the load (--gamma-policy load, or fixed with `--gamma-policy fixed`).
+Every level serves the same workload (by default as many prompts as the largest level): ours with
+`level` generations in flight at any time, target-only in `generate` calls of `level` prompts. So the
+levels compare on the same prompts: one stream is not one prompt's acceptance rate.
+
+The whole deployment shares the machine's two cores. Pinned (the default, as in the batch-1 bench): the
+verify service on core 1, the draft service, the orchestrator and the client on core 0, which is how the
+services would sit on separate nodes; unpinned, the scheduler places them. The verify service batches
+across sessions (lean runtime), the orchestrator adapts gamma to the load (--gamma-policy load, or fixed
+with `--gamma-policy fixed`). Target-only decoding runs unpinned on two torch threads: all of the
+machine, its best case. Each level runs ours and then target-only, so that the VM's drift between
+levels weighs on both alike.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -31,13 +42,12 @@ def _cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _prompts_for(prompts: list[str], level: int) -> list[str]:
-    return [prompts[i % len(prompts)] for i in range(level)]
-
-
-def run_ours(client: Client, prompts: list[str], max_new_tokens: int) -> dict:
+def run_ours(client: Client, prompts: list[str], max_new_tokens: int, streams: int | None = None) -> dict:
+    """All `prompts` through the orchestrator, `streams` generations in flight at any time (a closed loop:
+    each stream takes the next prompt when its generation ends); all at once when `streams` is None."""
     per_token, batches, gammas, tokens = [], Counter(), Counter(), [0]
     lock = threading.Lock()
+    pending = list(reversed(prompts))
 
     def one(prompt: str) -> None:
         last = time.perf_counter()
@@ -52,7 +62,15 @@ def run_ours(client: Client, prompts: list[str], max_new_tokens: int) -> dict:
                     gammas[int(chunk.round["num_draft_tokens"])] += 1
             last = now
 
-    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
+    def stream() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                prompt = pending.pop()
+            one(prompt)
+
+    threads = [threading.Thread(target=stream) for _ in range(streams or len(prompts))]
     started = time.perf_counter()
     for t in threads:
         t.start()
@@ -66,12 +84,15 @@ def run_ours(client: Client, prompts: list[str], max_new_tokens: int) -> dict:
             "gamma_histogram": {str(k): v for k, v in sorted(gammas.items())}}
 
 
-def run_target_batched(target: str, prompts: list[str], max_new_tokens: int, threads: int) -> dict:
+def run_target_batched(target: str, prompts: list[str], max_new_tokens: int, threads: int,
+                       batch_size: int | None = None) -> dict:
     command = [sys.executable, "-m", "benchmarking.hf_baselines", "--system", "target_batched", "--target", target,
                "--draft", target, "--prompts", json.dumps(prompts), "--max-new-tokens", str(max_new_tokens),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--batch-size", str(batch_size or len(prompts))]
+    # All of the machine, whatever this process is pinned to.
+    everywhere = (lambda: os.sched_setaffinity(0, range(os.cpu_count() or 1))) if hasattr(os, "sched_setaffinity") else None
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, preexec_fn=everywhere)
     if done.returncode != 0:
         raise RuntimeError(f"target_batched failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -80,39 +101,65 @@ def run_target_batched(target: str, prompts: list[str], max_new_tokens: int, thr
             "p50_ms_per_token": round(percentile(ms, 50), 3), "p99_ms_per_token": round(percentile(ms, 99), 3)}
 
 
+@contextmanager
+def _affinity(cpus: set[int] | None) -> Iterator[None]:
+    """This process (the client's threads) on `cpus` for the block; no-op where affinity is not offered."""
+    if cpus is None or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[int], max_new_tokens: int,
-                    num_draft_tokens: int, verify_threads: int = 1, gamma_policy: str = "load") -> dict:
+                    num_draft_tokens: int, verify_threads: int = 1, gamma_policy: str = "load",
+                    pinned: bool = True, verify_cpu: int = 1, draft_cpu: int = 0,
+                    workload: int | None = None) -> tuple[dict, dict]:
+    """({level: results}, the protocol as run). Every level serves the same workload: `workload` prompts
+    (default: as many as the largest level; the prompt file cycled), `level` at a time."""
     report: dict = {}
+    work = [prompts[i % len(prompts)] for i in range(workload or max(levels))]
     progress = tqdm(total=2 * len(levels), desc="concurrency", unit="run", file=sys.stderr)
+    pinned = pinned and sys.platform.startswith("linux") and (os.cpu_count() or 1) > max(verify_cpu, draft_cpu)
+    cpu = (lambda c: c) if pinned else (lambda c: None)
     # One torch thread for the verify service: with two, verify, draft and orchestrator oversubscribe
     # the two cores and 32 streams fell from 222 to 79 tokens/s (docs/benchmarks.md).
-    with local_stack(target, draft, threads=1, verify_args=("--runtime", "lean", "--threads", str(verify_threads)),
-                     orchestrator_args=("--gamma-policy", gamma_policy, "--num-draft-tokens", str(num_draft_tokens))
-                     ) as stack, Client(stack.orchestrator, timeout=1800) as client:
+    # The client with the draft side: set before the client's channel starts its threads, which inherit it.
+    with _affinity({draft_cpu} if pinned else None), \
+            local_stack(target, draft, threads=1, verify_args=("--runtime", "lean", "--threads", str(verify_threads)),
+                        orchestrator_args=("--gamma-policy", gamma_policy, "--num-draft-tokens", str(num_draft_tokens)),
+                        draft_cpu=cpu(draft_cpu), orchestrator_cpu=cpu(draft_cpu), verify_cpu=cpu(verify_cpu),
+                        ) as stack, Client(stack.orchestrator, timeout=1800) as client:
         client.generate(prompts[0], max_new_tokens=8)  # warm-up
         roles = {"draft": stack.processes[0].pid, "verify": stack.processes[1].pid,
                  "orchestrator": stack.processes[2].pid, "client": os.getpid()}
         for level in levels:
             progress.set_postfix_str(f"specdec x{level}")
             before, started = {role: _cpu_seconds(pid) for role, pid in roles.items()}, time.perf_counter()
-            ours = run_ours(client, _prompts_for(prompts, level), max_new_tokens)
+            ours = run_ours(client, work, max_new_tokens, streams=level)
             wall = time.perf_counter() - started
             # Where the two cores went: CPU seconds per second of each process while the level ran.
             ours["cpu_cores"] = {role: round((_cpu_seconds(pid) - before[role]) / wall, 3)
                                  for role, pid in roles.items() if before[role] is not None}
             progress.update(1)
-            report[str(level)] = ours
-    for level in levels:
-        progress.set_postfix_str(f"target batched x{level}")
-        base = run_target_batched(target, _prompts_for(prompts, level), max_new_tokens, threads=2)
-        progress.update(1)
-        entry = report[str(level)]
-        entry["target_only_tokens_per_s"] = base["tokens_per_s"]
-        entry["target_only_p50_ms_per_token"] = base["p50_ms_per_token"]
-        entry["target_only_p99_ms_per_token"] = base["p99_ms_per_token"]
-        entry["vs_target_only"] = round(entry["tokens_per_s"] / base["tokens_per_s"], 3) if base["tokens_per_s"] else 0
+            report[str(level)] = entry = ours
+            progress.set_postfix_str(f"target batched x{level}")
+            base = run_target_batched(target, work, max_new_tokens, threads=2, batch_size=level)
+            progress.update(1)
+            entry["target_only_tokens_per_s"] = base["tokens_per_s"]
+            entry["target_only_p50_ms_per_token"] = base["p50_ms_per_token"]
+            entry["target_only_p99_ms_per_token"] = base["p99_ms_per_token"]
+            entry["vs_target_only"] = round(entry["tokens_per_s"] / base["tokens_per_s"], 3) if base["tokens_per_s"] else 0
     progress.close()
     first = report[str(levels[0])]["tokens_per_s"]
     for level in levels:
         report[str(level)]["vs_one_stream"] = round(report[str(level)]["tokens_per_s"] / first, 3) if first else 0
-    return report
+    protocol = {"pinned": pinned, "verify_cpu": verify_cpu if pinned else None,
+                "draft_orchestrator_client_cpu": draft_cpu if pinned else None, "verify_threads": verify_threads,
+                "target_only_threads": 2, "max_new_tokens": max_new_tokens, "gamma_policy": gamma_policy,
+                "num_draft_tokens": num_draft_tokens, "workload_prompts": len(work)}
+    return report, protocol

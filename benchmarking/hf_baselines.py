@@ -90,25 +90,28 @@ def serve_lines(system: str, target_dir: str, draft_dir: str, threads: int) -> N
                                            request["seed"])), flush=True)
 
 
-def run_batched(target_dir: str, prompts: list[str], max_new_tokens: int, threads: int) -> dict:
-    """Target-only decoding on a batch of len(prompts) prompts (left padding), greedy; per-step times."""
+def run_batched(target_dir: str, prompts: list[str], max_new_tokens: int, threads: int,
+                batch_size: int | None = None) -> dict:
+    """Target-only decoding of `prompts`, `batch_size` at a time (each batch one `generate` call, left
+    padding: static batching, what HF offers), greedy; tokens, wall time and per-step times over all."""
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     tokenizer.padding_side = "left"
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     eos = target.generation_config.eos_token_id
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch_size = batch_size or len(prompts)
+    tokens, wall, clock = 0, 0.0, TokenClock()
     with torch.inference_mode():
         target.generate(**tokenizer(prompts[:1], return_tensors="pt"), max_new_tokens=4, do_sample=False)
-        clock = TokenClock()
-        started = time.perf_counter()
-        out = target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, streamer=_BatchClock(clock),
-                              pad_token_id=tokenizer.pad_token_id)
-        wall = time.perf_counter() - started
-    generated = out[:, inputs["input_ids"].shape[1]:].tolist()
-    tokens = 0
-    for row in generated:  # count each stream's tokens up to and including its EOS
-        tokens += next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
+        for first in range(0, len(prompts), batch_size):
+            inputs = tokenizer(prompts[first:first + batch_size], return_tensors="pt", padding=True)
+            clock.prompt_seen = False
+            started = time.perf_counter()
+            out = target.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens,
+                                  streamer=_BatchClock(clock), pad_token_id=tokenizer.pad_token_id)
+            wall += time.perf_counter() - started
+            for row in out[:, inputs["input_ids"].shape[1]:].tolist():  # each stream's tokens up to its EOS
+                tokens += next((i + 1 for i, t in enumerate(row) if t == eos), len(row))
     return {"tokens": tokens, "wall_s": wall, "step_s": clock.per_token_s}
 
 
@@ -140,6 +143,7 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None, help="target_batched: prompts per generate call")
     parser.add_argument("--serve", action="store_true", help="worker mode: prompts on stdin, rows on stdout")
     args = parser.parse_args()
     if args.serve:
@@ -147,7 +151,7 @@ def main() -> None:
         return
     prompts = json.loads(args.prompts)
     if args.system == "target_batched":
-        print(json.dumps(run_batched(args.target, prompts, args.max_new_tokens, args.threads)))
+        print(json.dumps(run_batched(args.target, prompts, args.max_new_tokens, args.threads, args.batch_size)))
         return
     print(json.dumps(run(args.system, args.target, args.draft, prompts, args.max_new_tokens, args.sample, args.seed,
                          args.threads)))

@@ -204,6 +204,8 @@ def bench(
     concurrency: Optional[str] = typer.Option(
         None, help="e.g. 1,4,16,32: aggregate tokens/s at each level of concurrent streams vs batched target-only"),
     gamma_policy: str = typer.Option("load", help="with --concurrency: the orchestrator's --gamma-policy (load | fixed)"),
+    workload: Optional[int] = typer.Option(
+        None, help="with --concurrency: prompts every level serves (default: the largest level)"),
 ):
     """target_only vs hf_assisted vs specdec on the reference pair: tokens/s, speedup, alpha, round split."""
     from benchmarking.bench import BenchSettings, add_leviathan_bound, plot, run_bench
@@ -213,10 +215,11 @@ def bench(
         from benchmarking.concurrency import run_concurrency
 
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
-        result = run_concurrency(target, draft, load_prompts(prompts), levels, max_new_tokens, num_draft_tokens,
-                                 gamma_policy=gamma_policy)
+        result, protocol = run_concurrency(target, draft, load_prompts(prompts), levels, max_new_tokens,
+                                           num_draft_tokens, gamma_policy=gamma_policy, pinned=pinned,
+                                           workload=workload)
         if as_json:
-            typer.echo(json.dumps({"concurrency": result}))
+            typer.echo(json.dumps({"concurrency": result, "protocol": protocol}))
             return
         for level, r in result.items():
             typer.echo(f"x{level:>3}: ours {r['tokens_per_s']:8.1f} tok/s (x{r['vs_one_stream']:.2f} of 1 stream)  "

@@ -39,12 +39,15 @@ def test_bench_concurrency_json_has_every_level(tiny, tmp_path):
          "--prompts", str(prompts), "--max-new-tokens", "10", "--concurrency", "1,4", "--json"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "GRPC_VERBOSITY": "ERROR"})
     assert done.returncode == 0, done.stderr[-3000:]
-    levels = json.loads(done.stdout)["concurrency"]
+    report = json.loads(done.stdout)
+    levels = report["concurrency"]
     assert set(levels) == {"1", "4"}
+    # pinned by default, like the batch-1 bench, where the machine has the two cores to pin to
+    assert report["protocol"]["pinned"] is (sys.platform.startswith("linux") and (os.cpu_count() or 1) >= 2)
     for entry in levels.values():
         for key in ("tokens_per_s", "target_only_tokens_per_s", "p50_ms_per_token", "p99_ms_per_token"):
             assert entry[key] > 0
-    assert levels["4"]["tokens"] == 40 and sum(levels["4"]["verify_batch_size_histogram"].values()) > 0
+    assert levels["1"]["tokens"] == levels["4"]["tokens"] == 40 and sum(levels["4"]["verify_batch_size_histogram"].values()) > 0
     for entry in levels.values():  # CPU per process in clock ticks: a short level may read 0, never > 2 cores
         assert set(entry["cpu_cores"]) == {"draft", "verify", "orchestrator", "client"}
         assert all(0 <= cores <= 2.5 for cores in entry["cpu_cores"].values()), entry["cpu_cores"]

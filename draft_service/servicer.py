@@ -16,6 +16,10 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
     def run_batch(self, jobs):
         return propose_batch(self.runner, jobs)
 
+    @staticmethod
+    def tokens_of(job: ProposeJob) -> int:
+        return len(job.append) + job.gamma - 1  # what it feeds: the new committed tokens, then its own drafts
+
     def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
         started = time.perf_counter_ns()
         gamma = request.num_draft_tokens
@@ -41,5 +45,5 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
         reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)
         if done.result.draft_probs is not None:
             encode_to_message(encode_probs(done.result.draft_probs), reply.draft_probs)
-        reply.timing.CopyFrom(timing(started, done.queue_us, done.compute_us, done.batch_size))
+        reply.timing.CopyFrom(timing(started, done))
         return reply

@@ -37,6 +37,7 @@ class CallRecord:
     queue_ms: float
     bytes: int
     batch_size: int = 1
+    batch_tokens: int = 0  # tokens in the server's shared pass (0: not reported)
 
     @property
     def network_ms(self) -> float:
@@ -87,7 +88,8 @@ class SessionClient:
             end_client_call(span)
             t = response.timing
             self.calls.append(CallRecord(observed, t.total_us / 1000, t.compute_us / 1000, t.queue_us / 1000,
-                                         request.ByteSize() + response.ByteSize(), max(1, t.batch_size)))
+                                         request.ByteSize() + response.ByteSize(), max(1, t.batch_size),
+                                         t.batch_tokens))
             return response, prefix, len(committed) - prefix
 
     def advance(self, base: int, cached_len: int, accepted: int) -> None:

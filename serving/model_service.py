@@ -27,9 +27,14 @@ class ModelServiceBase:
         self.store = store
         self.max_draft_tokens = max_draft_tokens
         self.worker = ModelWorker(self.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                  max_queue=max_queue, on_batch=record_batch)
+                                  max_queue=max_queue, on_batch=record_batch, tokens_of=self.tokens_of)
 
     def run_batch(self, payloads):
+        raise NotImplementedError
+
+    @staticmethod
+    def tokens_of(payload) -> int:
+        """Tokens one job feeds through the model (reported as ServerTiming.batch_tokens)."""
         raise NotImplementedError
 
     @staticmethod
@@ -98,8 +103,9 @@ def record_worker_spans(done: Timed, **attributes) -> None:
         span.end(end_time=end)
 
 
-def timing(started_ns: int, queue_us: int, compute_us: int, batch_size: int = 1) -> common_pb2.ServerTiming:
-    return common_pb2.ServerTiming(queue_us=queue_us, compute_us=compute_us, batch_size=batch_size,
+def timing(started_ns: int, done: Timed) -> common_pb2.ServerTiming:
+    return common_pb2.ServerTiming(queue_us=done.queue_us, compute_us=done.compute_us, batch_size=done.batch_size,
+                                   batch_tokens=done.batch_tokens,
                                    total_us=(time.perf_counter_ns() - started_ns) // 1000)
 
 

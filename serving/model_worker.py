@@ -48,6 +48,7 @@ class Timed:
     started_unix_ns: int = 0
     finished_unix_ns: int = 0
     batch_size: int = 1
+    batch_tokens: int = 0  # tokens the pass fed, over all its jobs (0 when the worker has no `tokens_of`)
 
 
 @dataclass
@@ -78,8 +79,10 @@ class WorkerStats:
 class ModelWorker:
     def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int = 1,
                  max_wait_ms: float = 0.0, max_queue: int = 256, name: str = "model-worker",
-                 on_batch: Callable[[int, float], None] | None = None):
+                 on_batch: Callable[[int, float], None] | None = None,
+                 tokens_of: Callable[[Any], int] | None = None):
         self.run_batch = run_batch
+        self.tokens_of = tokens_of  # a payload's token count, reported back as the pass's batch_tokens
         self.max_batch, self.max_wait_s, self.max_queue = max(1, max_batch), max_wait_ms / 1000, max_queue
         self.on_batch = on_batch  # (batch size, queue wait ms of its oldest job): metrics hook
         self.stats = WorkerStats()
@@ -168,7 +171,10 @@ class ModelWorker:
             self._left([key])
         compute_ns = time.perf_counter_ns() - started
         self._count_batch(1, 0)
-        return _timed(result, 0, compute_ns, enqueued_unix, 1)
+        return _timed(result, 0, compute_ns, enqueued_unix, 1, self._tokens([payload]))
+
+    def _tokens(self, payloads: Sequence[Any]) -> int:
+        return sum(self.tokens_of(p) for p in payloads) if self.tokens_of is not None else 0
 
     def _count_batch(self, size: int, oldest_wait_ns: int) -> None:
         self.stats.batches += 1
@@ -223,13 +229,15 @@ class ModelWorker:
                 finished = time.perf_counter_ns()
                 self._left([job.key for job in live])
             self._count_batch(len(live), started - live[0].enqueued)
+            tokens = self._tokens([job.payload for job in live])
             for job, result in zip(live, results):
                 job.future.set_result(_timed(result, started - job.enqueued, finished - started, job.enqueued_unix,
-                                             len(live)))
+                                             len(live), tokens))
 
 
-def _timed(result: Any, queue_ns: int, compute_ns: int, enqueued_unix: int, batch_size: int) -> Timed:
+def _timed(result: Any, queue_ns: int, compute_ns: int, enqueued_unix: int, batch_size: int,
+           batch_tokens: int = 0) -> Timed:
     """A job's result with its queue wait and compute, and its start and end on the wall clock."""
     start_unix = enqueued_unix + queue_ns
     return Timed(result, queue_ns // 1000, compute_ns // 1000, enqueued_unix, start_unix, start_unix + compute_ns,
-                 batch_size)
+                 batch_size, batch_tokens)

@@ -92,6 +92,8 @@ def test_a_retried_call_is_harmless(stacks):
     b = stub.Verify(request, timeout=10)
     assert a.argmax_token_ids == b.argmax_token_ids and a.cached_len == b.cached_len == 6
     assert first.cached_len == 3
+    # the pass's size as the load policy reads it: one session, its 1 new token and 2 drafts
+    assert (a.timing.batch_size, a.timing.batch_tokens, first.timing.batch_tokens) == (1, 3, 3)
     released = stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id="retry"), timeout=10)
     assert released.released
     assert not stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id="retry"), timeout=10).released

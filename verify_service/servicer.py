@@ -15,6 +15,10 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
     def run_batch(self, jobs):
         return forward_batch(self.runner, jobs)
 
+    @staticmethod
+    def tokens_of(job: ScoreJob) -> int:
+        return len(job.tokens)
+
     def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
         started = time.perf_counter_ns()
         append, drafts = list(request.append_tokens), list(request.draft_token_ids)
@@ -33,5 +37,5 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
         reply = verify_pb2.VerifyResponse(argmax_token_ids=scores.argmax_token_ids, cached_len=cached_len)
         if scores.target_probs is not None:
             encode_to_message(encode_probs(scores.target_probs), reply.target_probs)
-        reply.timing.CopyFrom(timing(started, done.queue_us, done.compute_us, done.batch_size))
+        reply.timing.CopyFrom(timing(started, done))
         return reply

@@ -249,7 +249,8 @@ class Generation:
             # are left out: they are other sessions' compute, which grows with their gamma, and counting
             # them as a fixed cost per round pushed gamma up exactly when the verify was saturated.
             overhead_ms = round_ms - draft.compute_ms - verify.compute_ms - verify.queue_ms - draft.queue_ms
-            self.load_model.observe(event.gamma, verify.batch_size, verify.compute_ms, draft.compute_ms, overhead_ms)
+            self.load_model.observe(event.gamma, verify.batch_size, verify.compute_ms, draft.compute_ms, overhead_ms,
+                                   verify.batch_tokens)
         record_round(event.gamma, event.accepted, outcome, round_ms, draft_ms, verify.observed_ms, network_ms,
                      orchestrator_ms)
         if not span.is_recording():

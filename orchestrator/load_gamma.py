@@ -1,7 +1,7 @@
 """gamma chosen from the measured load (`--gamma-policy load`).
 
-One LoadModel per orchestrator learns, from every verify reply, how verify time grows with the tokens
-in a batch and how large batches are; each session keeps its own acceptance estimate. Since it reads
+One LoadModel per orchestrator learns, from every verify reply, how verify time grows with the sessions
+and the tokens in a pass and how large batches are; each session keeps its own acceptance estimate. Since it reads
 timings, a seeded sampled generation is reproducible only under the fixed policy (the default).
 """
 
@@ -22,13 +22,24 @@ class LoadModel:
     # Acceptance across all sessions, slower to move: where a new session's own estimate starts.
     acceptance: AcceptanceEstimate = field(default_factory=lambda: AcceptanceEstimate(decay=0.95))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    active: int = 0  # generations in flight on this orchestrator: the sessions sharing the verify
+
+    def enter(self) -> None:
+        with self.lock:
+            self.active += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.active = max(0, self.active - 1)
 
     def observe(self, gamma: int, batch_size: int, verify_compute_ms: float, draft_compute_ms: float,
-                overhead_ms: float = 0.0) -> None:
+                overhead_ms: float = 0.0, batch_tokens: int = 0) -> None:
         with self.lock:
             self.round_overhead_ms = 0.9 * self.round_overhead_ms + 0.1 * max(0.0, overhead_ms)
-            # The batch's token count is unknown here; sessions in one batch draft alike, so B(gamma+1).
-            self.verify_cost.update(max(1, batch_size) * (gamma + 1), verify_compute_ms)
+            # The pass's token count as the verify service reports it; a service that does not report it
+            # is taken to batch sessions drafting alike, B (gamma + 1).
+            tokens = batch_tokens if batch_tokens > 0 else max(1, batch_size) * (gamma + 1)
+            self.verify_cost.update(tokens, verify_compute_ms, sessions=max(1, batch_size))
             self.batch = 0.9 * self.batch + 0.1 * max(1, batch_size)
             if gamma > 0 and draft_compute_ms > 0:
                 step = draft_compute_ms / gamma
@@ -59,8 +70,9 @@ class LoadAwareGamma:
             self.load.acceptance.update(drafted, accepted)
             coefficients = self.load.verify_cost.coefficients()
             draft_step, batch, overhead = self.load.draft_step_ms, self.load.batch, self.load.round_overhead_ms
+            sessions = self.load.active
         if coefficients is not None and draft_step > 0:
-            fixed, per_token = coefficients
+            fixed, per_session, per_token = coefficients
             self.gamma = best_gamma_under_load(min(self.alpha, 0.999), draft_step, fixed, per_token, batch,
-                                               self.max_gamma, overhead)
+                                               self.max_gamma, overhead, per_session, sessions)
         return self.gamma

@@ -112,6 +112,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         generation = Generation(spec, draft, verify, TextStream(d.tokenizer, spec.stop), policy,
                                 is_active=context.is_active, trace_context=trace.set_span_in_context(span),
                                 load_model=self.load_model, overlap=self.overlap)
+        if self.load_model is not None:
+            self.load_model.enter()
         try:
             for event in generation.rounds():
                 chunk = orchestrator_pb2.GenerateChunk(token_ids=event.token_ids, text=event.text,
@@ -127,6 +129,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         except grpc.RpcError as error:  # the verify service's status, not UNKNOWN (draft errors never get here)
             raise Downstream("verify", error) from error
         finally:
+            if self.load_model is not None:
+                self.load_model.leave()
             span.end()
             release(d.verify_stub, session_id)
             if d.draft_stub is not None:

@@ -84,43 +84,69 @@ class AdaptiveGamma:
 
 @dataclass
 class VerifyCostModel:
-    """verify_ms ~= fixed_ms + per_token_ms * tokens_in_batch, fitted by exponentially weighted least
-    squares over observed verify calls (a forward over B sessions of gamma + 1 tokens each)."""
+    """verify_ms ~= fixed_ms + per_session_ms * sessions + per_token_ms * tokens for one forward pass over
+    `sessions` sessions feeding `tokens` tokens in all, fitted by exponentially weighted least squares.
+
+    The per-session part is what a session costs a pass whatever its gamma: its own attention call, KV
+    writes and bookkeeping (~1.3 ms per session per pass for the reference target on this CPU against
+    ~0.73 ms per token; `python -m benchmarking.microbench batch`). Folded into a per-token slope it
+    would make each extra draft token look about twice as dear as it is, and gamma shrink under load
+    where longer drafts were the cheaper use of the pass. When sessions and tokens do not vary apart
+    (every session drafting alike) the two cannot be told apart: then the fit is fixed + per-token."""
 
     decay: float = 0.98
-    _n: float = 0.0
-    _sx: float = 0.0
-    _sy: float = 0.0
-    _sxx: float = 0.0
-    _sxy: float = 0.0
+    _sums: list[float] = field(default_factory=lambda: [0.0] * 9)  # n, s, t, y, ss, st, tt, sy, ty
 
-    def update(self, tokens: float, ms: float) -> None:
+    def update(self, tokens: float, ms: float, sessions: float = 1.0) -> None:
         d = self.decay
-        self._n = d * self._n + 1
-        self._sx = d * self._sx + tokens
-        self._sy = d * self._sy + ms
-        self._sxx = d * self._sxx + tokens * tokens
-        self._sxy = d * self._sxy + tokens * ms
+        terms = (1.0, sessions, tokens, ms, sessions * sessions, sessions * tokens, tokens * tokens,
+                 sessions * ms, tokens * ms)
+        self._sums = [d * old + new for old, new in zip(self._sums, terms)]
 
-    def coefficients(self) -> tuple[float, float] | None:
-        """(fixed_ms, per_token_ms), or None until the observations span more than one batch size."""
-        if self._n < 2:
+    def coefficients(self) -> tuple[float, float, float] | None:
+        """(fixed_ms, per_session_ms, per_token_ms), or None until the observations span more than one
+        batch size."""
+        n, s, t, y, ss, st, tt, sy, ty = self._sums
+        if n < 2:
             return None
-        var = self._sxx / self._n - (self._sx / self._n) ** 2
-        if var <= 1e-9:
+        # Centred second moments: the fit of y on (sessions, tokens) with an intercept.
+        css, cst, ctt = ss / n - (s / n) ** 2, st / n - s * t / n ** 2, tt / n - (t / n) ** 2
+        csy, cty = sy / n - s * y / n ** 2, ty / n - t * y / n ** 2
+        if ctt <= 1e-9:
             return None
-        slope = max(0.0, (self._sxy / self._n - self._sx * self._sy / self._n ** 2) / var)
-        return max(0.0, self._sy / self._n - slope * self._sx / self._n), slope
+        det = css * ctt - cst * cst
+        if css > 1e-9 and det > 1e-6 * css * ctt:  # sessions and tokens vary apart: both slopes
+            per_session = (csy * ctt - cty * cst) / det
+            per_token = (cty * css - csy * cst) / det
+            if per_session >= 0 and per_token >= 0:
+                return max(0.0, (y - per_session * s - per_token * t) / n), per_session, per_token
+        per_token = max(0.0, cty / ctt)
+        return max(0.0, (y - per_token * t) / n), 0.0, per_token
 
 
 def best_gamma_under_load(alpha: float, draft_step_ms: float, fixed_ms: float, per_token_ms: float,
-                          batch: float, max_gamma: int, round_overhead_ms: float = 0.0) -> int:
-    """The gamma maximising committed tokens per unit of time when `batch` sessions share each verify:
-    E(alpha, gamma) / (gamma * draft_step_ms + fixed_ms + per_token_ms * batch * (gamma + 1) + overhead).
-    `round_overhead_ms` is what a round costs besides compute whatever its gamma (the calls' transport,
-    the orchestrator's own work): every extra round pays it again, so it favours longer drafts.
+                          batch: float, max_gamma: int, round_overhead_ms: float = 0.0,
+                          per_session_ms: float = 0.0, sessions: float = 0.0) -> int:
+    """The gamma maximising committed tokens per unit of time when `batch` sessions share each verify
+    pass and `sessions` generations share the verify service: E(alpha, gamma) / max(serial, cycle), where
+
+        serial = gamma * draft_step_ms + fixed_ms + per_session_ms * batch
+                 + per_token_ms * batch * (gamma + 1) + round_overhead_ms
+
+    is one round on its own (draft, then its verify pass, then transport and the orchestrator), and
+
+        cycle = (sessions / batch) * fixed_ms + sessions * (per_session_ms + per_token_ms * (gamma + 1))
+
+    is how long the verify takes to serve every session one round. A round cannot come around faster
+    than either. While the verify has time to spare the serial path decides and a draft step costs
+    the session its full time; once every session's round queues behind the others', the cycle
+    decides and the draft and the transport are hidden behind other sessions' passes (the draft runs
+    on its own device), so only the verify compute that gamma adds is dear. `round_overhead_ms`
+    (transport, the orchestrator) is paid again by every extra round, which favours longer drafts.
     0 means plain decoding: under heavy load the rejected drafts' compute costs more than it saves."""
     def rate(g: int) -> float:
-        return expected_tokens_per_round(alpha, g) / (g * draft_step_ms + fixed_ms + per_token_ms * batch * (g + 1)
-                                                      + round_overhead_ms)
+        serial = (g * draft_step_ms + fixed_ms + per_session_ms * batch + per_token_ms * batch * (g + 1)
+                  + round_overhead_ms)
+        cycle = (sessions / max(batch, 1.0)) * fixed_ms + sessions * (per_session_ms + per_token_ms * (g + 1))
+        return expected_tokens_per_round(alpha, g) / max(serial, cycle)
     return max(range(max_gamma + 1), key=lambda g: (rate(g), -g))

@@ -34,8 +34,46 @@ def test_verify_cost_model_recovers_fixed_and_per_token_cost():
     model = VerifyCostModel()
     for tokens in (5, 10, 20, 40, 80, 5, 40):
         model.update(tokens, 3.0 + 0.25 * tokens)
-    fixed, per_token = model.coefficients()
+    fixed, per_session, per_token = model.coefficients()
     assert fixed == pytest.approx(3.0, rel=1e-6) and per_token == pytest.approx(0.25, rel=1e-6)
+    assert per_session == 0.0  # one session throughout: nothing to tell a session's cost apart by
+
+
+def test_verify_cost_model_tells_per_session_from_per_token_cost():
+    """Passes of different sessions and gammas: the fit separates the two slopes. Sessions drafting alike
+    (tokens proportional to sessions) cannot separate them, and the fit says so by one slope."""
+    from speculation.gamma_policy import VerifyCostModel
+
+    truth = lambda sessions, tokens: 12.0 + 1.3 * sessions + 0.73 * tokens  # the reference target's pass
+    model = VerifyCostModel()
+    for sessions, gammas in ((1, [4]), (4, [1, 2, 4, 4]), (16, [1] * 8 + [4] * 8), (32, [2] * 32), (8, [0] * 8),
+                             (16, [4] * 16), (2, [6, 1])):
+        tokens = sum(g + 1 for g in gammas)
+        model.update(tokens, truth(sessions, tokens), sessions=sessions)
+    fixed, per_session, per_token = model.coefficients()
+    assert (fixed, per_session, per_token) == (pytest.approx(12.0, rel=1e-3), pytest.approx(1.3, rel=1e-3),
+                                               pytest.approx(0.73, rel=1e-3))
+
+    alike = VerifyCostModel()
+    for sessions in (1, 4, 16, 32, 8):
+        alike.update(5 * sessions, truth(sessions, 5 * sessions), sessions=sessions)
+    fixed, per_session, per_token = alike.coefficients()
+    assert per_session == 0.0 and per_token == pytest.approx(0.73 + 1.3 / 5, rel=1e-3)
+
+
+def test_a_per_session_cost_favours_longer_drafts_under_load():
+    """What a session costs a pass whatever its gamma is paid once per round: counted apart from the
+    per-token cost, the longer draft wins where one slope for both would have shrunk it."""
+    from speculation.gamma_policy import best_gamma_under_load, expected_tokens_per_round
+
+    args = dict(alpha=0.84, draft_step_ms=1.5, fixed_ms=12.0, batch=16, max_gamma=12)
+    apart = best_gamma_under_load(**args, per_token_ms=0.73, per_session_ms=1.3)
+    folded = best_gamma_under_load(**args, per_token_ms=0.73 + 1.3 / 2)  # a slope fitted where gamma was 1
+    assert apart > folded
+
+    def rate(g):
+        return expected_tokens_per_round(0.84, g) / (g * 1.5 + 12.0 + 1.3 * 16 + 0.73 * 16 * (g + 1))
+    assert rate(apart) == max(rate(g) for g in range(13))
 
 
 def test_gamma_shrinks_to_plain_decoding_as_the_batch_grows():
@@ -91,3 +129,23 @@ def test_acceptance_is_the_pooled_rate_not_the_mean_of_round_ratios():
         ratios.append(accepted / (accepted + (accepted < 4)))
     assert estimate.alpha == pytest.approx(0.8, abs=0.02)
     assert sum(ratios) / len(ratios) < 0.75  # the estimator it replaced, biased low
+
+
+def test_once_the_verify_is_saturated_drafting_time_no_longer_shrinks_gamma():
+    """16 sessions on a verify that serves them in turn: a slow batched draft step is hidden behind the
+    other sessions' passes, so gamma is chosen by the verify compute it adds, not by the draft's time."""
+    from speculation.gamma_policy import best_gamma_under_load, expected_tokens_per_round
+
+    args = dict(alpha=0.84, draft_step_ms=11.0, fixed_ms=12.0, per_token_ms=0.73, per_session_ms=1.3, batch=8,
+                max_gamma=12, round_overhead_ms=3.0)
+    alone = best_gamma_under_load(**args)  # the orchestrator's own generations do not fill the verify
+    shared = best_gamma_under_load(**args, sessions=16)
+    assert shared > alone
+
+    def rate(g):  # the objective written out
+        serial = g * 11.0 + 12.0 + 1.3 * 8 + 0.73 * 8 * (g + 1) + 3.0
+        cycle = 2 * 12.0 + 16 * (1.3 + 0.73 * (g + 1))
+        return expected_tokens_per_round(0.84, g) / max(serial, cycle)
+    assert rate(shared) == max(rate(g) for g in range(13))
+    # with no other sessions the cycle never binds: the same choice as before
+    assert best_gamma_under_load(**args, sessions=1) == alone

@@ -10,8 +10,8 @@ verify service on core 1, the draft service, the orchestrator and the client on 
 services would sit on separate nodes; unpinned, the scheduler places them. The verify service batches
 across sessions (lean runtime), the orchestrator adapts gamma to the load (--gamma-policy load, or fixed
 with `--gamma-policy fixed`). Target-only decoding runs unpinned, on one and on two torch threads, and
-the faster counts: all of the machine, its best case. Each level runs ours and then target-only, so that the VM's drift between
-levels weighs on both alike.
+the faster counts: all of the machine, its best case. Each level runs ours and then target-only, so
+that the VM's drift between levels weighs on both alike.
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def run_target_batched(target: str, prompts: list[str], max_new_tokens: int, thr
                "--draft", target, "--prompts", json.dumps(prompts), "--max-new-tokens", str(max_new_tokens),
                "--threads", str(threads), "--batch-size", str(batch_size or len(prompts))]
     # All of the machine, whatever this process is pinned to.
-    everywhere = (lambda: os.sched_setaffinity(0, range(os.cpu_count() or 1))) if hasattr(os, "sched_setaffinity") else None
+    everywhere = ((lambda: os.sched_setaffinity(0, range(os.cpu_count() or 1)))
+                  if hasattr(os, "sched_setaffinity") else None)
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, preexec_fn=everywhere)
     if done.returncode != 0:
@@ -166,6 +167,6 @@ def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[in
         report[str(level)]["vs_one_stream"] = round(report[str(level)]["tokens_per_s"] / first, 3) if first else 0
     protocol = {"pinned": pinned, "verify_cpu": verify_cpu if pinned else None,
                 "draft_orchestrator_client_cpu": draft_cpu if pinned else None, "verify_threads": verify_threads,
-                "target_only_threads": "the faster of 1 and 2, per level", "max_new_tokens": max_new_tokens, "gamma_policy": gamma_policy,
-                "num_draft_tokens": num_draft_tokens, "workload_prompts": len(work)}
+                "target_only_threads": "the faster of 1 and 2, per level", "max_new_tokens": max_new_tokens,
+                "gamma_policy": gamma_policy, "num_draft_tokens": num_draft_tokens, "workload_prompts": len(work)}
     return report, protocol

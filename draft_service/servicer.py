@@ -37,11 +37,11 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
                 raise InvalidArgument(f"min_confidence must be in [0, 1], got {request.min_confidence}")
             if request.vocab_limit < 0:
                 raise InvalidArgument(f"vocab_limit must be >= 0 (0: no limit), got {request.vocab_limit}")
-            done = self.worker.submit(ProposeJob(session.cache, append, gamma, sampling, generator,
-                                                 request.min_confidence, request.vocab_limit, request.seed),
-                                      alive=self.caller_alive(context), key=request.session_id)
+            job = ProposeJob(session.cache, append, gamma, sampling, generator, request.min_confidence,
+                             request.vocab_limit, request.seed)
+            done = self.worker.submit(job, alive=self.caller_alive(context), key=request.session_id)
             cached_len = session.length
-        record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + gamma - 1})
+        record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": self.tokens_of(job)})
         reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)
         if done.result.draft_probs is not None:
             encode_to_message(encode_probs(done.result.draft_probs), reply.draft_probs)

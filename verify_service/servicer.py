@@ -29,11 +29,11 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
         sampling = self.sampling_from(request.sampling)
 
         with self.session(request.session_id, request.prefix_len) as session:
-            done = self.worker.submit(ScoreJob(session.cache, append + drafts, len(drafts) + 1),
-                                      alive=self.caller_alive(context), key=request.session_id)
+            job = ScoreJob(session.cache, append + drafts, len(drafts) + 1)
+            done = self.worker.submit(job, alive=self.caller_alive(context), key=request.session_id)
             cached_len = session.length
         scores = score(done.result, sampling)
-        record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": len(append) + len(drafts)})
+        record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": self.tokens_of(job)})
         reply = verify_pb2.VerifyResponse(argmax_token_ids=scores.argmax_token_ids, cached_len=cached_len)
         if scores.target_probs is not None:
             encode_to_message(encode_probs(scores.target_probs), reply.target_probs)

@@ -222,12 +222,13 @@ class ModelWorker:
                 started = time.perf_counter_ns()
                 try:
                     results = self.run_batch([job.payload for job in live])
+                    finished = time.perf_counter_ns()
                 except BaseException as error:  # noqa: BLE001 - handed to every waiting caller
                     for job in live:
                         job.future.set_exception(error)
                     continue
-                finished = time.perf_counter_ns()
-                self._left([job.key for job in live])
+                finally:  # as on the inline path: a failed pass's sessions are out again (a retry may follow)
+                    self._left([job.key for job in live])
             self._count_batch(len(live), started - live[0].enqueued)
             tokens = self._tokens([job.payload for job in live])
             for job, result in zip(live, results):

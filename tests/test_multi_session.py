@@ -202,6 +202,41 @@ def test_a_held_batch_waits_only_for_sessions_expected_back():
     assert time.perf_counter() - started < 0.2
 
 
+def test_a_session_whose_pass_failed_is_expected_back_like_any_other():
+    """A failed pass on the worker thread leaves its sessions out again, as the inline path does: the
+    client may retry, so a held batch waits for it (and does not for a session that was released)."""
+    gate = threading.Event()
+
+    def run_batch(payloads):
+        if payloads == ["hold"]:
+            gate.wait(5)
+        if "boom" in payloads:
+            raise RuntimeError("forward failed")
+        return payloads
+
+    worker = ModelWorker(run_batch, max_batch=8, max_wait_ms=300)
+    holder = threading.Thread(target=worker.submit, args=("hold",), kwargs={"key": "x"})
+    holder.start()
+    time.sleep(0.05)
+    failed = []
+    loser = threading.Thread(target=lambda: failed.append(_raises(lambda: worker.submit("boom", key="a"))))
+    loser.start()
+    time.sleep(0.05)
+    gate.set()  # "boom" runs on the worker thread, after "hold", and fails
+    holder.join(5)
+    loser.join(5)
+    assert failed == [RuntimeError]
+    worker.forget("x")
+    started = time.perf_counter()
+    worker.submit("c1", key="c")
+    assert time.perf_counter() - started > 0.15  # held open for "a", which may come back
+    worker.forget("a")
+    worker.forget("c")
+    started = time.perf_counter()
+    worker.submit("c2", key="d")
+    assert time.perf_counter() - started < 0.15
+
+
 def _raises(call):
     try:
         call()

@@ -47,6 +47,8 @@ def test_bench_concurrency_json_has_every_level(tiny, tmp_path):
     for entry in levels.values():
         for key in ("tokens_per_s", "target_only_tokens_per_s", "p50_ms_per_token", "p99_ms_per_token"):
             assert entry[key] > 0
+        by_threads = entry["target_only_tokens_per_s_by_threads"]  # target-only at its faster thread count
+        assert set(by_threads) == {"1", "2"} and entry["target_only_tokens_per_s"] == max(by_threads.values())
     assert levels["1"]["tokens"] == levels["4"]["tokens"] == 40 and sum(levels["4"]["verify_batch_size_histogram"].values()) > 0
     for entry in levels.values():  # CPU per process in clock ticks: a short level may read 0, never > 2 cores
         assert set(entry["cpu_cores"]) == {"draft", "verify", "orchestrator", "client"}

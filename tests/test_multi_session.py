@@ -260,5 +260,13 @@ def test_load_aware_gamma_keeps_greedy_output_identical_and_adapts(tiny, stacks)
         assert load.verify_cost.coefficients() is not None
         assert load.round_overhead_ms > 0  # each round's transport and orchestrator time reached the policy
         assert load.acceptance.trials != load.acceptance.prior_trials  # so did the deployment's acceptance
+        # the generations in flight, which the policy reads as the sessions sharing the verify
+        assert load.active == 0
+        with stack.client() as client:
+            stream = client.stream(jobs[0][0], max_new_tokens=jobs[0][1])
+            next(stream)
+            assert load.active == 1
+            list(stream)
+        assert load.active == 0
     finally:
         stack.stop()

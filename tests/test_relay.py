@@ -84,13 +84,18 @@ def _added_round_trip_ms(sock: socket.socket, set_delay, delay_ms: float) -> flo
     return statistics.median(delayed) - statistics.median(base)
 
 
-def _within_after_one_retry(measure, expected: float, tolerance: float) -> None:
-    """A second complete measurement only when the first misses (fresh-clone CI runs have read 1.9 and
-    3.6 ms off during slow spells of this VM; reruns were within 0.3 ms). Never more than one retry."""
-    first = measure()
-    if abs(first - expected) > tolerance:
-        again = measure()
-        assert abs(again - expected) <= tolerance, f"added {first:.2f} then {again:.2f} ms, expected {expected} ms"
+def _within_after_retries(measure, expected: float, tolerance: float, attempts: int = 3) -> None:
+    """Another complete measurement only when the last one missed, at most `attempts` in all, each held to
+    the same tolerance. Fresh-clone CI runs have read 1.9, 3.6 and twice 5-12 ms off (then 6 ms off again
+    on the one retry) during slow spells of this VM, in full-suite runs only; alone, the test reads within
+    0.3 ms. A relay that adds the wrong delay misses every attempt alike."""
+    readings = []
+    for _ in range(attempts):
+        readings.append(measure())
+        if abs(readings[-1] - expected) <= tolerance:
+            return
+    raise AssertionError(f"added {', then '.join(f'{r:.2f}' for r in readings)} ms, expected {expected} ms "
+                         f"± {tolerance}")
 
 
 def test_every_byte_arrives_in_order_over_tcp_and_unix_listeners(relay):
@@ -113,7 +118,7 @@ def test_every_byte_arrives_in_order_over_tcp_and_unix_listeners(relay):
 
 def test_round_trip_grows_by_twice_the_one_way_delay(relay):
     with _connect(relay.bound[0]) as sock:  # the delay changes on an open connection
-        _within_after_one_retry(lambda: _added_round_trip_ms(sock, relay.set_delay, 5), 10.0, 1.0 + 0.4)
+        _within_after_retries(lambda: _added_round_trip_ms(sock, relay.set_delay, 5), 10.0, 1.0 + 0.4)
 
 
 def test_chunks_in_flight_are_held_once_not_one_after_another(relay):
@@ -129,8 +134,11 @@ def test_chunks_in_flight_are_held_once_not_one_after_another(relay):
             return (time.perf_counter() - started) * 1000
 
     # Held one after another they would take 20 * 40 ms every time; held once each, about 40 ms plus the
-    # 20 ms of sends. The best of three tries: a VM stall of ~50 ms once pushed a single try to 102 ms.
-    tries = [elapsed_ms() for _ in range(3)]
+    # 20 ms of sends. Tries until one is under the bound, at most six: VM stalls have pushed single tries
+    # to 102 ms, and in two full-suite runs three tries in a row to 103-292 ms.
+    tries = []
+    while len(tries) < 6 and (not tries or min(tries) >= 40 + 20 + 40):
+        tries.append(elapsed_ms())
     assert all(t >= 40 for t in tries) and min(tries) < 40 + 20 + 40, tries
 
 
@@ -173,7 +181,7 @@ def test_loopback_path_puts_the_relay_in_front_of_each_service_and_says_why():
             from netlab.addresses import Address
 
             with _connect(Address.parse(path.reach["verify"])) as sock:
-                _within_after_one_retry(lambda: _added_round_trip_ms(sock, path.set_delay, 3), 6.0, 0.6 + 0.4)
+                _within_after_retries(lambda: _added_round_trip_ms(sock, path.set_delay, 3), 6.0, 0.6 + 0.4)
         finally:
             for server in servers:
                 server.shutdown()

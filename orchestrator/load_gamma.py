@@ -48,12 +48,24 @@ class LoadModel:
 
 @dataclass
 class LoadAwareGamma:
-    """Per-session policy object with the same interface as AdaptiveGamma (gamma, update)."""
+    """Per-session policy object with the same interface as AdaptiveGamma (gamma, update).
+
+    A gamma = 0 round drafts nothing, so it teaches nothing about acceptance: a session whose estimate
+    once fell low enough for plain decoding would stay there to its end, however well the draft would
+    now do (at one stream, 249 of 1601 rounds of the concurrency bench were such rounds). So after
+    `probe_after` plain rounds in a row the session drafts one token. Each rejected probe doubles the
+    wait, up to `max_probe_after`, so a session the draft really does not suit pays for a one-token
+    draft at most once every `max_probe_after` rounds; an accepted probe brings the next one back to
+    `probe_after` rounds, so a draft that has become good wins the session back within a few probes."""
 
     load: LoadModel
     max_gamma: int
     gamma: int
     acceptance: AcceptanceEstimate = field(init=False)
+    probe_after: int = 4
+    max_probe_after: int = 32
+    _plain_rounds: int = field(default=0, init=False)
+    _wait: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         # A short generation would otherwise spend its rounds unlearning a fixed prior.
@@ -65,6 +77,12 @@ class LoadAwareGamma:
         return self.acceptance.alpha
 
     def update(self, drafted: int, accepted: int) -> int:
+        if drafted <= 0:
+            self._plain_rounds += 1
+            if self._plain_rounds >= (self._wait or self.probe_after):
+                self._plain_rounds = 0
+                self.gamma = 1  # a probe: one drafted token measures acceptance again
+            return self.gamma
         self.acceptance.update(drafted, accepted)
         with self.load.lock:
             self.load.acceptance.update(drafted, accepted)
@@ -75,4 +93,10 @@ class LoadAwareGamma:
             fixed, per_session, per_token = coefficients
             self.gamma = best_gamma_under_load(min(self.alpha, 0.999), draft_step, fixed, per_token, batch,
                                                self.max_gamma, overhead, per_session, sessions)
+        if self.gamma > 0:
+            self._wait = 0  # drafting pays again: the next plain spell probes after probe_after rounds
+        elif accepted < drafted:
+            self._wait = min(self.max_probe_after, 2 * (self._wait or self.probe_after))
+        else:
+            self._wait = self.probe_after  # the probe's token was accepted: look again soon
         return self.gamma

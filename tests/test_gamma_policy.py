@@ -149,3 +149,33 @@ def test_once_the_verify_is_saturated_drafting_time_no_longer_shrinks_gamma():
     assert rate(shared) == max(rate(g) for g in range(13))
     # with no other sessions the cycle never binds: the same choice as before
     assert best_gamma_under_load(**args, sessions=1) == alone
+
+
+def test_a_session_driven_to_plain_decoding_probes_and_returns_to_drafting():
+    """gamma = 0 rounds draft nothing, so they cannot show that the draft has become good again: the
+    policy must probe with a one-token draft, back off while probes keep failing, and return to
+    drafting once they succeed."""
+    from orchestrator.load_gamma import LoadAwareGamma, LoadModel
+
+    load = LoadModel()
+    for tokens, sessions in [(1, 1), (3, 1), (5, 1), (2, 2), (6, 2), (10, 2)] * 3:  # verify: 10 ms + 0.5 ms/token
+        load.observe(gamma=max(1, tokens // sessions - 1), batch_size=sessions, verify_compute_ms=10.0 + 0.5 * tokens,
+                     draft_compute_ms=4.0 * max(1, tokens // sessions - 1), batch_tokens=tokens)
+    policy = LoadAwareGamma(load, max_gamma=6, gamma=4)
+
+    def run(rounds, draft_is_right):
+        gammas = []
+        for _ in range(rounds):
+            drafted = policy.gamma
+            gammas.append(drafted)
+            policy.update(drafted, drafted if draft_is_right else 0)
+        return gammas
+
+    bad = run(200, draft_is_right=False)
+    assert bad[-1] == 0 and bad.count(0) > 150  # every draft token rejected: plain decoding
+    probes = [i for i, g in enumerate(bad) if g > 0 and i > bad.index(0)]
+    assert len(probes) >= 3  # it kept probing...
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] > gaps[0]  # ...less often while the probes failed
+    good = run(80, draft_is_right=True)
+    assert good[-1] > 1 and sum(g > 0 for g in good[-20:]) == 20  # back to drafting once a probe lands

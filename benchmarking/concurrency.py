@@ -11,7 +11,8 @@ services would sit on separate nodes; unpinned, the scheduler places them. The v
 across sessions (lean runtime), the orchestrator adapts gamma to the load (--gamma-policy load, or fixed
 with `--gamma-policy fixed`). Target-only decoding runs unpinned, on one and on two torch threads, and
 the faster counts: all of the machine, its best case. Each level runs ours and then target-only, so
-that the VM's drift between levels weighs on both alike.
+that the VM's drift between levels weighs on both alike; `--repeats N` does that N times per level
+and reports medians.
 """
 
 from __future__ import annotations
@@ -116,15 +117,42 @@ def _affinity(cpus: set[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _merge_runs(runs: list[dict]) -> dict:
+    """One level's repeated runs of ours as one entry: medians of the rates and percentiles, summed
+    histograms, each run's tokens/s kept."""
+    entry = dict(runs[len(runs) // 2])
+    for key in ("tokens_per_s", "p50_ms_per_token", "p99_ms_per_token", "wall_s"):
+        entry[key] = round(_median([run[key] for run in runs]), 3)
+    for key in ("verify_batch_size_histogram", "gamma_histogram"):
+        total: Counter = Counter()
+        for run in runs:
+            total.update(run[key])
+        entry[key] = {k: total[k] for k in sorted(total, key=int)}
+    entry["cpu_cores"] = {role: round(sum(run["cpu_cores"][role] for run in runs) / len(runs), 3)
+                          for role in runs[0].get("cpu_cores", {})}
+    entry["tokens"] = sum(run["tokens"] for run in runs)
+    entry["tokens_per_s_runs"] = [run["tokens_per_s"] for run in runs]
+    return entry
+
+
 def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[int], max_new_tokens: int,
                     num_draft_tokens: int, verify_threads: int = 1, gamma_policy: str = "load",
                     pinned: bool = True, verify_cpu: int = 1, draft_cpu: int = 0,
-                    workload: int | None = None) -> tuple[dict, dict]:
+                    workload: int | None = None, repeats: int = 1) -> tuple[dict, dict]:
     """({level: results}, the protocol as run). Every level serves the same workload: `workload` prompts
-    (default: as many as the largest level; the prompt file cycled), `level` at a time."""
+    (default: as many as the largest level; the prompt file cycled), `level` at a time. With `repeats`
+    > 1 each level runs ours and target-only in turn that many times and reports the medians: on a
+    shared VM one run of a level moved by 20 % between identical runs."""
     report: dict = {}
     work = [prompts[i % len(prompts)] for i in range(workload or max(levels))]
-    progress = tqdm(total=2 * len(levels), desc="concurrency", unit="run", file=sys.stderr)
+    repeats = max(1, repeats)
+    progress = tqdm(total=2 * len(levels) * repeats, desc="concurrency", unit="run", file=sys.stderr)
     pinned = pinned and sys.platform.startswith("linux") and (os.cpu_count() or 1) > max(verify_cpu, draft_cpu)
     cpu = (lambda c: c) if pinned else (lambda c: None)
     # One torch thread for the verify service: with two, verify, draft and orchestrator oversubscribe
@@ -139,28 +167,35 @@ def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[in
         roles = {"draft": stack.processes[0].pid, "verify": stack.processes[1].pid,
                  "orchestrator": stack.processes[2].pid, "client": os.getpid()}
         for level in levels:
-            progress.set_postfix_str(f"specdec x{level}")
-            before, started = {role: _cpu_seconds(pid) for role, pid in roles.items()}, time.perf_counter()
-            ours = run_ours(client, work, max_new_tokens, streams=level)
-            wall = time.perf_counter() - started
-            # Where the two cores went: CPU seconds per second of each process while the level ran.
-            ours["cpu_cores"] = {role: round((_cpu_seconds(pid) - before[role]) / wall, 3)
-                                 for role, pid in roles.items() if before[role] is not None}
-            progress.update(1)
-            report[str(level)] = entry = ours
-            progress.set_postfix_str(f"target batched x{level}")
-            # Its best case: one torch thread is faster at small batches, two at large ones.
-            runs = {threads: run_target_batched(target, work, max_new_tokens, threads=threads, batch_size=level)
-                    for threads in (1, 2)}
-            best_threads = max(runs, key=lambda t: runs[t]["tokens_per_s"])
-            base = runs[best_threads]
-            progress.update(1)
+            ours_runs, target_runs = [], {1: [], 2: []}
+            for _ in range(repeats):
+                progress.set_postfix_str(f"specdec x{level}")
+                before, started = {role: _cpu_seconds(pid) for role, pid in roles.items()}, time.perf_counter()
+                ours = run_ours(client, work, max_new_tokens, streams=level)
+                wall = time.perf_counter() - started
+                # Where the two cores went: CPU seconds per second of each process while the level ran.
+                ours["cpu_cores"] = {role: round((_cpu_seconds(pid) - before[role]) / wall, 3)
+                                     for role, pid in roles.items() if before[role] is not None}
+                ours_runs.append(ours)
+                progress.update(1)
+                progress.set_postfix_str(f"target batched x{level}")
+                # Its best case: one torch thread is faster at small batches, two at large ones.
+                for threads in target_runs:
+                    target_runs[threads].append(run_target_batched(target, work, max_new_tokens, threads=threads,
+                                                                   batch_size=level))
+                progress.update(1)
+            report[str(level)] = entry = _merge_runs(ours_runs)
+            rates = {threads: _median([r["tokens_per_s"] for r in runs]) for threads, runs in target_runs.items()}
+            best_threads = max(rates, key=lambda t: rates[t])
+            best = target_runs[best_threads]
             entry["target_only_threads"] = best_threads
-            entry["target_only_tokens_per_s_by_threads"] = {str(t): r["tokens_per_s"] for t, r in runs.items()}
-            entry["target_only_tokens_per_s"] = base["tokens_per_s"]
-            entry["target_only_p50_ms_per_token"] = base["p50_ms_per_token"]
-            entry["target_only_p99_ms_per_token"] = base["p99_ms_per_token"]
-            entry["vs_target_only"] = round(entry["tokens_per_s"] / base["tokens_per_s"], 3) if base["tokens_per_s"] else 0
+            entry["target_only_tokens_per_s_by_threads"] = {str(t): round(r, 2) for t, r in rates.items()}
+            entry["target_only_tokens_per_s"] = round(rates[best_threads], 2)
+            entry["target_only_tokens_per_s_runs"] = [r["tokens_per_s"] for r in best]
+            entry["target_only_p50_ms_per_token"] = round(_median([r["p50_ms_per_token"] for r in best]), 3)
+            entry["target_only_p99_ms_per_token"] = round(_median([r["p99_ms_per_token"] for r in best]), 3)
+            entry["vs_target_only"] = (round(entry["tokens_per_s"] / entry["target_only_tokens_per_s"], 3)
+                                       if entry["target_only_tokens_per_s"] else 0)
     progress.close()
     first = report[str(levels[0])]["tokens_per_s"]
     for level in levels:
@@ -168,5 +203,6 @@ def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[in
     protocol = {"pinned": pinned, "verify_cpu": verify_cpu if pinned else None,
                 "draft_orchestrator_client_cpu": draft_cpu if pinned else None, "verify_threads": verify_threads,
                 "target_only_threads": "the faster of 1 and 2, per level", "max_new_tokens": max_new_tokens,
-                "gamma_policy": gamma_policy, "num_draft_tokens": num_draft_tokens, "workload_prompts": len(work)}
+                "gamma_policy": gamma_policy, "num_draft_tokens": num_draft_tokens, "workload_prompts": len(work),
+                "repeats": repeats, "statistic": "median over repeats" if repeats > 1 else "one run"}
     return report, protocol

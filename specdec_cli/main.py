@@ -206,6 +206,7 @@ def bench(
     gamma_policy: str = typer.Option("load", help="with --concurrency: the orchestrator's --gamma-policy (load | fixed)"),
     workload: Optional[int] = typer.Option(
         None, help="with --concurrency: prompts every level serves (default: the largest level)"),
+    repeats: int = typer.Option(1, min=1, help="with --concurrency: runs per level (ours and target-only in turn); medians reported"),
 ):
     """target_only vs hf_assisted vs specdec on the reference pair: tokens/s, speedup, alpha, round split."""
     from benchmarking.bench import BenchSettings, add_leviathan_bound, plot, run_bench
@@ -217,7 +218,7 @@ def bench(
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
         result, protocol = run_concurrency(target, draft, load_prompts(prompts), levels, max_new_tokens,
                                            num_draft_tokens, gamma_policy=gamma_policy, pinned=pinned,
-                                           workload=workload)
+                                           workload=workload, repeats=repeats)
         if as_json:
             typer.echo(json.dumps({"concurrency": result, "protocol": protocol}))
             return

@@ -54,3 +54,18 @@ def test_bench_concurrency_json_has_every_level(tiny, tmp_path):
         assert set(entry["cpu_cores"]) == {"draft", "verify", "orchestrator", "client"}
         assert all(0 <= cores <= 2.5 for cores in entry["cpu_cores"].values()), entry["cpu_cores"]
     assert sum(levels["4"]["cpu_cores"].values()) > 0
+
+
+def test_repeated_concurrency_runs_report_medians_and_pooled_histograms():
+    from benchmarking.concurrency import _merge_runs
+
+    def run(rate, p99, gamma_zero):
+        return {"tokens": 40, "wall_s": 40 / rate, "tokens_per_s": rate, "p50_ms_per_token": 1000 / rate,
+                "p99_ms_per_token": p99, "verify_batch_size_histogram": {"1": 3, "2": 4},
+                "gamma_histogram": {"0": gamma_zero, "4": 5}, "cpu_cores": {"verify": 0.9, "draft": 0.3}}
+
+    merged = _merge_runs([run(100.0, 30.0, 1), run(300.0, 10.0, 2), run(120.0, 50.0, 3)])
+    assert merged["tokens_per_s"] == 120.0 and merged["p99_ms_per_token"] == 30.0  # medians, each on its own
+    assert merged["tokens_per_s_runs"] == [100.0, 300.0, 120.0]
+    assert merged["gamma_histogram"] == {"0": 6, "4": 15} and merged["verify_batch_size_histogram"] == {"1": 9, "2": 12}
+    assert merged["tokens"] == 120 and merged["cpu_cores"] == {"verify": 0.9, "draft": 0.3}

@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from speculation.gamma_policy import AcceptanceEstimate, VerifyCostModel, best_gamma_under_load
+from speculation.gamma_policy import (AcceptanceEstimate, VerifyCostModel, best_gamma_under_load,
+                                     grown_at_most_doubled)
 
 
 @dataclass
@@ -91,8 +92,9 @@ class LoadAwareGamma:
             sessions = self.load.active
         if coefficients is not None and draft_step > 0:
             fixed, per_session, per_token = coefficients
-            self.gamma = best_gamma_under_load(min(self.alpha, 0.999), draft_step, fixed, per_token, batch,
-                                               self.max_gamma, overhead, per_session, sessions)
+            chosen = best_gamma_under_load(min(self.alpha, 0.999), draft_step, fixed, per_token, batch,
+                                           self.max_gamma, overhead, per_session, sessions)
+            self.gamma = grown_at_most_doubled(self.gamma, chosen)
         if self.gamma > 0:
             self._wait = 0  # drafting pays again: the next plain spell probes after probe_after rounds
         elif accepted < drafted:

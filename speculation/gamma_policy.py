@@ -51,6 +51,16 @@ class AcceptanceEstimate:
         return self.alpha
 
 
+def grown_at_most_doubled(previous: int, chosen: int) -> int:
+    """`chosen`, but at most 2 * previous + 1: gamma grows over rounds, not in one bet.
+
+    A few fully accepted rounds leave the acceptance estimate (a short exponential window) near 1,
+    where the formula's best gamma is the largest allowed: on the reference pair a session went from
+    gamma 4 to 32 after such a streak and had 1 of the 32 accepted. Growing by doubling still reaches
+    32 from 4 in three rounds for a session that keeps earning it; shrinking is not limited."""
+    return min(chosen, 2 * previous + 1)
+
+
 def best_gamma(alpha: float, cost_ratio: float, max_gamma: int) -> int:
     """The gamma in [0, max_gamma] with the highest expected speedup (0 = speculation does not pay)."""
     return max(range(max_gamma + 1), key=lambda g: (expected_speedup(alpha, g, cost_ratio), -g))
@@ -78,7 +88,8 @@ class AdaptiveGamma:
         if drafted <= 0:
             return self.gamma
         self.acceptance.update(drafted, accepted)
-        self.gamma = max(1, best_gamma(min(self.alpha, 0.999), self.cost_ratio, self.max_gamma))
+        chosen = max(1, best_gamma(min(self.alpha, 0.999), self.cost_ratio, self.max_gamma))
+        self.gamma = grown_at_most_doubled(self.gamma, chosen)
         return self.gamma
 
 

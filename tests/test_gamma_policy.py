@@ -179,3 +179,29 @@ def test_a_session_driven_to_plain_decoding_probes_and_returns_to_drafting():
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0]  # ...less often while the probes failed
     good = run(80, draft_is_right=True)
     assert good[-1] > 1 and sum(g > 0 for g in good[-20:]) == 20  # back to drafting once a probe lands
+
+
+def test_gamma_grows_by_at_most_doubling_after_a_streak_of_accepted_rounds():
+    """A short streak of fully accepted rounds puts the acceptance estimate near 1, where the formula's
+    best gamma is the largest allowed. The policies grow towards it (at most 2 gamma + 1 per round)
+    instead of betting a 32-token draft on a few rounds' evidence; shrinking stays immediate."""
+    from orchestrator.load_gamma import LoadAwareGamma, LoadModel
+
+    load = LoadModel()
+    for tokens, sessions in [(1, 1), (3, 1), (5, 1), (2, 2), (6, 2), (10, 2)] * 3:  # 10 ms + 0.5 ms/token
+        load.observe(gamma=max(1, tokens // sessions - 1), batch_size=sessions, verify_compute_ms=10.0 + 0.5 * tokens,
+                     draft_compute_ms=0.2 * max(1, tokens // sessions - 1), batch_tokens=tokens)
+    for policy in (LoadAwareGamma(load, max_gamma=32, gamma=4), AdaptiveGamma(max_gamma=32, gamma=4, cost_ratio=0.01)):
+        gammas = [policy.gamma]
+        for _ in range(8):
+            gammas.append(policy.update(drafted=gammas[-1], accepted=gammas[-1]))
+        assert gammas[-1] == 32, gammas  # the streak does earn the longest draft...
+        assert all(b <= 2 * a + 1 for a, b in zip(gammas, gammas[1:])), gammas  # ...over rounds
+        assert gammas[1] < 32
+        shrinking = []
+        for _ in range(30):
+            shrinking.append(policy.update(drafted=max(1, policy.gamma), accepted=0))
+        assert shrinking[-1] <= 1, shrinking  # rejections bring it down
+    from speculation.gamma_policy import grown_at_most_doubled
+    assert grown_at_most_doubled(4, 32) == 9 and grown_at_most_doubled(0, 5) == 1
+    assert grown_at_most_doubled(32, 1) == 1  # shrinking is not limited

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -37,8 +38,15 @@ class RunningServer:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
 
-    def wait_for_termination(self) -> None:
-        """Block until SIGTERM / SIGINT, then drain in-flight calls and stop."""
+    def wait_for_termination(self, exit_deadline_s: float = 15.0) -> None:
+        """Block until SIGTERM / SIGINT, then drain in-flight calls and stop.
+
+        The wait is a loop of short waits: Python runs signal handlers only in the main thread, between
+        bytecodes, so a main thread parked in one untimed lock wait may never run them. Once stopping,
+        a watchdog ends the process `exit_deadline_s` later if the drain, the exporters' flush or the
+        interpreter's exit (which joins the server's worker threads) is still not done: a service
+        being stopped must stop. In the test suite a draft service stopped right after it came up
+        once outlived its 30 s allowance; it could not be reproduced in 40 tries."""
         stopped = threading.Event()
 
         def on_signal(signum, _frame):
@@ -48,8 +56,19 @@ class RunningServer:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_signal)
             signal.signal(signal.SIGINT, on_signal)
-        stopped.wait()
+        while not stopped.wait(0.5):
+            pass
+        watchdog = threading.Timer(exit_deadline_s, _exit_stuck, args=(exit_deadline_s,))
+        watchdog.daemon = True
+        watchdog.start()
         self.stop()
+
+
+def _exit_stuck(after_s: float) -> None:
+    log.error("still not stopped %.0f s after the signal: exiting now", after_s)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(1)
 
 
 def start_server(

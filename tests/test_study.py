@@ -61,12 +61,15 @@ def test_measured_one_way_network_time_recovers_the_injected_delay(study, tiny, 
     for result in study:
         assert result["rounds"] >= 10
         assert result["measured_one_way_ms_p50"] >= result["injected_one_way_ms"]
-    if _recovery_misses(study):
-        # The levels run one after another, and this VM's speed drifts by tens of percent between
-        # seconds (a fresh-clone CI run once read 2.97 ms at the 2 ms level; the rerun read 2.0x). One
-        # more complete study must then recover every level, with the same tolerance.
-        again = _run_study(tiny, tmp_path_factory)
-        assert not _recovery_misses(again), {"first": _recovery_misses(study), "again": _recovery_misses(again)}
+    misses = [_recovery_misses(study)]
+    while misses[-1] and len(misses) < 3:
+        # This VM's speed drifts by tens of percent between seconds, and a level's median rests on a
+        # few dozen rounds (a fresh-clone CI run once read 2.97 ms at the 2 ms level, its rerun 2.0x;
+        # another missed the 2 ms level, then the 0 ms level by a few tenths of a ms). Up to two more
+        # complete studies, stopping at the first that recovers every level, with the same tolerance:
+        # a study that mismeasures the delay misses in all three.
+        misses.append(_recovery_misses(_run_study(tiny, tmp_path_factory)))
+    assert not misses[-1], misses
 
 
 def test_compute_times_stay_put_while_the_delay_grows(study):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -117,18 +118,12 @@ def _affinity(cpus: set[int] | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _merge_runs(runs: list[dict]) -> dict:
     """One level's repeated runs of ours as one entry: medians of the rates and percentiles, summed
     histograms, each run's tokens/s kept."""
     entry = dict(runs[len(runs) // 2])
     for key in ("tokens_per_s", "p50_ms_per_token", "p99_ms_per_token", "wall_s"):
-        entry[key] = round(_median([run[key] for run in runs]), 3)
+        entry[key] = round(statistics.median([run[key] for run in runs]), 3)
     for key in ("verify_batch_size_histogram", "gamma_histogram"):
         total: Counter = Counter()
         for run in runs:
@@ -185,15 +180,15 @@ def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[in
                                                                    batch_size=level))
                 progress.update(1)
             report[str(level)] = entry = _merge_runs(ours_runs)
-            rates = {threads: _median([r["tokens_per_s"] for r in runs]) for threads, runs in target_runs.items()}
+            rates = {threads: statistics.median([r["tokens_per_s"] for r in runs]) for threads, runs in target_runs.items()}
             best_threads = max(rates, key=lambda t: rates[t])
             best = target_runs[best_threads]
             entry["target_only_threads"] = best_threads
             entry["target_only_tokens_per_s_by_threads"] = {str(t): round(r, 2) for t, r in rates.items()}
             entry["target_only_tokens_per_s"] = round(rates[best_threads], 2)
             entry["target_only_tokens_per_s_runs"] = [r["tokens_per_s"] for r in best]
-            entry["target_only_p50_ms_per_token"] = round(_median([r["p50_ms_per_token"] for r in best]), 3)
-            entry["target_only_p99_ms_per_token"] = round(_median([r["p99_ms_per_token"] for r in best]), 3)
+            entry["target_only_p50_ms_per_token"] = round(statistics.median([r["p50_ms_per_token"] for r in best]), 3)
+            entry["target_only_p99_ms_per_token"] = round(statistics.median([r["p99_ms_per_token"] for r in best]), 3)
             entry["vs_target_only"] = (round(entry["tokens_per_s"] / entry["target_only_tokens_per_s"], 3)
                                        if entry["target_only_tokens_per_s"] else 0)
     progress.close()

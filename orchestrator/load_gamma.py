@@ -66,9 +66,10 @@ class LoadAwareGamma:
     probe_after: int = 4
     max_probe_after: int = 32
     _plain_rounds: int = field(default=0, init=False)
-    _wait: int = field(default=0, init=False)
+    _wait: int = field(init=False)  # plain rounds before the next probe
 
     def __post_init__(self) -> None:
+        self._wait = self.probe_after
         # A short generation would otherwise spend its rounds unlearning a fixed prior.
         with self.load.lock:
             self.acceptance = AcceptanceEstimate(prior=self.load.acceptance.alpha)
@@ -80,7 +81,7 @@ class LoadAwareGamma:
     def update(self, drafted: int, accepted: int) -> int:
         if drafted <= 0:
             self._plain_rounds += 1
-            if self._plain_rounds >= (self._wait or self.probe_after):
+            if self._plain_rounds >= self._wait:
                 self._plain_rounds = 0
                 self.gamma = 1  # a probe: one drafted token measures acceptance again
             return self.gamma
@@ -95,10 +96,8 @@ class LoadAwareGamma:
             chosen = best_gamma_under_load(min(self.alpha, 0.999), draft_step, fixed, per_token, batch,
                                            self.max_gamma, overhead, per_session, sessions)
             self.gamma = grown_at_most_doubled(self.gamma, chosen)
-        if self.gamma > 0:
-            self._wait = 0  # drafting pays again: the next plain spell probes after probe_after rounds
-        elif accepted < drafted:
-            self._wait = min(self.max_probe_after, 2 * (self._wait or self.probe_after))
+        if self.gamma > 0 or accepted >= drafted:
+            self._wait = self.probe_after  # drafting pays again, or the probe's token was accepted: look soon
         else:
-            self._wait = self.probe_after  # the probe's token was accepted: look again soon
+            self._wait = min(self.max_probe_after, 2 * self._wait)  # rejected: back off
         return self.gamma

@@ -310,6 +310,9 @@ def study(
     num_draft_tokens: int = typer.Option(4),
     isolation: str = typer.Option("auto", help="auto | netns | loopback"),
     out: Optional[Path] = typer.Option(None, help="run directory (default: runs/study-TIMESTAMP)"),
+    hold_cores_awake: bool = typer.Option(
+        True, help="a lowest-priority spinner per core during the run, so idle-core wake-up latency is not "
+                   "measured as network time"),
 ):
     """Latency study: services in network namespaces behind a one-way delay, breakdown from the traces."""
     import signal
@@ -322,7 +325,7 @@ def study(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = out or Path("runs") / time.strftime("study-%Y%m%d-%H%M%S")
     plan = StudyPlan(target, draft, load_prompts(prompts, count), list(delay_ms), out, max_new_tokens,
-                     num_draft_tokens, isolation=isolation)
+                     num_draft_tokens, isolation=isolation, hold_cores_awake=hold_cores_awake)
     try:
         results = run_study(plan)
     except RuntimeError as error:

@@ -8,6 +8,14 @@ Every run starts with a 0 ms calibration level on the same path: its one-way tim
 the relay cost by themselves, so `recovered_one_way_ms` (measured minus calibration) is the delay the
 traces recover, comparable with `injected_one_way_ms`.
 
+The calibration cannot take out what the delay itself causes: while a call waits out D ms, the cores
+go idle, and waking an idle core (on a VM, the host rescheduling a halted vCPU) adds its latency to
+every leg. On this project's 2-vCPU VM that read 2.64-2.81 ms recovered at 2 ms injected and
+10.7-11.4 at 10, and 2.10 / 10.15 with the cores kept busy. So by default (`hold_cores_awake`) a
+spinner per core at the idle scheduling class (SCHED_IDLE: it runs only when nothing else wants the
+core) keeps the cores from idling for the run, as latency benchmarks disable deep idle states; the
+output says so (`cores_held_awake`). It costs the machine's idle time, nothing the services wanted.
+
 Knows processes, levels and span files; the arithmetic is telemetry.breakdown's.
 """
 
@@ -47,6 +55,7 @@ class StudyPlan:
     threads: int = 1
     isolation: str = "auto"  # auto | netns | loopback
     timeout_s: float = 180.0
+    hold_cores_awake: bool = True  # see the module docstring
 
 
 @dataclass
@@ -114,7 +123,20 @@ def _drive(plan: StudyPlan, orchestrator: str, path: DelayPath, levels: list[Lev
                 generate(client, level, prompt, warmup=False)
 
 
-def _level_result(level: Level, rounds: list[Round], calibration: dict, path: DelayPath) -> dict:
+_SPIN_AT_IDLE_PRIORITY = ("import os\nos.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+                          "while True:\n    pass\n")
+
+
+def _hold_cores_awake() -> list[subprocess.Popen]:
+    """One spinner per core at SCHED_IDLE (Linux); none where that class is not offered."""
+    if not hasattr(os, "SCHED_IDLE"):
+        return []
+    return [subprocess.Popen([sys.executable, "-c", _SPIN_AT_IDLE_PRIORITY], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for _ in range(os.cpu_count() or 1)]
+
+
+def _level_result(level: Level, rounds: list[Round], calibration: dict, path: DelayPath,
+                  cores_held_awake: bool) -> dict:
     summary = summarize(rounds)
     measured = summary["one_way_ms_p50"]
     return {
@@ -123,6 +145,7 @@ def _level_result(level: Level, rounds: list[Round], calibration: dict, path: De
         "delay_method": path.method,
         "isolation": path.isolation,
         "isolation_note": path.note,
+        "cores_held_awake": cores_held_awake,
         "generations": summary["traces"],
         "rounds": summary["rounds"],
         "new_tokens": level.new_tokens,
@@ -154,6 +177,7 @@ def run_study(plan: StudyPlan) -> list[dict]:
     provider = _client_tracing(out / "client.jsonl")
     with delay_path(SERVICES, plan.isolation) as path:
         processes: list[subprocess.Popen] = []
+        spinners: list[subprocess.Popen] = []
         try:
             for service, model in zip(SERVICES, (plan.draft, plan.target)):
                 host, port = path.bind[service]
@@ -167,7 +191,13 @@ def run_study(plan: StudyPlan) -> list[dict]:
                                         "--draft", path.reach["draft"], "--verify", path.reach["verify"],
                                         "--num-draft-tokens", str(plan.gamma)], [], env, out / "orchestrator.log"))
             wait_healthy(f"127.0.0.1:{port}", plan.timeout_s, processes[0])
-            _drive(plan, f"127.0.0.1:{port}", path, levels, provider)
+            spinners = _hold_cores_awake() if plan.hold_cores_awake else []
+            try:
+                _drive(plan, f"127.0.0.1:{port}", path, levels, provider)
+            finally:
+                for spinner in spinners:
+                    spinner.kill()
+                    spinner.wait()
         finally:
             provider.shutdown()
             stop_processes(processes)
@@ -177,7 +207,8 @@ def run_study(plan: StudyPlan) -> list[dict]:
             raise RuntimeError(f"no `round` spans from the orchestrator in {out}: is tracing wired into "
                                "`specdec serve` (SPECDEC_TRACE_FILE)? See orchestrator.log")
         calibration = summarize(by_level[CALIBRATION])
-        results = [_level_result(level, by_level[level.name], calibration, path) for level in levels[1:]]
+        results = [_level_result(level, by_level[level.name], calibration, path, bool(spinners))
+                   for level in levels[1:]]
     groups_chart(by_level, out / "breakdown.png", "mean round breakdown by injected one-way delay")
     write_trace_events([r for rs in by_level.values() for r in rs], out / "rounds.perfetto.json")
     for result in results:
@@ -189,7 +220,7 @@ def run_study(plan: StudyPlan) -> list[dict]:
 
 def format_level(result: dict) -> str:
     lines = [f"== injected {result['injected_one_way_ms']:g} ms one way ({result['delay_method']}, "
-             f"{result['isolation']}) ==",
+             f"{result['isolation']}{', cores held awake' if result['cores_held_awake'] else ''}) ==",
              f"one-way network p50: measured {result['measured_one_way_ms_p50']:.3f} ms, stack alone "
              f"{result['stack_one_way_ms_p50']:.3f} ms, recovered delay {result['recovered_one_way_ms']:.3f} ms",
              f"compute p50: draft {result['draft_compute_ms_p50']:.3f} ms, verify {result['verify_compute_ms_p50']:.3f} ms;"

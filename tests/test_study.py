@@ -49,6 +49,8 @@ def test_the_output_says_how_the_services_were_isolated_and_the_delay_added(stud
     for result in study:
         assert result["isolation"] in {"netns", "loopback"}
         assert result["delay_method"] in {"netem", "relay"}
+        # idle-core wake-up latency kept out of the network time (Linux has SCHED_IDLE)
+        assert result["cores_held_awake"] is sys.platform.startswith("linux")
         if result["isolation"] == "loopback":
             assert "unavailable" in result["isolation_note"]
         else:

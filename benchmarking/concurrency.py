@@ -7,7 +7,8 @@ levels compare on the same prompts: one stream is not one prompt's acceptance ra
 
 The whole deployment shares the machine's two cores. Pinned (the default, as in the batch-1 bench): the
 verify service on core 1, the draft service, the orchestrator and the client on core 0, which is how the
-services would sit on separate nodes; unpinned, the scheduler places them. The verify service batches
+services would sit on separate nodes, and the verify's prefill lane on core 0 (--prefill-cpus: prompts
+prefilled beside the batched rounds; `--no-prefill-lane` leaves it out); unpinned, the scheduler places them. The verify service batches
 across sessions (lean runtime), the orchestrator adapts gamma to the load (--gamma-policy load, or fixed
 with `--gamma-policy fixed`). Target-only decoding runs unpinned, on one and on two torch threads, and
 the faster counts: all of the machine, its best case. Each level runs ours and then target-only, so
@@ -139,7 +140,7 @@ def _merge_runs(runs: list[dict]) -> dict:
 def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[int], max_new_tokens: int,
                     num_draft_tokens: int, verify_threads: int = 1, gamma_policy: str = "load",
                     pinned: bool = True, verify_cpu: int = 1, draft_cpu: int = 0,
-                    workload: int | None = None, repeats: int = 1) -> tuple[dict, dict]:
+                    workload: int | None = None, repeats: int = 1, prefill_lane: bool = True) -> tuple[dict, dict]:
     """({level: results}, the protocol as run). Every level serves the same workload: `workload` prompts
     (default: as many as the largest level; the prompt file cycled), `level` at a time. With `repeats`
     > 1 each level runs ours and target-only in turn that many times and reports the medians: on a
@@ -151,10 +152,13 @@ def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[in
     pinned = pinned and sys.platform.startswith("linux") and (os.cpu_count() or 1) > max(verify_cpu, draft_cpu)
     cpu = (lambda c: c) if pinned else (lambda c: None)
     # One torch thread for the verify service: with two, verify, draft and orchestrator oversubscribe
-    # the two cores and 32 streams fell from 222 to 79 tokens/s (docs/benchmarks.md).
+    # the two cores and 32 streams fell from 222 to 79 tokens/s (docs/benchmarks.md). Its prefills run on
+    # a second thread on the draft's core (--prefill-cpus), beside its batched rounds.
     # The client with the draft side: set before the client's channel starts its threads, which inherit it.
+    lane = ("--prefill-cpus", str(draft_cpu)) if pinned and prefill_lane else ()
     with _affinity({draft_cpu} if pinned else None), \
-            local_stack(target, draft, threads=1, verify_args=("--runtime", "lean", "--threads", str(verify_threads)),
+            local_stack(target, draft, threads=1,
+                        verify_args=("--runtime", "lean", "--threads", str(verify_threads), *lane),
                         orchestrator_args=("--gamma-policy", gamma_policy, "--num-draft-tokens", str(num_draft_tokens)),
                         draft_cpu=cpu(draft_cpu), orchestrator_cpu=cpu(draft_cpu), verify_cpu=cpu(verify_cpu),
                         ) as stack, Client(stack.orchestrator, timeout=1800) as client:
@@ -196,6 +200,7 @@ def run_concurrency(target: str, draft: str, prompts: list[str], levels: list[in
     for level in levels:
         report[str(level)]["vs_one_stream"] = round(report[str(level)]["tokens_per_s"] / first, 3) if first else 0
     protocol = {"pinned": pinned, "verify_cpu": verify_cpu if pinned else None,
+                "verify_prefill_cpus": str(draft_cpu) if pinned and prefill_lane else None,
                 "draft_orchestrator_client_cpu": draft_cpu if pinned else None, "verify_threads": verify_threads,
                 "target_only_threads": "the faster of 1 and 2, per level", "max_new_tokens": max_new_tokens,
                 "gamma_policy": gamma_policy, "num_draft_tokens": num_draft_tokens, "workload_prompts": len(work),

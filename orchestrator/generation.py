@@ -244,7 +244,8 @@ class Generation:
             bytes=verify.bytes + draft.bytes, verify_batch_size=verify.batch_size,
             draft_hidden_ms=draft.hidden_ms, draft_critical_compute_ms=draft.critical_compute_ms,
             draft_step_ms=draft.step_ms)
-        if self.load_model is not None and not draft.overlapped:
+        # A verify served on its prefill lane ran beside the batched passes: its time is no pass's cost.
+        if self.load_model is not None and not draft.overlapped and not verify.prefill_lane:
             # What a round costs besides compute and queueing: transport and the orchestrator. Queue waits
             # are left out: they are other sessions' compute, which grows with their gamma, and counting
             # them as a fixed cost per round pushed gamma up exactly when the verify was saturated.

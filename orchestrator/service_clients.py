@@ -38,6 +38,7 @@ class CallRecord:
     bytes: int
     batch_size: int = 1
     batch_tokens: int = 0  # tokens in the server's shared pass (0: not reported)
+    prefill_lane: bool = False  # served beside the batched passes (its compute is no pass's cost)
 
     @property
     def network_ms(self) -> float:
@@ -89,7 +90,7 @@ class SessionClient:
             t = response.timing
             self.calls.append(CallRecord(observed, t.total_us / 1000, t.compute_us / 1000, t.queue_us / 1000,
                                          request.ByteSize() + response.ByteSize(), max(1, t.batch_size),
-                                         t.batch_tokens))
+                                         t.batch_tokens, t.prefill_lane))
             return response, prefix, len(committed) - prefix
 
     def advance(self, base: int, cached_len: int, accepted: int) -> None:

@@ -10,6 +10,7 @@ from serving.grpc_server import RunningServer, start_server
 from serving.kv_cache import make_runner
 from serving.metrics import watch_sessions
 from serving.model_loading import load_model
+from serving.model_worker import PrefillLane, parse_cpus
 from serving.sessions import SessionStore
 
 
@@ -31,19 +32,37 @@ class ModelServerSettings:
     max_wait_ms: float = 0.0  # hold a pass open this long for sessions expected back; 0: what is queued
     max_queue: int = 256  # requests waiting for the worker before RESOURCE_EXHAUSTED
     max_concurrent_rpcs: int | None = None  # gRPC refuses calls beyond this with RESOURCE_EXHAUSTED
+    prefill_cpus: str | None = None  # a CPU list: prefills on a second thread there (serving/model_worker.py)
+    prefill_min_tokens: int = 64  # with prefill_cpus: tokens that make a call a prefill
+
+
+def prefill_lane_from(settings: ModelServerSettings) -> PrefillLane | None:
+    """The prefill lane the flags ask for, or None; ValueError (a message for the operator) if they are wrong."""
+    if settings.prefill_cpus is None:
+        return None
+    lane = PrefillLane(settings.prefill_min_tokens, parse_cpus(settings.prefill_cpus))
+    problems = lane.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    return lane
 
 
 def start_model_server(settings: ModelServerSettings, servicer_class, add_to_server, service_name: str,
                        interceptors=()) -> RunningServer:
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
+    lane = prefill_lane_from(settings)
     loaded = load_model(settings.model, settings.device, settings.dtype)
     runner = make_runner(loaded.model, loaded.device, settings.runtime)
+    if lane is not None and getattr(runner, "name", "") != "lean":
+        # Two forwards at once on one model: the lean runner keeps no state between calls but the
+        # caches it is given; the HF forward is not checked for that.
+        raise ValueError("--prefill-cpus needs the lean runtime (a Llama model, --runtime auto or lean)")
     store = SessionStore(runner.new_cache, max_bytes=int(settings.session_memory_mb * (1 << 20)), max_sessions=settings.max_sessions,
                          ttl_s=settings.session_ttl_s)
     servicer = servicer_class(loaded, runner, store, max_draft_tokens=settings.max_draft_tokens,
                               max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                              max_queue=settings.max_queue)
+                              max_queue=settings.max_queue, prefill_lane=lane)
     running = start_server([(add_to_server, servicer)], [service_name], settings.port, settings.host,
                            settings.max_workers, interceptors, settings.max_concurrent_rpcs)
     watch_sessions(service_name, store)

@@ -12,7 +12,7 @@ from specdec_api import common_pb2
 from serving.errors import InvalidArgument, OutOfRange
 from serving.model_loading import LoadedModel
 from serving.metrics import record_batch
-from serving.model_worker import ModelWorker, Timed
+from serving.model_worker import ModelWorker, PrefillLane, Timed
 from telemetry.tracing import get_tracer, tracing_enabled
 from serving.sessions import Session, SessionStore
 
@@ -21,13 +21,15 @@ MAX_SESSION_ID_LEN = 256
 
 class ModelServiceBase:
     def __init__(self, loaded: LoadedModel, runner, store: SessionStore, max_draft_tokens: int = 32,
-                 max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 256):
+                 max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 256,
+                 prefill_lane: PrefillLane | None = None):
         self.loaded = loaded
         self.runner = runner
         self.store = store
         self.max_draft_tokens = max_draft_tokens
         self.worker = ModelWorker(self.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                                  max_queue=max_queue, on_batch=record_batch, tokens_of=self.tokens_of)
+                                  max_queue=max_queue, on_batch=record_batch, tokens_of=self.tokens_of,
+                                  prefill_lane=prefill_lane)
 
     def run_batch(self, payloads):
         raise NotImplementedError
@@ -99,13 +101,13 @@ def record_worker_spans(done: Timed, **attributes) -> None:
     tracer = get_tracer()
     for name, start, end in (("queue_wait", done.enqueued_unix_ns, done.started_unix_ns),
                              ("forward", done.started_unix_ns, done.finished_unix_ns)):
-        span = tracer.start_span(name, start_time=start, attributes=attributes)
+        span = tracer.start_span(name, start_time=start, attributes={**attributes, "specdec.lane": done.lane})
         span.end(end_time=end)
 
 
 def timing(started_ns: int, done: Timed) -> common_pb2.ServerTiming:
     return common_pb2.ServerTiming(queue_us=done.queue_us, compute_us=done.compute_us, batch_size=done.batch_size,
-                                   batch_tokens=done.batch_tokens,
+                                   batch_tokens=done.batch_tokens, prefill_lane=done.lane == "prefill",
                                    total_us=(time.perf_counter_ns() - started_ns) // 1000)
 
 

@@ -76,6 +76,12 @@ def serve(
                                       help="draft/verify: hold a pass open up to this long for sessions expected back from their previous pass (0: batch what is queued)"),
     max_queue: int = typer.Option(256, envvar=_env("max_queue"),
                                   help="draft/verify: queued requests before RESOURCE_EXHAUSTED"),
+    prefill_cpus: Optional[str] = typer.Option(
+        None, envvar=_env("prefill_cpus"),
+        help="draft/verify: run prefills (calls feeding >= --prefill-min-tokens) on a second thread pinned to these "
+             "CPUs (a list like 0 or 0,2-3), beside the batched rounds; lean runtime only"),
+    prefill_min_tokens: int = typer.Option(64, envvar=_env("prefill_min_tokens"),
+                                           help="draft/verify: with --prefill-cpus, the tokens that make a call a prefill"),
     max_concurrent_rpcs: Optional[int] = typer.Option(None, envvar=_env("max_concurrent_rpcs"),
                                                       help="refuse calls beyond this with RESOURCE_EXHAUSTED"),
     metrics_port: Optional[int] = typer.Option(None, envvar=_env("metrics_port"),
@@ -117,7 +123,8 @@ def serve(
             session_memory_mb=session_memory_mb, max_sessions=max_sessions, session_ttl_s=session_ttl_s,
             max_draft_tokens=max_draft_tokens,
             runtime=runtime, max_batch=max_batch,
-            max_wait_ms=max_wait_ms, max_queue=max_queue, max_concurrent_rpcs=max_concurrent_rpcs)
+            max_wait_ms=max_wait_ms, max_queue=max_queue, max_concurrent_rpcs=max_concurrent_rpcs,
+            prefill_cpus=prefill_cpus, prefill_min_tokens=prefill_min_tokens)
         if role is Role.draft:
             from draft_service.server import start
         else:
@@ -207,6 +214,8 @@ def bench(
     workload: Optional[int] = typer.Option(
         None, help="with --concurrency: prompts every level serves (default: the largest level)"),
     repeats: int = typer.Option(1, min=1, help="with --concurrency: runs per level (ours and target-only in turn); medians reported"),
+    prefill_lane: bool = typer.Option(True, help="with --concurrency and pinned: the verify prefills on core 0 "
+                                                 "(--prefill-cpus), beside its batched rounds on core 1"),
 ):
     """target_only vs hf_assisted vs specdec on the reference pair: tokens/s, speedup, alpha, round split."""
     from benchmarking.bench import BenchSettings, add_leviathan_bound, plot, run_bench
@@ -218,7 +227,7 @@ def bench(
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
         result, protocol = run_concurrency(target, draft, load_prompts(prompts), levels, max_new_tokens,
                                            num_draft_tokens, gamma_policy=gamma_policy, pinned=pinned,
-                                           workload=workload, repeats=repeats)
+                                           workload=workload, repeats=repeats, prefill_lane=prefill_lane)
         if as_json:
             typer.echo(json.dumps({"concurrency": result, "protocol": protocol}))
             return

@@ -8,12 +8,12 @@ levels compare on the same prompts: one stream is not one prompt's acceptance ra
 The whole deployment shares the machine's two cores. Pinned (the default, as in the batch-1 bench): the
 verify service on core 1, the draft service, the orchestrator and the client on core 0, which is how the
 services would sit on separate nodes, and the verify's prefill lane on core 0 (--prefill-cpus: prompts
-prefilled beside the batched rounds; `--no-prefill-lane` leaves it out); unpinned, the scheduler places them. The verify service batches
-across sessions (lean runtime), the orchestrator adapts gamma to the load (--gamma-policy load, or fixed
-with `--gamma-policy fixed`). Target-only decoding runs unpinned, on one and on two torch threads, and
-the faster counts: all of the machine, its best case. Each level runs ours and then target-only, so
-that the VM's drift between levels weighs on both alike; `--repeats N` does that N times per level
-and reports medians.
+prefilled beside the batched rounds; `--no-prefill-lane` leaves it out); unpinned, the scheduler places
+them. The verify service batches across sessions (lean runtime), the orchestrator adapts gamma to the
+load (--gamma-policy load, or fixed with `--gamma-policy fixed`). Target-only decoding runs unpinned, on
+one and on two torch threads, and the faster counts: all of the machine, its best case. Each level runs
+ours and then target-only, so that the VM's drift between levels weighs on both alike; `--repeats N` does
+that N times per level and reports medians.
 """
 
 from __future__ import annotations

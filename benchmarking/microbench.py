@@ -6,6 +6,7 @@
     python -m benchmarking.microbench handler   # Verify's non-compute time per call, servicer in-process
     python -m benchmarking.microbench spans     # CPU per span and per traced gRPC call
     python -m benchmarking.microbench batch     # one ragged verify forward: sessions x tokens each
+    python -m benchmarking.microbench propose   # one batched greedy draft proposal: CPU ms per call
     python -m benchmarking.microbench sample    # one sampled token: inverse CDF, torch.multinomial, Gumbel
     python -m benchmarking.microbench bf16      # greedy vs generate in bfloat16: ours and HF assisted
 
@@ -116,6 +117,38 @@ def batch(repeats: int = 7, context: int = 150) -> dict:
                 target.extend_batch(caches, [list(range(5, 5 + tokens))] * sessions, [tokens] * sessions)
             ms = _median_ms(run, repeats)
             out[f"{sessions}x{tokens}"] = {"ms": ms, "ms_per_position": round(ms / (sessions * tokens), 3)}
+    return out
+
+
+def propose(blocks: int = 7, calls: int = 20, gamma: int = 4, context: int = 200) -> dict:
+    """The draft service's batched proposal (propose_batch: one forward per draft position for all
+    sessions) at 1 and 16 sessions, greedy: CPU ms per call, the minimum and median over `blocks` blocks
+    of `calls` (process CPU time: the draft's steps are op overhead, which wall time on a shared VM hides)."""
+    from draft_service.drafter import ProposeJob, propose_batch
+    from speculation.sampling import Sampling
+
+    _, draft = _loaded(DEFAULT_DRAFT)
+    out = {}
+    for sessions in (1, 16):
+        caches = []
+        for _ in range(sessions):
+            cache = draft.new_cache()
+            draft.extend(cache, list(range(100, 100 + context)), 1)
+            caches.append(cache)
+
+        def run():
+            for cache in caches:
+                cache.crop(context)
+            propose_batch(draft, [ProposeJob(cache, [7], gamma, Sampling(0.0, 0, 1.0), None) for cache in caches])
+        run()
+        per_call = []
+        for _ in range(blocks):
+            started = time.process_time()
+            for _ in range(calls):
+                run()
+            per_call.append((time.process_time() - started) * 1000 / calls)
+        out[f"{sessions}_sessions_gamma_{gamma}"] = {"cpu_ms_min": round(min(per_call), 3),
+                                                      "cpu_ms_median": round(statistics.median(per_call), 3)}
     return out
 
 
@@ -270,7 +303,7 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
 
 
 MEASUREMENTS = {"logits": logits, "sdpa": sdpa, "forward": forward, "handler": handler, "spans": spans,
-                "batch": batch, "sample": sample, "bf16": bf16}
+                "batch": batch, "sample": sample, "bf16": bf16, "propose": propose}
 
 
 def main() -> None:

@@ -41,15 +41,17 @@ def propose_batch(runner, jobs: list[ProposeJob]) -> list[Proposal]:
     active = list(range(len(jobs)))
     stopped: set[int] = set()
     for step in range(max(j.gamma for j in jobs)):
-        # Greedy picks for the whole batch in one op (per-session argmax calls were ~10% of a step).
-        argmax = torch.cat(logits).argmax(dim=-1).tolist() if any(jobs[i].sampling.greedy for i in active) else None
+        # Greedy picks for the whole batch in one op (per-session argmax calls were ~10% of a step at 16
+        # sessions); a lone session keeps its own argmax, which skips the copy into a batch.
+        batched = len(active) > 1 and any(jobs[i].sampling.greedy for i in active)
+        argmax = torch.cat(logits).argmax(dim=-1).tolist() if batched else None
         for position, (index, row_logits) in enumerate(zip(active, logits)):
             job = jobs[index]
             limited = 0 < job.vocab_limit < row_logits.shape[-1]
             if limited:
                 row_logits = row_logits[..., :job.vocab_limit]  # only ids the target has; probs renormalise
             if job.sampling.greedy:
-                token = int(row_logits[0].argmax()) if limited else argmax[position]
+                token = argmax[position] if argmax is not None and not limited else int(row_logits[0].argmax())
                 confidence = float(row_logits[0].softmax(-1)[token]) if job.min_confidence > 0 else 1.0
             else:
                 probs = logits_to_probs(row_logits, job.sampling)  # [1, vocab]

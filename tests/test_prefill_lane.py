@@ -11,8 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from orchestrator.load_gamma import LoadModel
 from serving.model_server import ModelServerSettings, prefill_lane_from
-from serving.model_worker import ModelWorker, PrefillLane, parse_cpus
+from serving.model_service import timing
+from serving.model_worker import CallerGone, ModelWorker, PrefillLane, Timed, parse_cpus
 from tests.conftest import PROMPTS, start_stack
 
 
@@ -81,7 +83,7 @@ def test_a_departed_caller_is_dropped_from_the_lane():
     worker = _worker(gates, seen)
     d1 = _submit_in_thread(worker, "d1", results)
     time.sleep(0.1)
-    with pytest.raises(Exception, match="cancelled or its deadline passed"):
+    with pytest.raises(CallerGone, match="cancelled or its deadline passed"):
         worker.submit("Pgone", alive=lambda: False)
     assert worker.stats.dropped == 1 and all("Pgone" not in payloads for _, payloads in seen)
     gates["d1"].set()
@@ -126,5 +128,37 @@ def test_generations_served_with_a_prefill_lane_equal_their_solo_runs(tiny):
                 together = list(pool.map(lambda job: generate(client, job), jobs))
         assert together == solo
         assert stack.verify.servicer.worker.stats.prefill_lane_jobs > 0
+    finally:
+        stack.stop()
+
+
+def test_replies_say_which_lane_served_them():
+    assert timing(0, Timed("r", 1, 2, lane="prefill")).prefill_lane
+    assert not timing(0, Timed("r", 1, 2)).prefill_lane
+
+
+class _CountingLoadModel(LoadModel):
+    def __init__(self):
+        super().__init__()
+        self.observed = 0
+
+    def observe(self, *args, **kwargs):
+        self.observed += 1
+        super().observe(*args, **kwargs)
+
+
+def test_the_load_policy_leaves_lane_replies_out_of_its_verify_cost_fit(tiny):
+    # Without overlap every round makes exactly one verify call, so the policy's observations must be
+    # the verify's jobs less those its prefill lane served (min_tokens 2: any call may go to the lane).
+    stack = start_stack(tiny.target, tiny.noisy_draft,
+                        verify_settings={"runtime": "lean", "prefill_cpus": "0", "prefill_min_tokens": 2},
+                        gamma_policy="load", overlap=False)
+    try:
+        counting = stack.orchestrator.servicer.load_model = _CountingLoadModel()
+        worker = stack.verify.servicer.worker
+        with stack.client() as client, ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: client.generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=12), range(16)))
+        assert worker.stats.prefill_lane_jobs > 0 and worker.stats.dropped == 0
+        assert counting.observed == worker.stats.jobs - worker.stats.prefill_lane_jobs
     finally:
         stack.stop()

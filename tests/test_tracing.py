@@ -150,6 +150,7 @@ def test_one_generation_is_one_trace_from_the_client_to_both_model_services(trac
                 == (method, "SERVER", service_name, True)
             steps = {s["name"]: s for s in children[server_call["span_id"]]}
             assert set(steps) == {"queue_wait", "forward"}
+            assert steps["forward"]["attributes"]["specdec.lane"] == "main"  # no prefill lane in this stack
             # Same host, so the clocks agree here: the forward pass follows the queue wait inside the call,
             # and the call as the client saw it lasts at least as long as the server's part of it.
             assert steps["queue_wait"]["end_time_unix_nano"] <= steps["forward"]["start_time_unix_nano"] + 1000

@@ -40,6 +40,9 @@ def span_record(span: ReadableSpan, with_resource: bool = True) -> dict:
     return record
 
 
+_encode = json.JSONEncoder(default=str).encode  # one encoder for every field, not one per call
+
+
 class JsonlSpanExporter(SpanExporter):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -59,12 +62,24 @@ class JsonlSpanExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
     def _line(self, span: ReadableSpan) -> str:
-        # The resource is the same for every span of a process: encode it once, not per span.
-        record = span_record(span, with_resource=False)
+        """span_record(span) as one JSON line, formatted field by field: half the CPU of building the dict
+        and encoding it (~6 vs ~13 us per span here), and this runs for every span a round makes.
+        tests/test_span_file.py holds the two equal. The resource is the same for every span of a process:
+        encoded once, not per span."""
+        context, parent = span.get_span_context(), span.parent
         resource = self._resources.get(id(span.resource))
         if resource is None:
-            resource = self._resources[id(span.resource)] = json.dumps(dict(span.resource.attributes), default=str)
-        return json.dumps(record, default=str)[:-1] + ', "resource": ' + resource + "}\n"
+            resource = self._resources[id(span.resource)] = _encode(dict(span.resource.attributes))
+        if parent is None:
+            parent_fields = '"parent_span_id": null, "parent_is_remote": false'
+        else:
+            parent_fields = f'"parent_span_id": "{parent.span_id:016x}", "parent_is_remote": ' + \
+                ("true" if parent.is_remote else "false")
+        return (f'{{"trace_id": "{context.trace_id:032x}", "span_id": "{context.span_id:016x}", {parent_fields}, '
+                f'"name": {_encode(span.name)}, "kind": "{span.kind.name}", '
+                f'"start_time_unix_nano": {_encode(span.start_time)}, "end_time_unix_nano": {_encode(span.end_time)}, '
+                f'"attributes": {_encode(dict(span.attributes or {}))}, "status": "{span.status.status_code.name}", '
+                f'"resource": {resource}}}\n')
 
     def shutdown(self) -> None:
         with self._lock:

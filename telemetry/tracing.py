@@ -9,7 +9,9 @@ local JSONL file (`{service}` and `{pid}` in PATH are filled in). Unlike the SDK
 tracing is OFF unless one of them asks for an exporter: then nothing is installed and the OpenTelemetry API
 stays its no-op self, so tracing off costs nothing.
 
-Knows nothing about rounds, models or what the spans mean; callers make their own spans with get_tracer().
+Spans are made by telemetry.lean_tracer over the installed SDK provider (its sampler, ids and processors,
+with far less work per span than the SDK's own Tracer). Knows nothing about rounds, models or what the
+spans mean; callers make their own spans with get_tracer().
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import os
 
 import grpc
 from opentelemetry import trace
+
+from telemetry.lean_tracer import lean_tracer
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ def install_provider(provider) -> None:
     if trace.get_tracer_provider() is not provider:
         raise RuntimeError("another TracerProvider is already installed in this process")
     _provider = provider
-    _tracer = trace.get_tracer("specdec")
+    _tracer = lean_tracer(provider, "specdec")
 
 
 def tracing_enabled() -> bool:
@@ -132,7 +136,7 @@ def server_interceptors() -> list:
         return []
     from telemetry.grpc_server import TracingServerInterceptor
 
-    return [TracingServerInterceptor(trace.get_tracer("specdec.grpc"))]
+    return [TracingServerInterceptor(lean_tracer(_provider, "specdec.grpc"))]
 
 
 def traced_channel(channel: grpc.Channel, tracer_provider=None) -> grpc.Channel:
@@ -144,8 +148,7 @@ def traced_channel(channel: grpc.Channel, tracer_provider=None) -> grpc.Channel:
         return channel
     from telemetry.grpc_client import TracingClientInterceptor
 
-    tracer = tracer_provider.get_tracer("specdec.grpc") if tracer_provider is not None else \
-        trace.get_tracer("specdec.grpc")
+    tracer = lean_tracer(tracer_provider if tracer_provider is not None else _provider, "specdec.grpc")
     return grpc.intercept_channel(channel, TracingClientInterceptor(tracer))
 
 

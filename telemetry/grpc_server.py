@@ -14,8 +14,6 @@ Knows gRPC calls and spans, not what the calls carry.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -42,38 +40,49 @@ class TracingServerInterceptor(grpc.ServerInterceptor):
             return handler._replace(unary_stream=self._streaming(handler.unary_stream, method))
         return handler  # client- and bidi-streaming: none in this system's services
 
-    @contextmanager
-    def _span(self, method: str, context):
-        """The SERVER span around one call, current while the handler runs; its status from the call's."""
+    def _start(self, method: str, context):
+        """The SERVER span of one call, made current so that the handler's own spans nest under it."""
         parent = extract({key: value for key, value in context.invocation_metadata() if not key.endswith("-bin")})
         span = self._tracer.start_span(method, context=parent, kind=SpanKind.SERVER,
                                        attributes=rpc_attributes(method))
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
-        error = None
-        try:
-            yield
-        except BaseException as raised:  # GeneratorExit included: a streaming call the client cancelled
-            error = raised
-            raise
-        finally:
-            code = _status_code(context, error)
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            if code != grpc.StatusCode.OK:
-                details = context.details() if hasattr(context, "details") else None
-                span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or error or ''}"))
-            span.end()
-            otel_context.detach(token)
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
+    @staticmethod
+    def _finish(span, token, context, error: BaseException | None) -> None:
+        """The span's status from the call's, then the span ends and stops being current."""
+        code = _status_code(context, error)
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code != grpc.StatusCode.OK:
+            details = context.details() if hasattr(context, "details") else None
+            span.set_status(Status(StatusCode.ERROR, f"{code.name}: {details or error or ''}"))
+        span.end()
+        otel_context.detach(token)
+
+    # Plain try/finally rather than a context manager: this runs on every call.
     def _unary(self, behavior, method: str):
         def traced(request, context):
-            with self._span(method, context):
+            span, token = self._start(method, context)
+            error = None
+            try:
                 return behavior(request, context)
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                self._finish(span, token, context, error)
         return traced
 
     def _streaming(self, behavior, method: str):
         def traced(request, context):
-            with self._span(method, context):
+            span, token = self._start(method, context)
+            error = None
+            try:
                 yield from behavior(request, context)
+            except BaseException as raised:  # GeneratorExit included: a streaming call the client cancelled
+                error = raised
+                raise
+            finally:
+                self._finish(span, token, context, error)
         return traced
 
 

@@ -24,7 +24,7 @@ def _spans():
         with tracer.start_as_current_span("generation", attributes={"specdec.prompt_tokens": 12}):
             with tracer.start_as_current_span("round", kind=SpanKind.CLIENT) as span:
                 span.set_attributes({"specdec.gamma": 4, "specdec.ratio": 0.25, "specdec.overlapped": True,
-                                     "specdec.ids": (3, 5, 8), "specdec.text": 'quote " and \\ and \u00e9\n'})
+                                     "specdec.ids": (3, 5, 8), "specdec.limit": float("inf"), "specdec.names": ("a", "b"), "specdec.text": 'quote " and \\ and \u00e9\n'})
                 span.set_status(Status(StatusCode.ERROR, "UNAVAILABLE: draft down"))
         served = tracer.start_span("/specdec.v1.VerifyService/Verify", kind=SpanKind.SERVER,
                                    context=trace.set_span_in_context(NonRecordingSpan(remote)))

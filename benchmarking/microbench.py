@@ -245,7 +245,8 @@ def handler(repeats: int = 60) -> dict:
 
 
 def spans(count: int = 5000, calls: int = 1500) -> dict:
-    """CPU per SDK span (bare, batch processor, JSONL file) and per unary call untraced vs traced."""
+    """CPU per span (the SDK's tracer, the lean tracer, the lean tracer into the JSONL file) and per unary call
+    untraced vs traced (client and server span, JSONL)."""
     import tempfile
     from concurrent import futures
 
@@ -255,6 +256,7 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
     from telemetry.grpc_server import TracingServerInterceptor
+    from telemetry.lean_tracer import lean_tracer
     from telemetry.span_file import JsonlSpanExporter
     from telemetry.tracing import install_provider, traced_channel
 
@@ -265,23 +267,29 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
     attributes = {"specdec.session_id": "s", "specdec.gamma": 4, "specdec.accepted": 3, "specdec.round_ms": 1.5}
     out, directory = {}, tempfile.mkdtemp()
 
-    def per_span_us(provider) -> float:
-        tracer, started = provider.get_tracer("bench"), time.process_time()
+    def per_span_us(tracer, provider) -> float:
+        started = time.process_time()
         for _ in range(count):
             tracer.start_span("round", attributes=attributes).end()
         provider.force_flush()
         return round((time.process_time() - started) / count * 1e6, 1)
 
-    bare, batch, jsonl = TracerProvider(), TracerProvider(), TracerProvider()
-    batch.add_span_processor(BatchSpanProcessor(Discard()))
-    jsonl.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(f"{directory}/spans.jsonl")))
-    out["span_us"] = {"bare": per_span_us(bare), "batch_processor": per_span_us(batch), "jsonl": per_span_us(jsonl)}
+    sdk, batch, jsonl = TracerProvider(), TracerProvider(), TracerProvider()
+    queue = {"max_queue_size": count + 1}  # every span exported, none dropped
+    sdk.add_span_processor(BatchSpanProcessor(Discard(), **queue))
+    batch.add_span_processor(BatchSpanProcessor(Discard(), **queue))
+    jsonl.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(f"{directory}/spans.jsonl"), **queue))
+    # sdk: the SDK's own Tracer; lean: the tracer the services use (telemetry.lean_tracer), both with a
+    # batch processor that discards; lean_jsonl: the lean tracer into the local span file.
+    out["span_us"] = {"sdk": per_span_us(sdk.get_tracer("bench"), sdk),
+                      "lean": per_span_us(lean_tracer(batch, "bench"), batch),
+                      "lean_jsonl": per_span_us(lean_tracer(jsonl, "bench"), jsonl)}
 
     install_provider(jsonl)
 
     def per_call_us(traced: bool) -> float:
         server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=(
-            [TracingServerInterceptor(trace.get_tracer("bench"))] if traced else []))
+            [TracingServerInterceptor(lean_tracer(jsonl, "bench"))] if traced else []))
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
         port = server.add_insecure_port("localhost:0")

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -114,11 +115,21 @@ def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, ga
             q1, _, q3 = statistics.quantiles(ratios[mode], n=4)
             entry.update(overhead=1 - entry["tokens_per_s"] / (off["tokens"] / off["wall_s"]),
                          overhead_per_prompt_median=1 - statistics.median(ratios[mode]),
+                         overhead_per_prompt_median_ci95=[1 - high for high in reversed(median_ci95(ratios[mode]))],
                          overhead_per_prompt_iqr=[1 - q3, 1 - q1],
                          cpu_overhead=entry["cpu_ms_per_token"] / (1000 * off["cpu_s"] / off["tokens"]) - 1,
-                         cpu_overhead_per_prompt_median=statistics.median(cpu_ratios[mode]) - 1)
+                         cpu_overhead_per_prompt_median=statistics.median(cpu_ratios[mode]) - 1,
+                         cpu_overhead_per_prompt_median_ci95=[r - 1 for r in median_ci95(cpu_ratios[mode])])
         result["modes"][mode] = entry
     return result
+
+
+def median_ci95(values: list[float], resamples: int = 2000) -> list[float]:
+    """A 95% bootstrap interval of the median (percentile method, fixed seed): how far the noise of this
+    many generations leaves the per-prompt median uncertain."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
 
 
 def off_cost_us_per_round(iterations: int = 20000) -> float:

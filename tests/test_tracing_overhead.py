@@ -1,0 +1,19 @@
+"""telemetry.overhead's statistics: the bootstrap interval it reports around the per-prompt median."""
+
+import random
+import statistics
+
+from telemetry.overhead import median_ci95
+
+
+def test_the_median_interval_holds_the_median_and_narrows_with_more_generations():
+    rng = random.Random(7)
+    few = [0.98 + rng.gauss(0, 0.05) for _ in range(24)]
+    many = few + [0.98 + rng.gauss(0, 0.05) for _ in range(376)]
+    for values in (few, many):
+        low, high = median_ci95(values)
+        assert low < statistics.median(values) < high
+    assert median_ci95(many)[1] - median_ci95(many)[0] < 0.5 * (median_ci95(few)[1] - median_ci95(few)[0])
+    low, high = median_ci95(many)
+    assert low < 0.98 < high  # the median the samples were drawn around
+    assert median_ci95(few) == median_ci95(few)  # a fixed seed: the same runs report the same interval

@@ -244,16 +244,23 @@ def handler(repeats: int = 60) -> dict:
     return {"verify_non_compute_ms_p50": round(statistics.median(non_compute), 4)}
 
 
+def _process_seconds(run) -> float:
+    started = time.process_time()
+    run()
+    return time.process_time() - started
+
+
 def spans(count: int = 5000, calls: int = 1500) -> dict:
-    """CPU per span (the SDK's tracer, the lean tracer, the lean tracer into the JSONL file) and per unary call
-    untraced vs traced (client and server span, JSONL)."""
+    """CPU per span (the SDK's tracer, the lean tracer, the lean tracer into the JSONL file), per exported span
+    (JSONL, OTLP encoding) and per unary call untraced vs traced (client and server span, JSONL)."""
     import tempfile
     from concurrent import futures
 
     import grpc
-    from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from telemetry.grpc_server import TracingServerInterceptor
     from telemetry.lean_tracer import lean_tracer
@@ -284,6 +291,21 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
     out["span_us"] = {"sdk": per_span_us(sdk.get_tracer("bench"), sdk),
                       "lean": per_span_us(lean_tracer(batch, "bench"), batch),
                       "lean_jsonl": per_span_us(lean_tracer(jsonl, "bench"), jsonl)}
+    # What each exporter spends on a batch of 512 finished spans, per span: the JSONL file's export and the
+    # OTLP exporters' encoding (the SDK's encode_spans and the protobuf serialisation; no network).
+    memory_provider, memory = TracerProvider(), InMemorySpanExporter()
+    memory_provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = lean_tracer(memory_provider, "bench")
+    for _ in range(512):
+        tracer.start_span("round", attributes=attributes).end()
+    finished, exporter = memory.get_finished_spans(), JsonlSpanExporter(f"{directory}/export.jsonl")
+
+    def per_exported_span_us(export) -> float:
+        best = min(_process_seconds(export) for _ in range(7))
+        return round(best / len(finished) * 1e6, 1)
+
+    out["export_us"] = {"jsonl": per_exported_span_us(lambda: exporter.export(finished)),
+                        "otlp_encode": per_exported_span_us(lambda: encode_spans(finished).SerializeToString())}
 
     install_provider(jsonl)
 

@@ -88,7 +88,6 @@ def configure_tracing(service_name: str) -> bool:
     """Install a global TracerProvider when the environment asks for an exporter; True when tracing is on.
 
     A second call in the same process (three servers started in one test process) keeps the first setup."""
-    global _provider
     if _provider is not None:
         return True
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":

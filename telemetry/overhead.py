@@ -1,7 +1,8 @@
 """What tracing costs: tokens/s and CPU time per token of the same generations on stacks with tracing off,
-on (spans to the local JSONL file from all three processes and the client) and on with 10% of generations
-sampled, generations taking turns between them; and the per-round cost of the tracing calls the
-orchestrator makes while tracing is off.
+on (spans to the local JSONL file from all three processes and the client, or with `--exporter otlp` over
+OTLP/gRPC to a counting sink in a process of its own) and on with 10% of generations sampled, generations
+taking turns between them; and the per-round cost of the tracing calls the orchestrator makes while
+tracing is off.
 
     python -m telemetry.overhead --target models/target --draft models/draft --repeats 3
 
@@ -32,9 +33,10 @@ MODES = {"off": None, "on": 1.0, "sampled": 0.1}  # sampled: on, 10% of generati
 
 
 @contextmanager
-def _client(target: str, draft: str, ratio: float | None, trace_dir: Path):
+def _client(target: str, draft: str, ratio: float | None, trace_dir: Path, otlp_endpoint: str | None = None):
     """A stack, a client to it and the stack's pids; traced: spans from all three processes and the client
-    to JSONL files, `ratio` of the generations sampled at the client (the services follow its decision)."""
+    to JSONL files, or over OTLP/gRPC to `otlp_endpoint`, `ratio` of the generations sampled at the client
+    (the services follow its decision)."""
     from specdec_client import Client
     from telemetry.tracing import traced_channel
 
@@ -44,12 +46,19 @@ def _client(target: str, draft: str, ratio: float | None, trace_dir: Path):
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-        from telemetry.span_file import JsonlSpanExporter
+        env = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
+        if otlp_endpoint is None:
+            from telemetry.span_file import JsonlSpanExporter
 
-        env = {"SPECDEC_TRACE_FILE": str(trace_dir / "{service}-{pid}.jsonl"),
-               "OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
+            env["SPECDEC_TRACE_FILE"] = str(trace_dir / "{service}-{pid}.jsonl")
+            exporter = JsonlSpanExporter(trace_dir / "client.jsonl")
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            env.update(OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
+            exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)
         provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
-        provider.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(trace_dir / "client.jsonl")))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     with local_stack(target, draft, env_extra=env) as stack:
         channel = grpc.insecure_channel(stack.orchestrator)
         if provider is not None:
@@ -70,7 +79,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, gamma: int, repeats: int,
-            modes: list[str] = tuple(MODES)) -> dict:
+            modes: list[str] = tuple(MODES), otlp_endpoint: str | None = None) -> dict:
     """All stacks up at once, each prompt generated on each in turn (the order rotating), so a background
     load that comes and goes weighs on every mode alike; each generation still runs alone.
 
@@ -82,7 +91,7 @@ def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, ga
     cpu_ratios: dict[str, list[float]] = {mode: [] for mode in ratios}
     turns: list[dict] = []  # tokens/s of each generation, by mode, in the order run
     with tempfile.TemporaryDirectory() as trace_dir, contextlib.ExitStack() as stacks:
-        clients = {mode: stacks.enter_context(_client(target, draft, MODES[mode], Path(trace_dir)))
+        clients = {mode: stacks.enter_context(_client(target, draft, MODES[mode], Path(trace_dir), otlp_endpoint))
                    for mode in modes}
         for client, _ in clients.values():
             client.generate(prompts[0], max_new_tokens, num_draft_tokens=gamma)  # warm-up
@@ -159,12 +168,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="passes over the prompts")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--exporter", choices=("jsonl", "otlp"), default="jsonl",
+                        help="jsonl: the local span files; otlp: OTLP/gRPC to a counting sink in its own process")
     args = parser.parse_args(argv)
     for name in [k for k in os.environ if k.startswith("OTEL_") or k == "SPECDEC_TRACE_FILE"]:
         del os.environ[name]  # "off" must mean off in every child process
     prompts = load_prompts(args.prompts, args.count)
-    result = compare(args.target, args.draft, prompts, args.max_new_tokens, args.num_draft_tokens, args.repeats,
-                     args.modes.split(","))
+    with contextlib.ExitStack() as sink:
+        endpoint = None
+        if args.exporter == "otlp":
+            from telemetry.otlp_sink import otlp_sink_process
+
+            endpoint = sink.enter_context(otlp_sink_process())
+        result = compare(args.target, args.draft, prompts, args.max_new_tokens, args.num_draft_tokens, args.repeats,
+                         args.modes.split(","), endpoint)
+    result["exporter"] = args.exporter
     result["off_cost_us_per_round"] = off_cost_us_per_round()
     print(json.dumps(result))
 

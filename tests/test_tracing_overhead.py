@@ -17,3 +17,23 @@ def test_the_median_interval_holds_the_median_and_narrows_with_more_generations(
     low, high = median_ci95(many)
     assert low < 0.98 < high  # the median the samples were drawn around
     assert median_ci95(few) == median_ci95(few)  # a fixed seed: the same runs report the same interval
+
+
+def test_the_otlp_sink_counts_what_an_otlp_exporter_sends_it():
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from telemetry.lean_tracer import lean_tracer
+    from telemetry.otlp_sink import otlp_sink_process
+
+    report = []
+    with otlp_sink_process(report=report) as endpoint:
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True)))
+        tracer = lean_tracer(provider, "specdec")
+        for _ in range(5):
+            with tracer.start_as_current_span("round"):
+                tracer.start_span("accept").end()
+        provider.shutdown()
+    assert report == ["received 10 spans"]

@@ -53,10 +53,10 @@ def _client(target: str, draft: str, ratio: float | None, trace_dir: Path, otlp_
             env["SPECDEC_TRACE_FILE"] = str(trace_dir / "{service}-{pid}.jsonl")
             exporter = JsonlSpanExporter(trace_dir / "client.jsonl")
         else:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from telemetry.otlp_encoding import FastOTLPSpanExporter
 
             env.update(OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
-            exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)
+            exporter = FastOTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)  # as the services
         provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
         provider.add_span_processor(BatchSpanProcessor(exporter))
     with local_stack(target, draft, env_extra=env) as stack:

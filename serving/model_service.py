@@ -99,10 +99,10 @@ def record_worker_spans(done: Timed, **attributes) -> None:
     if not tracing_enabled():
         return
     tracer = get_tracer()
+    attributes["specdec.lane"] = done.lane  # one dict for both spans: the tracer copies it into each
     for name, start, end in (("queue_wait", done.enqueued_unix_ns, done.started_unix_ns),
                              ("forward", done.started_unix_ns, done.finished_unix_ns)):
-        span = tracer.start_span(name, start_time=start, attributes={**attributes, "specdec.lane": done.lane})
-        span.end(end_time=end)
+        tracer.start_span(name, start_time=start, attributes=attributes).end(end_time=end)
 
 
 def timing(started_ns: int, done: Timed) -> common_pb2.ServerTiming:

@@ -313,7 +313,8 @@ class ModelWorker:
             if job.alive():
                 live.append(job)
             else:  # cancelled or past its deadline: do not spend the forward pass on it
-                self.stats.dropped += 1
+                with self._count:  # both lanes drop
+                    self.stats.dropped += 1
                 job.future.set_exception(CallerGone("the caller cancelled or its deadline passed"))
         if not live:
             return

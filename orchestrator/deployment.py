@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from serving.grpc_server import CHANNEL_OPTIONS
 from specdec_api import common_pb2, draft_pb2_grpc, verify_pb2_grpc
+from transport import TLSSettings, dial
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +60,25 @@ def check_pair(draft: common_pb2.ModelInfo, target: common_pb2.ModelInfo) -> Non
                  target.vocab_size)
 
 
-def _channel(address: str) -> grpc.Channel:
-    # Plain: the calls on the hot path open their CLIENT spans themselves (service_clients.py).
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def _channel(address: str, tls: TLSSettings | None = None, api_key_file: str | None = None) -> grpc.Channel:
+    # No tracing interceptor: the calls on the hot path open their CLIENT spans themselves
+    # (service_clients.py). TLS (our certificate as the client identity) and the service key, when
+    # configured, come from transport.dial, which follows their files as they rotate.
+    return dial(address, tls, CHANNEL_OPTIONS, api_key_file)
 
 
 def connect(verify_address: str, draft_address: str | None, tokenizer: str | None = None,
-            ready_timeout_s: float = 60.0) -> Deployment:
+            ready_timeout_s: float = 60.0, tls: TLSSettings | None = None,
+            api_key_file: str | None = None) -> Deployment:
     channels = []
-    verify_channel = _channel(verify_address)
+    verify_channel = _channel(verify_address, tls, api_key_file)
     channels.append(verify_channel)
     verify_stub = verify_pb2_grpc.VerifyServiceStub(verify_channel)
     verify_info = verify_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=ready_timeout_s,
                                            wait_for_ready=True)
     draft_stub = draft_info = None
     if draft_address:
-        draft_channel = _channel(draft_address)
+        draft_channel = _channel(draft_address, tls, api_key_file)
         channels.append(draft_channel)
         draft_stub = draft_pb2_grpc.DraftServiceStub(draft_channel)
         draft_info = draft_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=ready_timeout_s,

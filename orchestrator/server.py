@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.deployment import connect
 from orchestrator.servicer import OrchestratorServicer
-from serving.grpc_server import RunningServer, start_server
+from serving.grpc_server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
 from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
+from transport import TLSSettings
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
@@ -29,15 +30,30 @@ class OrchestratorSettings:
     draft_confidence: float = 0.0
     ready_timeout_s: float = 120.0
     max_workers: int = 64
+    # Listening: TLS / mTLS with tls.cert, tls.key, tls.ca; dialling the services: tls.cert / tls.key as
+    # the client identity, tls.ca to verify them (transport/tls.py).
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    api_key_file: str | None = None  # public API callers must send a key from this file
+    service_api_key_file: str | None = None  # the key this orchestrator sends to draft and verify
+    health_port: int | None = None  # plaintext health service alone on this port (for probes under TLS)
+    max_request_mb: float = DEFAULT_MAX_REQUEST_MB
 
 
 def start(settings: OrchestratorSettings, interceptors=()) -> RunningServer:
-    deployment = connect(settings.verify, settings.draft, settings.tokenizer, settings.ready_timeout_s)
+    settings.tls.check()
+    deployment = connect(settings.verify, settings.draft, settings.tokenizer, settings.ready_timeout_s,
+                         tls=settings.tls, api_key_file=settings.service_api_key_file)
     servicer = OrchestratorServicer(deployment, settings.num_draft_tokens, settings.max_draft_tokens,
                                     settings.rpc_timeout_s, settings.adaptive_cost_ratio,
                                     settings.draft_timeout_s, settings.gamma_policy, settings.overlap,
                                     settings.draft_confidence)
-    running = start_server([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer)],
-                           [SERVICE_NAME], settings.port, settings.host, settings.max_workers, interceptors)
+    try:
+        running = start_server([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer)],
+                               [SERVICE_NAME], settings.port, settings.host, settings.max_workers, interceptors,
+                               tls=settings.tls, api_key_file=settings.api_key_file,
+                               health_port=settings.health_port, max_request_mb=settings.max_request_mb)
+    except BaseException:
+        deployment.close()
+        raise
     running.servicer = servicer
     return running

@@ -1,4 +1,6 @@
-"""Create, register (plus health and reflection), bind, start, wait, stop gracefully on SIGTERM."""
+"""Create, register (plus health and reflection), bind, start, wait, stop gracefully on SIGTERM.
+
+Binding, TLS, API keys and the plaintext health port are transport/'s: every role listens through it."""
 
 from __future__ import annotations
 
@@ -16,14 +18,25 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.errors import StatusInterceptor
 from telemetry.tracing import server_interceptors
+from transport import ApiKeyInterceptor, ApiKeys, TLSSettings, listen, serve_health
 
 log = logging.getLogger(__name__)
 
+# Replies can be large (a dense [33, 152k] float32 target_probs matrix is ~20 MB): channels that receive
+# them, and servers that send them, allow this much.
 MAX_MESSAGE_BYTES = 256 << 20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Requests are token ids and short text: a server refuses a larger one (RESOURCE_EXHAUSTED, from gRPC
+# itself) before it is parsed. 4 MiB is ~800k token ids on the wire.
+DEFAULT_MAX_REQUEST_MB = 4.0
+
+
+def server_options(max_request_mb: float = DEFAULT_MAX_REQUEST_MB) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", int(max_request_mb * (1 << 20)))]
 
 
 @dataclass
@@ -32,11 +45,15 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     service_names: Sequence[str]
+    health_server: grpc.Server | None = None  # the plaintext health port, when there is one
+    health_port: int | None = None
 
     def stop(self, grace: float | None = 5.0) -> None:
         for name in (*self.service_names, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None).wait()
 
     def wait_for_termination(self, exit_deadline_s: float = 15.0) -> None:
         """Block until SIGTERM / SIGINT, then drain in-flight calls and stop.
@@ -80,11 +97,25 @@ def start_server(
     max_workers: int = 32,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_concurrent_rpcs: int | None = None,
+    *,
+    tls: TLSSettings | None = None,
+    api_key_file: str | None = None,
+    health_port: int | None = None,
+    max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
 ) -> RunningServer:
+    """`tls` with a certificate and key: TLS (mTLS with require_client_cert); `api_key_file`: calls need a
+    key from it (health and reflection stay open); `health_port` (0: a free one): the health service
+    alone, in plaintext, there too; `max_request_mb`: larger requests are refused unparsed."""
+    if tls is not None:
+        tls.check()  # before anything is built: a bad flag is the operator's to fix
+        if tls.serves_tls and health_port and health_port == port:
+            raise ValueError("--health-port must differ from --port with TLS on: probes need a plaintext port")
+    # The key check comes first: a refused call opens no span and reaches no handler.
+    auth = [ApiKeyInterceptor(ApiKeys(api_key_file))] if api_key_file else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[*server_interceptors(), *interceptors, StatusInterceptor()],
-        options=CHANNEL_OPTIONS,
+        interceptors=[*auth, *server_interceptors(), *interceptors, StatusInterceptor()],
+        options=server_options(max_request_mb),
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     for add, servicer in registrations:
@@ -95,9 +126,17 @@ def start_server(
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind {host}:{port}")
+    bound = listen(server, host, port, tls)
     server.start()
-    log.info("serving %s on port %d", ", ".join(service_names), bound)
-    return RunningServer(server, bound, health_servicer, service_names)
+    health_server = plain_health_port = None
+    if health_port is not None and health_port != bound:  # the same port: health is already there
+        try:
+            health_server, plain_health_port = serve_health(health_servicer, host, health_port)
+        except OSError:
+            server.stop(None)
+            raise
+    log.info("serving %s on port %d (%s%s)%s", ", ".join(service_names), bound,
+             "mTLS" if tls and tls.require_client_cert else "TLS" if tls and tls.serves_tls else "plaintext",
+             ", API keys" if api_key_file else "",
+             f"; plaintext health on port {plain_health_port}" if health_server else "")
+    return RunningServer(server, bound, health_servicer, service_names, health_server, plain_health_port)

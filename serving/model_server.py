@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from serving.grpc_server import RunningServer, start_server
+from serving.grpc_server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
 from serving.kv_cache import make_runner
 from serving.metrics import watch_sessions
 from serving.model_loading import load_model
 from serving.model_worker import PrefillLane, parse_cpus
 from serving.sessions import SessionStore
+from transport import TLSSettings
 
 
 @dataclass
@@ -34,6 +35,10 @@ class ModelServerSettings:
     max_concurrent_rpcs: int | None = None  # gRPC refuses calls beyond this with RESOURCE_EXHAUSTED
     prefill_cpus: str | None = None  # a CPU list: prefills on a second thread there (serving/model_worker.py)
     prefill_min_tokens: int = 64  # with prefill_cpus: tokens that make a call a prefill
+    tls: TLSSettings = field(default_factory=TLSSettings)  # transport/tls.py; off by default
+    api_key_file: str | None = None  # callers must send a key from this file
+    health_port: int | None = None  # plaintext health service alone on this port (for probes under TLS)
+    max_request_mb: float = DEFAULT_MAX_REQUEST_MB  # larger requests are refused before they are parsed
 
 
 def prefill_lane_from(settings: ModelServerSettings) -> PrefillLane | None:
@@ -64,7 +69,9 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
                               max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                               max_queue=settings.max_queue, prefill_lane=lane)
     running = start_server([(add_to_server, servicer)], [service_name], settings.port, settings.host,
-                           settings.max_workers, interceptors, settings.max_concurrent_rpcs)
+                           settings.max_workers, interceptors, settings.max_concurrent_rpcs, tls=settings.tls,
+                           api_key_file=settings.api_key_file, health_port=settings.health_port,
+                           max_request_mb=settings.max_request_mb)
     watch_sessions(service_name, store)
     running.servicer = servicer
     return running

@@ -1,12 +1,38 @@
 """The one thread that runs forward passes: it measures queue wait apart from compute, batches work
-from different sessions, and pushes back when it is overloaded.
+from different sessions, shares the passes fairly between callers, and pushes back when it is
+overloaded.
 
 gRPC handler threads `submit` a payload and block on the result. When nothing is running, queued or
 expected, the handler thread runs its job itself: no hand-off to the worker and back, which costs two
-thread wake-ups (~0.1-0.4 ms on a VM). Otherwise the worker takes the oldest job and everything queued
-behind it (up to `max_batch`), drops jobs whose caller has gone (cancelled, or past its deadline), and
-hands the rest to `run_batch(payloads) -> results` as one batch. A full queue is refused at once with
-RESOURCE_EXHAUSTED rather than accepted and served late.
+thread wake-ups (~0.1-0.4 ms on a VM). Otherwise the job waits in its caller's queue and the worker
+builds passes from the queues, drops jobs whose caller has gone (cancelled, or past its deadline), and
+hands each pass to `run_batch(payloads) -> results` as one batch.
+
+Fair shares (start-time fair queueing by tokens). Each job names its caller (the servicers pass the TLS
+identity or the peer host, serving/callers.py; by default the session `key`). Every caller has a tag,
+the virtual time at which its next job starts: taking a job charges its caller the job's tokens
+(`tokens_of`, 1 a job without it), and a caller that was idle starts again at the worker's virtual time
+(the tag of the last pass started), neither in debt nor with credit. A pass is led by the caller with
+the lowest tag, so a caller who floods only delays the others by the pass already running: a round
+arriving behind any number of a flooder's queued jobs runs in the next pass. The pass then fills from
+all callers in tag order, under two rules that keep one caller from making it slow for the others:
+- a prefill (at least `solo_tokens`, the prefill lane's threshold when there is one) never shares a
+  pass with rounds: on this project's CPU a 5-token round alone took 10 ms on the reference target and
+  106 ms in one pass with a 200-token prefill (LeanLlama.extend_batch, one thread);
+- a pass that holds jobs of more than one caller, or prefills, stops at `pass_tokens`: a lone caller
+  still batches all its rounds (up to `max_batch`) as before, and a caller's queue never makes another
+  caller's pass longer than `pass_tokens`.
+The first job of a pass is always taken, so a job larger than the budget runs, alone.
+
+Queue bounds: a full queue (`max_queue` jobs waiting) is refused at once with RESOURCE_EXHAUSTED rather
+than accepted and served late, and so is a caller that already has `max_queue_per_caller` jobs waiting
+(half the queue by default), so that one caller cannot fill the queue for everybody. Jobs without a
+caller (None, only when neither `caller` nor `key` is given) are not capped per caller.
+
+A failed pass. `run_batch` must leave every job as it found it when it raises (each session's KV cache
+at its length before the call; the servicers restore it), so that the worker can run the jobs again:
+when a pass of several jobs raises, each job is run again alone, and only a job that fails alone gets
+the error. One bad request never fails the requests batched with it (DESIGN.md, principle 9).
 
 Holding a batch open (`max_wait_ms` > 0) waits only for sessions that are expected back: a session
 (the `key` of its jobs) whose last pass ended here and which has not been released, predicted by how
@@ -14,18 +40,23 @@ long it stayed away before, is awaited if it should arrive before the wait runs 
 sessions drift into groups that take turns (two passes of 2 sessions where one pass of 4 would do),
 and each pass pays the full read of the weights; with a plain fixed wait, a lone session would pay the
 wait every round for nobody. New sessions are not predicted and are not waited for.
+
+The prefill lane (optional) is a second forward thread that takes prefills, one at a time, in the same
+fair order; the main thread leaves prefills to it while it is free, and runs them itself (a pass of
+their own) while it is busy, so a prefill is never stranded behind a lane that does not get to run.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
 from serving.errors import ResourceExhausted, ServiceError
@@ -36,6 +67,8 @@ import grpc
 log = logging.getLogger(__name__)
 
 FORGET_AFTER_S = 60.0  # a session not back this long after it was due is no longer tracked
+SOLO_TOKENS = 64  # without a prefill lane: a job this large is a prefill (the lane's default threshold)
+PASS_TOKENS = 256  # a pass shared by callers stops here: ~32 rounds of gamma 4-6, ~14x one round's cost on CPU
 
 
 class CallerGone(ServiceError):
@@ -63,9 +96,22 @@ class _Job:
     enqueued: int
     enqueued_unix: int
     alive: Callable[[], bool]
-    key: Hashable = None
-    prefill: bool = False
-    claimed: bool = False  # taken by a lane (a prefill sits in both queues until one claims it)
+    key: Hashable
+    caller: Hashable
+    tokens: int  # what the job costs its caller's share: tokens_of(payload), or 1 without it
+    prefill: bool  # never batched with rounds; the prefill lane's to take
+    seq: int  # arrival order: breaks ties between equal tags
+
+
+@dataclass
+class _Caller:
+    """One caller's waiting jobs (rounds and prefills apart, each in arrival order) and its tag."""
+    rounds: deque = field(default_factory=deque)
+    prefills: deque = field(default_factory=deque)
+    tag: float = 0.0  # virtual time at which its next job starts (at least the worker's clock)
+
+    def waiting(self) -> int:
+        return len(self.rounds) + len(self.prefills)
 
 
 @dataclass
@@ -118,66 +164,103 @@ class WorkerStats:
     batches: int = 0
     jobs: int = 0
     dropped: int = 0
-    rejected: int = 0
+    rejected: int = 0  # refused for a full queue, either limit
+    rejected_per_caller: int = 0  # of those, refused for the caller's own limit
     prefill_lane_jobs: int = 0
+    retried_batches: int = 0  # passes of several jobs that failed and were run again job by job
+    isolated_failures: int = 0  # jobs that failed again alone: their callers got the error, nobody else
 
 
 class ModelWorker:
     def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int = 1,
                  max_wait_ms: float = 0.0, max_queue: int = 256, name: str = "model-worker",
                  on_batch: Callable[[int, float], None] | None = None,
-                 tokens_of: Callable[[Any], int] | None = None, prefill_lane: PrefillLane | None = None):
+                 tokens_of: Callable[[Any], int] | None = None, prefill_lane: PrefillLane | None = None,
+                 max_queue_per_caller: int | None = None, pass_tokens: int = PASS_TOKENS,
+                 solo_tokens: int | None = None):
         self.run_batch = run_batch
-        self.tokens_of = tokens_of  # a payload's token count, reported back as the pass's batch_tokens
+        self.tokens_of = tokens_of  # a payload's token count: its cost to its caller, and the pass's batch_tokens
         self.max_batch, self.max_wait_s, self.max_queue = max(1, max_batch), max_wait_ms / 1000, max_queue
-        self.on_batch = on_batch  # (batch size, queue wait ms of its oldest job): metrics hook
-        self.stats = WorkerStats()
-        self._jobs: queue.Queue[_Job] = queue.Queue()
-        self._forward = threading.Lock()  # one forward pass at a time, inline or on the worker
-        self._waiting = 0  # submitted to the worker and not yet started (what max_queue bounds)
-        self._count = threading.Lock()
-        self._away: dict[Hashable, _Away] = {}  # sessions expected back (see the module docstring)
-        self._away_lock = threading.Lock()
+        self.max_queue_per_caller = max(1, max_queue // 2) if max_queue_per_caller is None else max_queue_per_caller
+        self.pass_tokens = max(1, pass_tokens)
         if prefill_lane is not None and tokens_of is None:
             raise ValueError("a prefill lane needs the worker to know each job's token count (tokens_of)")
+        if solo_tokens is None:
+            solo_tokens = prefill_lane.min_tokens if prefill_lane is not None else SOLO_TOKENS
+        self.solo_tokens = solo_tokens  # (without tokens_of, no job is a prefill)
+        self.on_batch = on_batch  # (batch size, queue wait ms of its oldest job): metrics hook
+        self.stats = WorkerStats()
+        self._forward = threading.Lock()  # one main forward pass at a time, inline or on the worker
+        self._count = threading.Lock()  # the stats counters (two lanes and inline callers update them)
+        # The queues, under one condition: callers' jobs and tags, the virtual clock, what waits.
+        self._queue = threading.Condition()
+        self._callers: dict[Hashable, _Caller] = {}
+        self._clock = 0.0  # virtual time: the tag of the last pass started
+        self._waiting = 0  # submitted to the worker and not yet started (what max_queue bounds)
+        self._arrivals = itertools.count()
+        self._lane_busy = False
+        self._away: dict[Hashable, _Away] = {}  # sessions expected back (see the module docstring)
+        self._away_lock = threading.Lock()
         self.prefill_lane = prefill_lane
-        self._prefills: queue.Queue[_Job] = queue.Queue()
-        self._claim_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
         if prefill_lane is not None:
             threading.Thread(target=self._prefill_loop, name=name + "-prefill", daemon=True).start()
 
-    def submit(self, payload: Any, alive: Callable[[], bool] = lambda: True, key: Hashable = None) -> Timed:
+    def submit(self, payload: Any, alive: Callable[[], bool] = lambda: True, key: Hashable = None,
+               caller: Hashable = None) -> Timed:
         """Run `payload` (in a batch) and return its result; `alive` says whether the caller still waits;
-        `key` names the session, so that a batch held open can wait for it to come back."""
-        if self._waiting >= self.max_queue:
-            self.stats.rejected += 1
-            raise ResourceExhausted(f"the model worker's queue is full ({self.max_queue} requests waiting); "
-                                    "retry with backoff or add replicas")
+        `key` names the session, so that a batch held open can wait for it to come back; `caller` names
+        who sends it, for fair shares and the per-caller queue limit (None: the session `key`)."""
+        caller = key if caller is None else caller
+        tokens = max(1, self.tokens_of(payload)) if self.tokens_of is not None else 1
+        job = _Job(payload, Future(), 0, 0, alive, key, caller, tokens,
+                   self.tokens_of is not None and tokens >= self.solo_tokens, 0)
         if self._waiting == 0 and self._forward.acquire(blocking=False):
             try:
                 # Still nobody waiting, and nobody else expected soon: run here, a batch of one.
                 if self._waiting == 0 and not self._others_expected(key):
-                    return self._run_inline(payload, key)
+                    return self._run_inline(job)
             finally:
                 self._forward.release()
-        future: Future = Future()
-        with self._count:
+        with self._queue:
+            self._admit(caller)
+            job.enqueued, job.enqueued_unix, job.seq = time.perf_counter_ns(), time.time_ns(), next(self._arrivals)
+            state = self._callers.get(caller)
+            if state is None:
+                state = self._callers[caller] = _Caller(tag=self._clock)
+            (state.prefills if job.prefill else state.rounds).append(job)
             self._waiting += 1
-        job = _Job(payload, future, time.perf_counter_ns(), time.time_ns(), alive, key,
-                   prefill=self.prefill_lane is not None and self.tokens_of(payload) >= self.prefill_lane.min_tokens)
-        self._jobs.put(job)
-        if job.prefill:
-            self._prefills.put(job)
-        self._arrived(key)  # after the put: a batch that stops waiting for this key finds its job queued
-        return future.result()
+            self._queue.notify_all()
+        self._arrived(key)  # after the enqueue: a batch that stops waiting for this key finds its job queued
+        return job.future.result()
 
     def forget(self, key: Hashable) -> None:
         """The session is over (released): stop expecting it back."""
         with self._away_lock:
             self._away.pop(key, None)
 
+    # -- admission -------------------------------------------------------------------------------------
+    def _admit(self, caller: Hashable) -> None:
+        """Raise ResourceExhausted if the queue, or this caller's part of it, is full (under the queue lock)."""
+        if self._waiting >= self.max_queue:
+            self._count_rejected(False)
+            raise ResourceExhausted(f"the model worker's queue is full ({self.max_queue} requests waiting); "
+                                    "retry with backoff or add replicas")
+        state = self._callers.get(caller)
+        if caller is not None and state is not None and state.waiting() >= self.max_queue_per_caller:
+            self._count_rejected(True)
+            raise ResourceExhausted(
+                f"this caller already has {state.waiting()} requests waiting for the model worker, the most one "
+                f"caller may queue (max_queue_per_caller={self.max_queue_per_caller}, of a queue of "
+                f"{self.max_queue}); retry with backoff")
+
+    def _count_rejected(self, per_caller: bool) -> None:
+        with self._count:
+            self.stats.rejected += 1
+            self.stats.rejected_per_caller += per_caller
+
+    # -- sessions expected back (max_wait_ms) ------------------------------------------------------------
     def _arrived(self, key: Hashable) -> None:
         if key is None or self.max_wait_s == 0:
             return
@@ -218,17 +301,95 @@ class ModelWorker:
         now = time.monotonic()
         return self._expected(now + self.max_wait_s, now, {key})
 
-    def _run_inline(self, payload: Any, key: Hashable = None) -> Timed:
-        self._arrived(key)
+    # -- fair order (under the queue lock) ---------------------------------------------------------------
+    def _charge(self, job: _Job) -> float:
+        """The job starts: its caller's tag moves past it; returns the job's own start tag."""
+        state = self._callers.get(job.caller)
+        if state is None:  # (an inline job of a caller with nothing queued)
+            state = self._callers[job.caller] = _Caller(tag=self._clock)
+        start = max(self._clock, state.tag)
+        state.tag = start + job.tokens
+        return start
+
+    def _head(self, prefill: bool, exclude: set) -> tuple[_Caller, _Job] | None:
+        """The next job of the given kind in fair order: the first of the caller with the lowest tag.
+        Jobs whose caller has gone are dropped on the way."""
+        best, best_order = None, None
+        for caller, state in self._callers.items():
+            if caller in exclude:
+                continue
+            jobs = state.prefills if prefill else state.rounds
+            while jobs and not jobs[0].alive():
+                self._waiting -= 1
+                self._drop(jobs.popleft())
+            if jobs:
+                order = (max(self._clock, state.tag), jobs[0].seq)
+                if best_order is None or order < best_order:
+                    best, best_order = (state, jobs[0]), order
+        return best
+
+    def _take(self, state: _Caller, job: _Job) -> None:
+        (state.prefills if job.prefill else state.rounds).popleft()
+        self._waiting -= 1
+        self._charge(job)
+
+    def _lead(self, lane: str) -> list[_Job]:
+        """The first job of the next pass: the fairest round or prefill this lane may take. The main thread
+        leaves prefills to a free prefill lane."""
+        self._prune()
+        kinds = (True,) if lane == "prefill" else (
+            (False, True) if self.prefill_lane is None or self._lane_busy else (False,))
+        heads = [head for head in (self._head(kind, set()) for kind in kinds) if head is not None]
+        if not heads:
+            return []
+        state, job = min(heads, key=lambda h: (max(self._clock, h[0].tag), h[1].seq))
+        self._clock = max(self._clock, state.tag)
+        self._take(state, job)
+        return [job]
+
+    def _fill(self, batch: list[_Job], full: set) -> None:
+        """Add queued jobs of the batch's kind in fair order, while the pass stays within its limits;
+        `full` collects the callers whose next job did not fit (they wait for the next pass)."""
+        prefill = batch[0].prefill
+        tokens = sum(job.tokens for job in batch)
+        callers = {job.caller for job in batch}
+        while len(batch) < self.max_batch:
+            head = self._head(prefill, full)
+            if head is None:
+                return
+            state, job = head
+            shared = prefill or len(callers | {job.caller}) > 1
+            if shared and tokens + job.tokens > self.pass_tokens:
+                full.add(job.caller)
+                continue
+            self._take(state, job)
+            batch.append(job)
+            tokens += job.tokens
+            callers.add(job.caller)
+
+    def _prune(self) -> None:
+        """Forget callers with nothing waiting that are not ahead of the clock (they would restart at it)."""
+        for caller in [c for c, s in self._callers.items() if not s.waiting() and s.tag <= self._clock]:
+            del self._callers[caller]
+
+    def _main_has_work(self) -> bool:
+        prefills_too = self.prefill_lane is None or self._lane_busy
+        return any(s.rounds or (prefills_too and s.prefills) for s in self._callers.values())
+
+    # -- running ---------------------------------------------------------------------------------------
+    def _run_inline(self, job: _Job) -> Timed:
+        self._arrived(job.key)
+        with self._queue:
+            self._clock = max(self._clock, self._charge(job))
         enqueued_unix = time.time_ns()
         started = time.perf_counter_ns()
         try:
-            result = self.run_batch([payload])[0]
+            result = self.run_batch([job.payload])[0]
         finally:
-            self._left([key])
+            self._left([job.key])
         compute_ns = time.perf_counter_ns() - started
         self._count_batch(1, 0)
-        return _timed(result, 0, compute_ns, enqueued_unix, 1, self._tokens([payload]))
+        return _timed(result, 0, compute_ns, enqueued_unix, 1, self._tokens([job.payload]))
 
     def _tokens(self, payloads: Sequence[Any]) -> int:
         return sum(self.tokens_of(p) for p in payloads) if self.tokens_of is not None else 0
@@ -240,58 +401,41 @@ class ModelWorker:
         if self.on_batch is not None:
             self.on_batch(size, oldest_wait_ns / 1e6)
 
-    def _claim(self, job: _Job) -> bool:
-        with self._claim_lock:
-            if job.claimed:
-                return False
-            job.claimed = True
-        with self._count:
-            self._waiting -= 1
-        return True
+    def _drop(self, job: _Job) -> None:
+        """The caller has gone (cancelled, or past its deadline): do not spend a forward pass on it."""
+        with self._count:  # both lanes drop
+            self.stats.dropped += 1
+        job.future.set_exception(CallerGone("the caller cancelled or its deadline passed"))
 
-    def _take(self, batch: list[_Job], passed_over: list[_Job], job: _Job) -> None:
-        """Add `job` to a batch of rounds; a prefill is passed over (and queued again after the batch is
-        collected), for the prefill lane to claim meanwhile or for a pass of its own when it comes first
-        here: a starved lane delays it by no more than the passes queued before it."""
-        if job.prefill:
-            if not job.claimed:
-                passed_over.append(job)
-        elif self._claim(job):
-            batch.append(job)
-
-    def _collect(self, first: _Job) -> list[_Job]:
-        """The oldest job, all queued behind it, and those expected back within `max_wait_ms`; a
-        prefill that comes first is a batch of its own."""
-        batch: list[_Job] = [first]
-        if first.prefill:
+    def _collect(self) -> list[_Job]:
+        """The next pass: its fairest job, what is queued that may join it, and the sessions expected back
+        within `max_wait_ms`."""
+        full: set = set()
+        with self._queue:
+            batch = self._lead("main")
+            if batch:
+                self._fill(batch, full)
+        if not batch or self.max_wait_s == 0 or batch[0].prefill:  # a prefill pass is not held open
             return batch
-        passed_over: list[_Job] = []
         deadline = time.monotonic() + self.max_wait_s
         while len(batch) < self.max_batch:
-            try:
-                self._take(batch, passed_over, self._jobs.get_nowait())
-                continue
-            except queue.Empty:
-                pass
             now = time.monotonic()
-            if self.max_wait_s == 0 or now >= deadline:
+            if now >= deadline or not self._expected(deadline, now, {job.key for job in batch}):
                 break
-            if not self._expected(deadline, now, {job.key for job in batch}):
-                break
-            try:  # an arrival (expected or not) wakes this; re-check who is still out after each
-                self._take(batch, passed_over, self._jobs.get(timeout=min(deadline - now, 0.002)))
-            except queue.Empty:
-                pass
-        for job in passed_over:
-            self._jobs.put(job)
+            with self._queue:  # an arrival (expected or not) wakes this; re-check who is still out after each
+                self._queue.wait(min(deadline - now, 0.002))
+                self._fill(batch, full)
         return batch
 
     def _loop(self) -> None:
         while True:
-            first = self._jobs.get()
+            with self._queue:
+                while not self._main_has_work():
+                    self._queue.wait()
             with self._forward:  # an inline forward may be running: wait for it, then batch all that queued
-                if self._claim(first):  # (not a prefill the lane took meanwhile)
-                    self._run_jobs(self._collect(first), "main")
+                batch = self._collect()
+                if batch:
+                    self._run_jobs(batch, "main")
 
     def _prefill_loop(self) -> None:
         lane = self.prefill_lane
@@ -301,28 +445,52 @@ class ModelWorker:
         except OSError as error:
             log.warning("prefill lane: could not pin to CPUs %s (%s); it runs where the process may", sorted(lane.cpus), error)
         while True:
-            job = self._prefills.get()
-            if self._claim(job):
-                self.stats.prefill_lane_jobs += 1
-                self._run_jobs([job], "prefill")
+            with self._queue:
+                batch = self._lead("prefill")
+                while not batch:
+                    self._queue.wait()
+                    batch = self._lead("prefill")
+                self._lane_busy = True
+                self._queue.notify_all()  # the main thread may take prefills now
+            try:
+                with self._count:
+                    self.stats.prefill_lane_jobs += 1
+                self._run_jobs(batch, "prefill")
+            finally:
+                with self._queue:
+                    self._lane_busy = False
 
-    def _run_jobs(self, batch: list[_Job], lane: str) -> None:
-        """One forward pass over the claimed jobs still wanted; each caller gets its result or the error."""
+    def _run_jobs(self, batch: list[_Job], lane: str, alone: bool = False) -> None:
+        """One forward pass over the taken jobs still wanted; each caller gets its result or its error. A
+        pass of several jobs that fails is run again job by job (`alone`: run_batch left the jobs as it
+        found them), so that only a job that fails by itself gets an error."""
         live = []
         for job in batch:
             if job.alive():
                 live.append(job)
-            else:  # cancelled or past its deadline: do not spend the forward pass on it
-                with self._count:  # both lanes drop
-                    self.stats.dropped += 1
-                job.future.set_exception(CallerGone("the caller cancelled or its deadline passed"))
+            else:
+                self._drop(job)
         if not live:
             return
         started = time.perf_counter_ns()
         try:
             results = self.run_batch([job.payload for job in live])
             finished = time.perf_counter_ns()
-        except BaseException as error:  # noqa: BLE001 - handed to every waiting caller
+        except Exception as error:  # noqa: BLE001 - handed to its caller, or the pass is run again
+            if len(live) == 1:
+                if alone:
+                    with self._count:
+                        self.stats.isolated_failures += 1
+                live[0].future.set_exception(error)
+                return
+            with self._count:
+                self.stats.retried_batches += 1
+            log.warning("a pass of %d jobs failed (%s: %s); running each alone so that only a failing one gets "
+                        "the error", len(live), type(error).__name__, error)
+            for job in live:
+                self._run_jobs([job], lane, alone=True)
+            return
+        except BaseException as error:  # noqa: BLE001 - (the interpreter is exiting) handed to every caller
             for job in live:
                 job.future.set_exception(error)
             return

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from serving.session_fingerprint import fingerprint
 from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, load_prompts
 
 
@@ -237,7 +238,8 @@ def handler(repeats: int = 60) -> dict:
     non_compute = []
     for _ in range(repeats):
         request = verify_pb2.VerifyRequest(session_id="s", prefix_len=len(prompt), append_tokens=[7],
-                                           draft_token_ids=[8, 9, 10, 11], sampling=common_pb2.SamplingParams())
+                                           draft_token_ids=[8, 9, 10, 11], sampling=common_pb2.SamplingParams(),
+                                           prefix_fingerprint=fingerprint(prompt))
         started = time.perf_counter()
         reply = servicer.Verify(request, Context())
         non_compute.append((time.perf_counter() - started) * 1000 - reply.timing.compute_us / 1000)

@@ -6,6 +6,7 @@ import time
 
 from draft_service.drafter import ProposeJob, propose_batch
 from serving.errors import InvalidArgument
+from serving.session_fingerprint import session_tag
 from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import draft_pb2, draft_pb2_grpc
 from speculation.sampling import seeded_generator
@@ -13,7 +14,7 @@ from speculation.wire import encode_probs
 
 
 class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
-    def run_batch(self, jobs):
+    def forward(self, jobs):
         return propose_batch(self.runner, jobs)
 
     @staticmethod
@@ -32,16 +33,18 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
         if not sampling.greedy:
             generator = seeded_generator(request.seed)
 
-        with self.session(request.session_id, request.prefix_len) as session:
-            if not 0.0 <= request.min_confidence <= 1.0:
-                raise InvalidArgument(f"min_confidence must be in [0, 1], got {request.min_confidence}")
-            if request.vocab_limit < 0:
-                raise InvalidArgument(f"vocab_limit must be >= 0 (0: no limit), got {request.vocab_limit}")
+        if not 0.0 <= request.min_confidence <= 1.0:  # checked before the session is touched
+            raise InvalidArgument(f"min_confidence must be in [0, 1], got {request.min_confidence}")
+        if request.vocab_limit < 0:
+            raise InvalidArgument(f"vocab_limit must be >= 0 (0: no limit), got {request.vocab_limit}")
+
+        with self.session(request.session_id, request.prefix_len, request.prefix_fingerprint) as session:
             job = ProposeJob(session.cache, append, gamma, sampling, generator, request.min_confidence,
                              request.vocab_limit, request.seed)
             done = self.worker.submit(job, alive=self.caller_alive(context), key=request.session_id)
+            session.record(append + done.result.token_ids)  # the cache holds all but the last proposal
             cached_len = session.length
-        record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": self.tokens_of(job)})
+        record_worker_spans(done, **{"specdec.session": session_tag(request.session_id), "specdec.tokens": self.tokens_of(job)})
         reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)
         if done.result.draft_probs is not None:
             encode_to_message(encode_probs(done.result.draft_probs), reply.draft_probs)

@@ -19,6 +19,7 @@ import torch
 
 from orchestrator.service_clients import DraftSession, VerifySession
 from orchestrator.text_stream import TextStream
+from serving.session_fingerprint import session_tag
 from specdec_api import common_pb2, orchestrator_pb2
 from speculation.rejection import RoundOutcome, greedy_accept, rejection_sample
 from speculation.sampling import Sampling, seeded_generator
@@ -188,6 +189,7 @@ class Generation:
         self.load_model = load_model  # shared by the orchestrator's generations (--gamma-policy load)
         self.overlap = overlap and draft is not None
         self.generator = seeded_generator(spec.seed)
+        self.session_tag = session_tag(verify.session_id)  # in spans: the id itself stays out of them
         self.counters = Counters()
         self.committed = list(spec.prompt_ids)
         self.generated: list[int] = []
@@ -259,7 +261,7 @@ class Generation:
         attributes = {
             "specdec.round": self.counters.rounds, "specdec.gamma": event.gamma,
             "specdec.accepted": event.accepted, "specdec.outcome": outcome,
-            "specdec.session_id": self.verify.session_id, "specdec.round_ms": round_ms,
+            "specdec.session": self.session_tag, "specdec.round_ms": round_ms,
             "specdec.committed": len(event.token_ids),
             "specdec.verify.observed_ms": verify.observed_ms, "specdec.verify.server_ms": verify.server_total_ms,
             "specdec.verify.compute_ms": verify.compute_ms, "specdec.verify.queue_ms": verify.queue_ms,

@@ -1,7 +1,8 @@
 """Calls to the draft and verify services for one session, with the bookkeeping the loop needs.
 
 Each client remembers how many committed tokens its service's cache is known to hold (`synced_len`),
-sends only the tokens after that, and when the service answers session-lost (evicted, restarted,
+sends only the tokens after that with the fingerprint of the prefix it assumes (so a cache that anyone
+else changed is a miss, not a wrong token), and when the service answers session-lost (evicted, restarted,
 another replica) re-sends the whole committed prefix once. Every call records client-observed time,
 server-reported time and bytes on the wire.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from serving.errors import ERROR_KIND_KEY, SESSION_LOST
+from serving.session_fingerprint import PrefixChain
 from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from telemetry.grpc_client import end_client_call, start_client_call
 
@@ -52,12 +54,13 @@ class SessionClient:
     synced_len: int = 0
     reprefills: int = 0
     calls: list[CallRecord] = field(default_factory=list)
+    chain: PrefixChain = field(default_factory=PrefixChain)  # fingerprints of the prefixes it sends
 
     retry_unavailable = False
     wait_for_ready = True
 
     def _call(self, method, path: str, build, committed: list[int], metadata):
-        """build(prefix_len, append_tokens) -> request. Returns (response, prefix_len, len(append)).
+        """build(prefix_len, append_tokens, prefix_fingerprint) -> request. Returns (response, prefix_len, len(append)).
 
         `path` names the method for its CLIENT span (the channel is a plain one; see start_client_call)."""
         deadline = time.monotonic() + self.timeout_s
@@ -65,7 +68,7 @@ class SessionClient:
         backoff = 0.05
         while True:
             prefix = self.synced_len
-            request = build(prefix, committed[prefix:])
+            request = build(prefix, committed[prefix:], self.chain.at(committed, prefix) if prefix else b"")
             span, trace_metadata = start_client_call(path)
             started = time.perf_counter()
             try:
@@ -110,10 +113,11 @@ class DraftSession(SessionClient):
     vocab_limit = 0  # the target's logits count when the draft has more (ProposeRequest.vocab_limit)
 
     def propose(self, committed, gamma, sampling: common_pb2.SamplingParams, seed: int, metadata=()):
-        def build(prefix, append):
+        def build(prefix, append, fingerprint):
             return draft_pb2.ProposeRequest(session_id=self.session_id, prefix_len=prefix, append_tokens=append,
                                             num_draft_tokens=gamma, sampling=sampling, seed=seed,
-                                            min_confidence=self.min_confidence, vocab_limit=self.vocab_limit)
+                                            min_confidence=self.min_confidence, vocab_limit=self.vocab_limit,
+                                            prefix_fingerprint=fingerprint)
         response, prefix, appended = self._call(self.stub.Propose, PROPOSE, build, committed, metadata)
         return response, prefix + appended
 
@@ -126,9 +130,10 @@ class VerifySession(SessionClient):
         self.stub = stub
 
     def verify(self, committed, draft_token_ids, sampling: common_pb2.SamplingParams, metadata=()):
-        def build(prefix, append):
+        def build(prefix, append, fingerprint):
             return verify_pb2.VerifyRequest(session_id=self.session_id, prefix_len=prefix, append_tokens=append,
-                                            draft_token_ids=draft_token_ids, sampling=sampling)
+                                            draft_token_ids=draft_token_ids, sampling=sampling,
+                                            prefix_fingerprint=fingerprint)
         response, prefix, appended = self._call(self.stub.Verify, VERIFY, build, committed, metadata)
         return response, prefix + appended
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import uuid
 
 import grpc
 from opentelemetry import trace
@@ -15,6 +14,7 @@ from orchestrator.generation import Generation, GenerationSpec
 from orchestrator.service_clients import DraftSession, VerifySession, release
 from orchestrator.text_stream import TextStream
 from serving.errors import Downstream, InvalidArgument, OutOfRange
+from serving.session_fingerprint import session_tag
 from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
 from speculation.gamma_policy import AdaptiveGamma
 from speculation.sampling import Sampling
@@ -22,6 +22,8 @@ from telemetry.metrics import record_generation
 from telemetry.tracing import get_tracer
 
 log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID_CHARS = 256
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
@@ -41,17 +43,37 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             raise ValueError(f"--gamma-policy must be fixed or load, got {gamma_policy!r}")
         self.load_model = LoadModel() if gamma_policy == "load" else None
         self.adaptive_cost_ratio = adaptive_cost_ratio
+        # No token of this tokenizer spans more characters than this, so a text longer than
+        # max_context * this cannot fit the context whatever it holds: refused before tokenizing it.
+        vocab = deployment.tokenizer.get_vocab() if hasattr(deployment.tokenizer, "get_vocab") else {}
+        self.max_chars_per_token = max((len(token) for token in vocab), default=0) or 64
 
     # -- request checks ---------------------------------------------------------------------------
     def spec_from(self, request: orchestrator_pb2.GenerateRequest) -> GenerationSpec:
         info = self.deployment.verify_info
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidArgument(f"request_id must be at most {MAX_REQUEST_ID_CHARS} characters, "
+                                  f"got {len(request.request_id)}")
+        if request.max_new_tokens <= 0:
+            raise InvalidArgument(f"max_new_tokens must be > 0, got {request.max_new_tokens}")
+        room = info.max_context - request.max_new_tokens  # tokens left for the prompt
         which = request.WhichOneof("prompt")
         if which == "text":
             if not request.text:
                 raise InvalidArgument("the prompt is empty; send text or token_ids with at least one token")
+            if len(request.text) > max(0, room) * self.max_chars_per_token:
+                raise OutOfRange(
+                    f"the prompt's {len(request.text)} characters cannot fit in {max(0, room)} tokens (the target's "
+                    f"context of {info.max_context} less max_new_tokens {request.max_new_tokens}; no token of this "
+                    f"tokenizer is longer than {self.max_chars_per_token} characters); shorten the prompt or lower "
+                    "max_new_tokens")
             prompt_ids = list(self.deployment.tokenizer(request.text)["input_ids"])
         elif which == "token_ids":
             prompt_ids = list(request.token_ids.ids)
+            if len(prompt_ids) > room:
+                raise OutOfRange(
+                    f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
+                    f"target's context of {info.max_context} tokens; shorten the prompt or lower max_new_tokens")
             bad = [t for t in prompt_ids if not 0 <= t < info.vocab_size]
             if bad:
                 raise InvalidArgument(f"prompt token ids outside the vocabulary [0, {info.vocab_size}): {bad[:5]}")
@@ -59,8 +81,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             raise InvalidArgument("no prompt: set `text` or `token_ids`")
         if not prompt_ids:
             raise InvalidArgument("the prompt tokenizes to zero tokens; send a non-empty prompt")
-        if request.max_new_tokens <= 0:
-            raise InvalidArgument(f"max_new_tokens must be > 0, got {request.max_new_tokens}")
         if len(prompt_ids) + request.max_new_tokens > info.max_context:
             raise OutOfRange(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({request.max_new_tokens}) exceeds the "
@@ -91,7 +111,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     # -- RPCs -------------------------------------------------------------------------------------
     def Generate(self, request, context):
         spec = self.spec_from(request)
-        session_id = request.request_id + "-" + uuid.uuid4().hex if request.request_id else uuid.uuid4().hex
+        # The session id is what lets a caller touch the services' caches: random, never derived from what
+        # the client sent, and kept out of spans and logs (they carry session_tag, a one-way name).
+        session_id = secrets.token_hex(16)
         d = self.deployment
         draft = DraftSession(d.draft_stub, session_id, self.draft_timeout_s) if d.draft_stub else None
         if draft is not None:
@@ -106,7 +128,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             policy = AdaptiveGamma(max_gamma=spec.max_gamma, gamma=spec.gamma, cost_ratio=self.adaptive_cost_ratio)
         # Not made current: the handler yields between rounds, so each round names it as parent instead.
         span = get_tracer().start_span("generation", attributes={
-            "specdec.session_id": session_id, "specdec.request_id": request.request_id,
+            "specdec.session": session_tag(session_id), "specdec.request_id": request.request_id,
             "specdec.prompt_tokens": len(spec.prompt_ids), "specdec.max_new_tokens": spec.max_new_tokens,
             "specdec.temperature": spec.sampling.temperature, "specdec.gamma": spec.gamma})
         generation = Generation(spec, draft, verify, TextStream(d.tokenizer, spec.stop), policy,

@@ -32,6 +32,17 @@ class ModelServiceBase:
                                   prefill_lane=prefill_lane)
 
     def run_batch(self, payloads):
+        """One forward over the payloads (each has a `.cache`). If it raises, every cache goes back to the
+        length it had before, so the worker can retry each payload alone and only the bad one fails."""
+        lengths = [payload.cache.length for payload in payloads]
+        try:
+            return self.forward(payloads)
+        except BaseException:
+            for payload, length in zip(payloads, lengths):
+                payload.cache.crop(length)
+            raise
+
+    def forward(self, payloads):
         raise NotImplementedError
 
     @staticmethod
@@ -76,8 +87,8 @@ class ModelServiceBase:
         return sampling
 
     @contextmanager
-    def session(self, session_id: str, prefix_len: int) -> Iterator[Session]:
-        with self.store.use(session_id, prefix_len) as session:
+    def session(self, session_id: str, prefix_len: int, fingerprint: bytes) -> Iterator[Session]:
+        with self.store.use(session_id, prefix_len, fingerprint) as session:
             yield session
 
     # -- RPCs shared by both services --------------------------------------------------------------

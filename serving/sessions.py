@@ -13,8 +13,9 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
+from serving import session_fingerprint
 from serving.errors import InvalidArgument, ResourceExhausted, SessionLost
 
 
@@ -26,10 +27,24 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     nbytes: int = 0
     in_use: int = 0
+    # digests[i]: the fingerprint of the first i tokens the cache holds (serving/session_fingerprint.py)
+    digests: list[bytes] = field(default_factory=lambda: [session_fingerprint.EMPTY])
 
     @property
     def length(self) -> int:
         return self.cache.length
+
+    def record(self, fed: Sequence[int]) -> None:
+        """After a forward: the cache grew by some of `fed` (in order; a drafter feeds all but its last
+        proposal); extend the fingerprints by as many as it grew."""
+        grew = self.cache.length - (len(self.digests) - 1)
+        if grew > len(fed) or grew < 0:
+            raise RuntimeError(f"the cache grew by {grew} tokens but the call fed {len(fed)}")
+        self.digests += session_fingerprint.extend(self.digests[-1], fed[:grew])
+
+    def rewind(self, length: int) -> None:
+        self.cache.crop(length)
+        del self.digests[length + 1:]
 
 
 @dataclass
@@ -68,10 +83,14 @@ class SessionStore:
             self._sessions.clear()
 
     @contextmanager
-    def use(self, session_id: str, prefix_len: int) -> Iterator[Session]:
+    def use(self, session_id: str, prefix_len: int, fingerprint: bytes = b"") -> Iterator[Session]:
         """The session cropped to prefix_len, locked for the caller. prefix_len 0 starts it anew.
 
-        If the body raises, the session is dropped: its cache may hold a half-applied step.
+        The cache is served only if its first prefix_len tokens have `fingerprint`: whatever else
+        happened to it (another caller overwrote, cropped or re-filled it) is a miss, SessionLost, and the
+        caller re-sends the whole prefix. A miss leaves the session untouched. If the body raises, the
+        session goes back to prefix_len tokens (the model services restore a cache whose forward failed),
+        or is dropped when even that fails: a failed call costs its caller a retry, nobody a token.
         """
         if not session_id:
             raise InvalidArgument("session_id is required")
@@ -84,12 +103,23 @@ class SessionStore:
                     raise SessionLost(
                         f"session {session_id!r} holds {session.length} tokens but the call assumes "
                         f"{prefix_len}; resend the whole prefix with prefix_len=0")
-                session.cache.crop(prefix_len)
+                if prefix_len > 0 and session.digests[prefix_len] != fingerprint:
+                    why = ("prefix_fingerprint differs" if fingerprint else
+                           "no prefix_fingerprint: a cached prefix is served only to a caller that names its fingerprint")
+                    raise SessionLost(
+                        f"session {session_id!r} holds other tokens than the {prefix_len}-token prefix this call "
+                        f"names ({why}); resend the whole prefix with prefix_len=0")
+                session.rewind(prefix_len)
                 try:
                     yield session
                 except BaseException:
-                    self.release(session_id)
+                    try:
+                        session.rewind(prefix_len)
+                    except Exception:  # noqa: BLE001 - a cache that cannot roll back is not served again
+                        self.release(session_id)
                     raise
+                if len(session.digests) - 1 != session.length:  # a body that did not record what it fed
+                    self.release(session_id)
                 session.nbytes = session.cache.nbytes()
         finally:
             with self._lock:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ProposeRequest(_message.Message):
-    __slots__ = ("session_id", "prefix_len", "append_tokens", "num_draft_tokens", "sampling", "seed", "min_confidence", "vocab_limit")
+    __slots__ = ("session_id", "prefix_len", "append_tokens", "num_draft_tokens", "sampling", "seed", "min_confidence", "vocab_limit", "prefix_fingerprint")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
     APPEND_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class ProposeRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prefix_len: int
     append_tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -25,7 +26,8 @@ class ProposeRequest(_message.Message):
     seed: int
     min_confidence: float
     vocab_limit: int
-    def __init__(self, session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., min_confidence: _Optional[float] = ..., vocab_limit: _Optional[int] = ...) -> None: ...
+    prefix_fingerprint: bytes
+    def __init__(self, session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., min_confidence: _Optional[float] = ..., vocab_limit: _Optional[int] = ..., prefix_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
     __slots__ = ("token_ids", "draft_probs", "timing", "cached_len")

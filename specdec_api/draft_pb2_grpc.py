@@ -59,7 +59,8 @@ class DraftServiceServicer:
         """Extends the session's cached prefix with `append_tokens` and proposes num_draft_tokens tokens in
         one call. A retried call is harmless: the cache is cropped to prefix_len before appending.
         FAILED_PRECONDITION (trailing metadata specdec-error: session-lost) when the service does not
-        hold prefix_len tokens of the session; the caller re-sends the whole prefix with prefix_len 0.
+        hold the prefix the call names (prefix_len tokens whose fingerprint is prefix_fingerprint); the
+        caller re-sends the whole prefix with prefix_len 0.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec_api import common_pb2 as specdec__api_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec_api/verify.proto\x12\nspecdec.v1\x1a\x18specdec_api/common.proto\"\x95\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\x05\x12\x15\n\rappend_tokens\x18\x03 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x04 \x03(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\"\x96\x01\n\x0eVerifyResponse\x12\x18\n\x10\x61rgmax_token_ids\x18\x01 \x03(\x05\x12,\n\x0ctarget_probs\x18\x02 \x01(\x0b\x32\x16.specdec.v1.ProbMatrix\x12(\n\x06timing\x18\x03 \x01(\x0b\x32\x18.specdec.v1.ServerTiming\x12\x12\n\ncached_len\x18\x04 \x01(\x05\x32\xf1\x01\n\rVerifyService\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12W\n\x0eReleaseSession\x12!.specdec.v1.ReleaseSessionRequest\x1a\".specdec.v1.ReleaseSessionResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.specdec.v1.GetModelInfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec_api/verify.proto\x12\nspecdec.v1\x1a\x18specdec_api/common.proto\"\xb1\x01\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\x05\x12\x15\n\rappend_tokens\x18\x03 \x03(\x05\x12\x17\n\x0f\x64raft_token_ids\x18\x04 \x03(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x1a\n\x12prefix_fingerprint\x18\x06 \x01(\x0c\"\x96\x01\n\x0eVerifyResponse\x12\x18\n\x10\x61rgmax_token_ids\x18\x01 \x03(\x05\x12,\n\x0ctarget_probs\x18\x02 \x01(\x0b\x32\x16.specdec.v1.ProbMatrix\x12(\n\x06timing\x18\x03 \x01(\x0b\x32\x18.specdec.v1.ServerTiming\x12\x12\n\ncached_len\x18\x04 \x01(\x05\x32\xf1\x01\n\rVerifyService\x12?\n\x06Verify\x12\x19.specdec.v1.VerifyRequest\x1a\x1a.specdec.v1.VerifyResponse\x12W\n\x0eReleaseSession\x12!.specdec.v1.ReleaseSessionRequest\x1a\".specdec.v1.ReleaseSessionResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.specdec.v1.GetModelInfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specdec_api.verify_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_VERIFYREQUEST']._serialized_start=67
-  _globals['_VERIFYREQUEST']._serialized_end=216
-  _globals['_VERIFYRESPONSE']._serialized_start=219
-  _globals['_VERIFYRESPONSE']._serialized_end=369
-  _globals['_VERIFYSERVICE']._serialized_start=372
-  _globals['_VERIFYSERVICE']._serialized_end=613
+  _globals['_VERIFYREQUEST']._serialized_end=244
+  _globals['_VERIFYRESPONSE']._serialized_start=247
+  _globals['_VERIFYRESPONSE']._serialized_end=397
+  _globals['_VERIFYSERVICE']._serialized_start=400
+  _globals['_VERIFYSERVICE']._serialized_end=641
 # @@protoc_insertion_point(module_scope)

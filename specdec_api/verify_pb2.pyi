@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("session_id", "prefix_len", "append_tokens", "draft_token_ids", "sampling")
+    __slots__ = ("session_id", "prefix_len", "append_tokens", "draft_token_ids", "sampling", "prefix_fingerprint")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LEN_FIELD_NUMBER: _ClassVar[int]
     APPEND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prefix_len: int
     append_tokens: _containers.RepeatedScalarFieldContainer[int]
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
-    def __init__(self, session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    prefix_fingerprint: bytes
+    def __init__(self, session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., prefix_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("argmax_token_ids", "target_probs", "timing", "cached_len")

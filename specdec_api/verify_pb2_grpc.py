@@ -58,7 +58,8 @@ class VerifyServiceServicer:
     def Verify(self, request, context):
         """Extends the session's cached prefix with `append_tokens` followed by the draft tokens and runs ONE
         forward pass; returns what the acceptance test needs at the last gamma + 1 positions. Same
-        session semantics as DraftService.Propose (crop to prefix_len, then append; session-lost status).
+        session semantics as DraftService.Propose (check prefix_fingerprint, crop to prefix_len, then append;
+        session-lost status).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

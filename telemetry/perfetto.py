@@ -51,7 +51,7 @@ def trace_events(rounds: list[Round]) -> dict:
     for r in rounds:
         if r.trace_id not in pids:
             pid = pids[r.trace_id] = len(pids) + 1
-            session = r.attributes.get("specdec.session_id", r.trace_id[:8])
+            session = r.attributes.get("specdec.session", r.trace_id[:8])
             events.append({"name": "process_name", "ph": "M", "pid": pid, "args": {"name": f"generation {session}"}})
             events.extend({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": track}}
                           for track, tid in TRACKS.items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from serving.session_fingerprint import fingerprint
 from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from specdec_client import InvalidArgument, OutOfRange
 from tests.conftest import PROMPTS
@@ -87,7 +88,8 @@ def test_a_retried_call_is_harmless(stacks):
     """The same Verify twice (a client retry) answers the same: the cache is cropped to prefix_len."""
     stub = _verify_stub(stacks("different"))
     first = stub.Verify(verify_pb2.VerifyRequest(session_id="retry", append_tokens=[5, 6, 7]), timeout=10)
-    request = verify_pb2.VerifyRequest(session_id="retry", prefix_len=3, append_tokens=[9], draft_token_ids=[4, 4])
+    request = verify_pb2.VerifyRequest(session_id="retry", prefix_len=3, append_tokens=[9], draft_token_ids=[4, 4],
+                                       prefix_fingerprint=fingerprint([5, 6, 7]))
     a = stub.Verify(request, timeout=10)
     b = stub.Verify(request, timeout=10)
     assert a.argmax_token_ids == b.argmax_token_ids and a.cached_len == b.cached_len == 6

@@ -117,7 +117,7 @@ def test_one_generation_is_one_trace_from_the_client_to_both_model_services(trac
     assert generation["attributes"]["specdec.prompt_tokens"] > 0
     assert generation["attributes"]["specdec.new_tokens"] == len(result.token_ids)
     assert generation["attributes"]["specdec.temperature"] == 0
-    session = generation["attributes"]["specdec.session_id"]
+    session = generation["attributes"]["specdec.session"]
 
     rounds = sorted((s for s in children[generation["span_id"]] if s["name"] == "round"),
                     key=lambda s: s["start_time_unix_nano"])
@@ -125,7 +125,7 @@ def test_one_generation_is_one_trace_from_the_client_to_both_model_services(trac
     proposals = []
     for r in rounds:
         a = r["attributes"]
-        assert a["specdec.session_id"] == session
+        assert a["specdec.session"] == session
         assert a["specdec.outcome"] in {"recovered", "bonus", "target_only"}
         assert 0 <= a["specdec.accepted"] <= a["specdec.gamma"] <= 3
         assert a["specdec.round_ms"] > 0
@@ -151,6 +151,9 @@ def test_one_generation_is_one_trace_from_the_client_to_both_model_services(trac
             steps = {s["name"]: s for s in children[server_call["span_id"]]}
             assert set(steps) == {"queue_wait", "forward"}
             assert steps["forward"]["attributes"]["specdec.lane"] == "main"  # no prefill lane in this stack
+            # The services name the session by the same one-way tag as the round: the id itself, which lets
+            # a caller touch the session, stays out of every span.
+            assert steps["forward"]["attributes"]["specdec.session"] == session
             # Same host, so the clocks agree here: the forward pass follows the queue wait inside the call,
             # and the call as the client saw it lasts at least as long as the server's part of it.
             assert steps["queue_wait"]["end_time_unix_nano"] <= steps["forward"]["start_time_unix_nano"] + 1000
@@ -158,6 +161,8 @@ def test_one_generation_is_one_trace_from_the_client_to_both_model_services(trac
             assert steps["forward"]["end_time_unix_nano"] <= server_call["end_time_unix_nano"]
             assert _duration(client_call) >= _duration(server_call) >= _duration(steps["forward"]) > 0
     assert proposals  # the draft was asked, and each call shows in the draft service
+    assert not [s for s in trace if "specdec.session_id" in s["attributes"]]
+    assert len(session) == 12 and int(session, 16) >= 0
     assert {service(s) for s in trace} >= {"specdec-orchestrator", "specdec-draft", "specdec-verify"}
     assert all(s["parent_span_id"] in by_id for s in trace if s is not client_span)  # no orphans
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from serving.errors import InvalidArgument
+from serving.session_fingerprint import session_tag
 from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import verify_pb2, verify_pb2_grpc
 from speculation.wire import encode_probs
@@ -12,7 +13,7 @@ from verify_service.verifier import ScoreJob, forward_batch, score
 
 
 class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
-    def run_batch(self, jobs):
+    def forward(self, jobs):
         return forward_batch(self.runner, jobs)
 
     @staticmethod
@@ -28,12 +29,13 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
         self.check_session(request.session_id, request.prefix_len, append, len(drafts))
         sampling = self.sampling_from(request.sampling)
 
-        with self.session(request.session_id, request.prefix_len) as session:
+        with self.session(request.session_id, request.prefix_len, request.prefix_fingerprint) as session:
             job = ScoreJob(session.cache, append + drafts, len(drafts) + 1)
             done = self.worker.submit(job, alive=self.caller_alive(context), key=request.session_id)
+            session.record(job.tokens)
             cached_len = session.length
         scores = score(done.result, sampling)
-        record_worker_spans(done, **{"specdec.session_id": request.session_id, "specdec.tokens": self.tokens_of(job)})
+        record_worker_spans(done, **{"specdec.session": session_tag(request.session_id), "specdec.tokens": self.tokens_of(job)})
         reply = verify_pb2.VerifyResponse(argmax_token_ids=scores.argmax_token_ids, cached_len=cached_len)
         if scores.target_probs is not None:
             encode_to_message(encode_probs(scores.target_probs), reply.target_probs)

@@ -3,14 +3,23 @@
 Order follows HF transformers' warpers: temperature, then top-k, then top-p. Temperature 0 is the
 greedy limit and returns the one-hot distribution of the argmax, so greedy is a special case of the
 same maths rather than a separate code path with its own rules.
+
+Temperatures below MIN_SAMPLED_TEMPERATURE are that limit too (vLLM draws the same line at 1e-5): at
+1e-40, logits / temperature overflow float32 to inf and the softmax is NaN; at 1e-5 a logit gap of 1e-3
+is already a factor e**100, so what is left to sample is the argmax up to exact ties. Every side (the
+orchestrator, the draft, the verify) decides greedy here, so they always agree.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+
+MIN_SAMPLED_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -21,7 +30,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_SAMPLED_TEMPERATURE
 
     @property
     def bounds_support(self) -> bool:
@@ -31,11 +40,12 @@ class Sampling:
     def problems(self) -> list[str]:
         """Human-readable reasons these settings are invalid; empty when they are fine."""
         found = []
-        if not self.temperature >= 0.0:  # also catches NaN
-            found.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):  # also catches NaN
+            found.append(f"temperature must be finite and >= 0 (0 = greedy; below {MIN_SAMPLED_TEMPERATURE} is "
+                         f"greedy too), got {self.temperature}")
         if self.top_k < 0:
             found.append(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # also catches NaN
             found.append(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
         return found
 

@@ -3,7 +3,9 @@
 Protocol (the deployment we sell, emulated on one machine by pinning): everything that runs on the
 target's hardware -- target_only, hf_assisted (both models share one accelerator in-process) and the
 verify service -- on core `target_cpu` with one torch thread; the draft service and the orchestrator on
-core `draft_cpu`. `pinned=False` runs the same with no pinning (labelled as such).
+core `draft_cpu`. `pinned=False` runs the same with no pinning (labelled as such). `tls=True` runs the
+three specdec processes with mTLS between every pair (a throwaway CA in a temporary directory), the
+bench's client included; the baselines run in-process and are not affected.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,7 @@ class BenchSettings:
     seed: int = 0
     modes: tuple[str, ...] = ("greedy", "temperature_1")
     orchestrator_args: tuple[str, ...] = ()
+    tls: bool = False  # mTLS between client, orchestrator, draft and verify
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -145,15 +149,17 @@ def run_bench(settings: BenchSettings) -> dict:
         "draft_cpu": settings.draft_cpu if settings.pinned else None, "threads_per_process": 1,
         "prompts": len(settings.prompts), "max_new_tokens": settings.max_new_tokens,
         "num_draft_tokens": settings.num_draft_tokens, "target": settings.target, "draft": settings.draft,
-        "order": "interleaved per prompt, rotating"}}
+        "order": "interleaved per prompt, rotating", "tls": "mTLS" if settings.tls else "plaintext"}}
     cpu = (lambda c: c) if settings.pinned else (lambda c: None)
     workers = {s: BaselineWorker(s, settings) for s in ("target_only", "hf_assisted")}
     progress = tqdm(total=len(settings.modes) * len(settings.prompts), desc="bench", unit="prompt", file=sys.stderr)
+    tls_dir = tempfile.TemporaryDirectory(prefix="specdec-bench-tls-") if settings.tls else None
     try:
         with local_stack(settings.target, settings.draft, draft_cpu=cpu(settings.draft_cpu),
                          verify_cpu=cpu(settings.target_cpu), orchestrator_cpu=cpu(settings.draft_cpu), threads=1,
-                         orchestrator_args=settings.orchestrator_args) as stack, \
-                Client(stack.orchestrator) as client:
+                         orchestrator_args=settings.orchestrator_args,
+                         tls_dir=Path(tls_dir.name) if tls_dir else None) as stack, \
+                Client(stack.orchestrator, **stack.client_tls) as client:
             for worker in workers.values():  # warm-up
                 worker.generate(settings.prompts[0], 8, False, 0)
             client.generate(settings.prompts[0], max_new_tokens=8)
@@ -183,6 +189,8 @@ def run_bench(settings: BenchSettings) -> dict:
         for worker in workers.values():
             worker.close()
         progress.close()
+        if tls_dir is not None:
+            tls_dir.cleanup()
     for mode in settings.modes:
         base = report[mode]["target_only"]["tokens_per_s"]
         for result in report[mode].values():

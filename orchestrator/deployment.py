@@ -67,23 +67,41 @@ def _channel(address: str, tls: TLSSettings | None = None, api_key_file: str | N
     return dial(address, tls, CHANNEL_OPTIONS, api_key_file)
 
 
+def _model_info(stub, role: str, address: str, timeout_s: float, tls: TLSSettings | None) -> common_pb2.ModelInfo:
+    """The service's ModelInfo, waiting for it to come up; a refusal as one line an operator can act on."""
+    try:
+        return stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=timeout_s, wait_for_ready=True)
+    except grpc.RpcError as error:
+        hint = ""
+        if error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            hint = (" (with TLS, a handshake the service refuses looks like this: check that --tls-ca signed its "
+                    "certificate, that it trusts our --tls-cert, and --tls-server-name)" if tls and tls.dials_tls
+                    else " (is it up? if it serves TLS, give the orchestrator --tls-ca, --tls-cert and --tls-key)")
+        elif error.code() == grpc.StatusCode.UNAUTHENTICATED:
+            hint = " (give the orchestrator --service-api-key-file with a key from the service's --api-key-file)"
+        raise ConnectionError(f"{role} service at {address}: {error.code().name}: {error.details()}{hint}") from None
+
+
 def connect(verify_address: str, draft_address: str | None, tokenizer: str | None = None,
             ready_timeout_s: float = 60.0, tls: TLSSettings | None = None,
             api_key_file: str | None = None) -> Deployment:
     channels = []
-    verify_channel = _channel(verify_address, tls, api_key_file)
-    channels.append(verify_channel)
-    verify_stub = verify_pb2_grpc.VerifyServiceStub(verify_channel)
-    verify_info = verify_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=ready_timeout_s,
-                                           wait_for_ready=True)
-    draft_stub = draft_info = None
-    if draft_address:
-        draft_channel = _channel(draft_address, tls, api_key_file)
-        channels.append(draft_channel)
-        draft_stub = draft_pb2_grpc.DraftServiceStub(draft_channel)
-        draft_info = draft_stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=ready_timeout_s,
-                                             wait_for_ready=True)
-        check_pair(draft_info, verify_info)
+    try:
+        verify_channel = _channel(verify_address, tls, api_key_file)
+        channels.append(verify_channel)
+        verify_stub = verify_pb2_grpc.VerifyServiceStub(verify_channel)
+        verify_info = _model_info(verify_stub, "verify", verify_address, ready_timeout_s, tls)
+        draft_stub = draft_info = None
+        if draft_address:
+            draft_channel = _channel(draft_address, tls, api_key_file)
+            channels.append(draft_channel)
+            draft_stub = draft_pb2_grpc.DraftServiceStub(draft_channel)
+            draft_info = _model_info(draft_stub, "draft", draft_address, ready_timeout_s, tls)
+            check_pair(draft_info, verify_info)
+    except BaseException:
+        for channel in channels:
+            channel.close()
+        raise
     tokenizer_name = tokenizer or verify_info.model
     loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     log.info("target %s, draft %s, tokenizer %s", verify_info.model, draft_info.model if draft_info else None,

@@ -9,6 +9,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import grpc
@@ -58,6 +59,7 @@ class LocalStack:
     draft: str
     verify: str
     processes: list[subprocess.Popen] = field(default_factory=list)
+    client_tls: dict = field(default_factory=dict)  # with tls_dir: the SDK's arguments (Client(address, **it))
 
 
 def spawn(args: list[str], cpu: int | None, env_extra: dict | None = None, log_path=None) -> subprocess.Popen:
@@ -75,11 +77,27 @@ def local_stack(target: str, draft: str, *, draft_cpu: int | None = None, verify
                 orchestrator_cpu: int | None = None, threads: int = 1, orchestrator_args: tuple[str, ...] = (),
                 env_extra: dict | None = None, log_dir=None, draft_address: str | None = None,
                 verify_args: tuple[str, ...] = (), draft_args: tuple[str, ...] = (),
-                verify_address: str | None = None, timeout_s: float = 180.0) -> Iterator[LocalStack]:
+                verify_address: str | None = None, timeout_s: float = 180.0,
+                tls_dir: Path | None = None) -> Iterator[LocalStack]:
     """Draft, verify and orchestrator processes on free loopback ports; stopped (SIGTERM) on exit.
 
-    draft_address / verify_address override where the orchestrator reaches them (a delay relay)."""
+    draft_address / verify_address override where the orchestrator reaches them (a delay relay).
+    tls_dir: a throwaway CA and one certificate per role there (transport/throwaway_ca.py, needs trustme);
+    every role serves mTLS and the orchestrator dials with its own; health is checked on each role's
+    plaintext health port, and `client_tls` holds a client certificate for the SDK."""
     ports = {name: free_port() for name in ("draft", "verify", "orchestrator")}
+    security = {name: [] for name in ports}
+    health = dict(ports)
+    client_tls: dict = {}
+    if tls_dir is not None:
+        from transport.throwaway_ca import ThrowawayCA
+
+        ca = ThrowawayCA()
+        for name in ports:
+            health[name] = free_port()
+            security[name] = [*ca.issue(Path(tls_dir), name).cli_args(), "--tls-require-client-cert",
+                              "--health-port", str(health[name])]
+        client_tls = ca.issue(Path(tls_dir), "client").client_kwargs()
     processes: list[subprocess.Popen] = []
 
     def log(name):
@@ -87,17 +105,20 @@ def local_stack(target: str, draft: str, *, draft_cpu: int | None = None, verify
 
     try:
         processes.append(spawn(["serve", "draft", "--model", draft, "--port", str(ports["draft"]),
-                                "--threads", str(threads), *draft_args], draft_cpu, env_extra, log("draft")))
+                                "--threads", str(threads), *security["draft"], *draft_args], draft_cpu, env_extra,
+                               log("draft")))
         processes.append(spawn(["serve", "verify", "--model", target, "--port", str(ports["verify"]),
-                                "--threads", str(threads), *verify_args], verify_cpu, env_extra, log("verify")))
-        wait_healthy(f"127.0.0.1:{ports['draft']}", timeout_s, processes[0])
-        wait_healthy(f"127.0.0.1:{ports['verify']}", timeout_s, processes[1])
+                                "--threads", str(threads), *security["verify"], *verify_args], verify_cpu,
+                               env_extra, log("verify")))
+        wait_healthy(f"127.0.0.1:{health['draft']}", timeout_s, processes[0])
+        wait_healthy(f"127.0.0.1:{health['verify']}", timeout_s, processes[1])
         processes.append(spawn(["serve", "orchestrator", "--port", str(ports["orchestrator"]),
                                 "--draft", draft_address or f"127.0.0.1:{ports['draft']}",
                                 "--verify", verify_address or f"127.0.0.1:{ports['verify']}",
-                                *orchestrator_args], orchestrator_cpu, env_extra, log("orchestrator")))
-        wait_healthy(f"127.0.0.1:{ports['orchestrator']}", timeout_s, processes[2])
+                                *security["orchestrator"], *orchestrator_args], orchestrator_cpu, env_extra,
+                               log("orchestrator")))
+        wait_healthy(f"127.0.0.1:{health['orchestrator']}", timeout_s, processes[2])
         yield LocalStack(f"127.0.0.1:{ports['orchestrator']}", f"127.0.0.1:{ports['draft']}",
-                         f"127.0.0.1:{ports['verify']}", processes)
+                         f"127.0.0.1:{ports['verify']}", processes, client_tls)
     finally:
         stop_processes(list(reversed(processes)))

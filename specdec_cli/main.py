@@ -85,7 +85,34 @@ def serve(
     max_concurrent_rpcs: Optional[int] = typer.Option(None, envvar=_env("max_concurrent_rpcs"),
                                                       help="refuse calls beyond this with RESOURCE_EXHAUSTED"),
     metrics_port: Optional[int] = typer.Option(None, envvar=_env("metrics_port"),
-                                               help="serve Prometheus metrics on this port"),
+                                               help="serve Prometheus metrics on this port (bound to --host)"),
+    tls_cert: Optional[str] = typer.Option(
+        None, envvar=_env("tls_cert"),
+        help="PEM certificate chain: with --tls-key, serve TLS; the orchestrator also presents it to draft/verify "
+             "(re-read when the file changes)"),
+    tls_key: Optional[str] = typer.Option(None, envvar=_env("tls_key"), help="PEM private key of --tls-cert"),
+    tls_ca: Optional[str] = typer.Option(
+        None, envvar=_env("tls_ca"),
+        help="PEM CA bundle: verify client certificates against it; the orchestrator verifies draft/verify with it"),
+    tls_require_client_cert: bool = typer.Option(
+        False, "--tls-require-client-cert", envvar=_env("tls_require_client_cert"),
+        help="mTLS: refuse callers without a certificate signed by --tls-ca"),
+    tls_server_name: Optional[str] = typer.Option(
+        None, envvar=_env("tls_server_name"),
+        help="orchestrator: the name to check on draft/verify certificates (default: the host of --draft/--verify)"),
+    api_key_file: Optional[str] = typer.Option(
+        None, envvar=_env("api_key_file"),
+        help="callers must send 'authorization: Bearer <key>' with a key from this file (one per line, '#' "
+             "comments; re-read when it changes); health and reflection stay open"),
+    service_api_key_file: Optional[str] = typer.Option(
+        None, envvar=_env("service_api_key_file"),
+        help="orchestrator: send the first key in this file to draft/verify (their --api-key-file)"),
+    health_port: Optional[int] = typer.Option(
+        None, envvar=_env("health_port"),
+        help="also serve gRPC health alone, in plaintext, on this port (for Kubernetes probes when TLS is on)"),
+    max_request_mb: float = typer.Option(
+        4.0, envvar=_env("max_request_mb"),
+        help="larger requests are refused with RESOURCE_EXHAUSTED before they are parsed"),
     log_level: str = typer.Option("INFO", envvar=_env("log_level")),
 ):
     """Run one service: `draft`, `verify` (both need --model) or `orchestrator` (needs --verify).
@@ -96,8 +123,19 @@ def serve(
     from telemetry.metrics import configure_metrics, shutdown_metrics
     from telemetry.tracing import configure_tracing, shutdown_tracing
 
+    from transport import TLSSettings
+
+    tls = TLSSettings(cert=tls_cert, key=tls_key, ca=tls_ca, require_client_cert=tls_require_client_cert,
+                      server_name=tls_server_name)
+    problems = tls.problems()
+    if service_api_key_file and role is not Role.orchestrator:
+        problems.append("--service-api-key-file is the orchestrator's (the key it sends to draft and verify)")
+    if problems:
+        typer.echo(f"specdec: {role.value} refused to start: {'; '.join(problems)}", err=True)
+        raise typer.Exit(2)
+    security = dict(tls=tls, api_key_file=api_key_file, health_port=health_port, max_request_mb=max_request_mb)
     configure_tracing(f"specdec-{role.value}")
-    configure_metrics(f"specdec-{role.value}", metrics_port)
+    configure_metrics(f"specdec-{role.value}", metrics_port, host)
     if role is Role.orchestrator:
         from orchestrator.server import OrchestratorSettings, start
 
@@ -109,7 +147,7 @@ def serve(
                 num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
                 adaptive_cost_ratio=adaptive_cost_ratio, rpc_timeout_s=rpc_timeout_s,
                 draft_timeout_s=draft_timeout_s, gamma_policy=gamma_policy, overlap=overlap,
-                draft_confidence=draft_confidence))
+                draft_confidence=draft_confidence, service_api_key_file=service_api_key_file, **security))
         except Exception as error:  # startup refusals are for a person to read, not a traceback
             typer.echo(f"specdec: orchestrator refused to start: {error}", err=True)
             raise typer.Exit(2)
@@ -124,7 +162,7 @@ def serve(
             max_draft_tokens=max_draft_tokens,
             runtime=runtime, max_batch=max_batch,
             max_wait_ms=max_wait_ms, max_queue=max_queue, max_concurrent_rpcs=max_concurrent_rpcs,
-            prefill_cpus=prefill_cpus, prefill_min_tokens=prefill_min_tokens)
+            prefill_cpus=prefill_cpus, prefill_min_tokens=prefill_min_tokens, **security)
         if role is Role.draft:
             from draft_service.server import start
         else:
@@ -134,7 +172,8 @@ def serve(
         except (ValueError, OSError) as error:  # a bad flag, a missing model, a model we cannot serve
             typer.echo(f"specdec: {role.value} service refused to start: {error}", err=True)
             raise typer.Exit(2)
-    typer.echo(f"{role.value} listening on port {running.port}", err=True)
+    typer.echo(f"{role.value} listening on port {running.port}"
+               + (f", plaintext health on port {running.health_port}" if running.health_server else ""), err=True)
     running.wait_for_termination()
     shutdown_tracing()
     shutdown_metrics()
@@ -153,21 +192,31 @@ def generate(
     stop: List[str] = typer.Option([], help="stop string; repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object: text, token_ids, stats"),
     timeout: float = typer.Option(300.0, help="seconds for the whole call"),
+    api_key: Optional[str] = typer.Option(None, envvar="SPECDEC_API_KEY",
+                                          help="sent as 'authorization: Bearer <key>' (env SPECDEC_API_KEY)"),
+    tls_ca: Optional[str] = typer.Option(None, help="PEM CA that signed the orchestrator's certificate: use TLS"),
+    tls_cert: Optional[str] = typer.Option(None, help="PEM client certificate, for an orchestrator that requires one"),
+    tls_key: Optional[str] = typer.Option(None, help="PEM private key of --tls-cert"),
+    tls_server_name: Optional[str] = typer.Option(None, help="name to check on the orchestrator's certificate"),
 ):
     """Generate from a running orchestrator, streaming the text (or one JSON object with --json)."""
     from specdec_client import Client, SpecDecError
     from specdec_client.results import GenerationResult
 
+    if bool(tls_cert) != bool(tls_key):
+        typer.echo("specdec: --tls-cert and --tls-key go together (a client certificate and its key)", err=True)
+        raise typer.Exit(2)
     result = GenerationResult()
     try:
-        with Client(server, timeout=timeout) as client:
+        with Client(server, timeout=timeout, api_key=api_key, root_certificates=tls_ca, private_key=tls_key,
+                    certificate_chain=tls_cert, server_name=tls_server_name) as client:
             for chunk in client.stream(prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                        seed=seed, num_draft_tokens=num_draft_tokens, stop=stop):
                 result.add(chunk)
                 if not as_json:
                     sys.stdout.write(chunk.text)
                     sys.stdout.flush()
-    except SpecDecError as error:
+    except (SpecDecError, OSError) as error:  # OSError: a certificate file that cannot be read
         typer.echo(f"specdec: {error}", err=True)
         raise typer.Exit(1)
     if as_json:
@@ -216,6 +265,8 @@ def bench(
     repeats: int = typer.Option(1, min=1, help="with --concurrency: runs per level (ours and target-only in turn); medians reported"),
     prefill_lane: bool = typer.Option(True, help="with --concurrency and pinned: the verify prefills on core 0 "
                                                  "(--prefill-cpus), beside its batched rounds on core 1"),
+    tls: bool = typer.Option(False, "--tls", help="mTLS between the bench's client, orchestrator, draft and verify "
+                                                  "(a throwaway CA in a temporary directory; needs trustme)"),
 ):
     """target_only vs hf_assisted vs specdec on the reference pair: tokens/s, speedup, alpha, round split."""
     from benchmarking.bench import BenchSettings, add_leviathan_bound, plot, run_bench
@@ -224,6 +275,9 @@ def bench(
     if concurrency:
         from benchmarking.concurrency import run_concurrency
 
+        if tls:
+            typer.echo("specdec: --tls is for the batch-1 bench; --concurrency runs in plaintext", err=True)
+            raise typer.Exit(2)
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
         result, protocol = run_concurrency(target, draft, load_prompts(prompts), levels, max_new_tokens,
                                            num_draft_tokens, gamma_policy=gamma_policy, pinned=pinned,
@@ -240,7 +294,7 @@ def bench(
 
     settings = BenchSettings(target=target, draft=draft, prompts=load_prompts(prompts, count),
                              max_new_tokens=max_new_tokens, num_draft_tokens=num_draft_tokens, pinned=pinned,
-                             modes=("greedy",) if greedy_only else ("greedy", "temperature_1"))
+                             modes=("greedy",) if greedy_only else ("greedy", "temperature_1"), tls=tls)
     report = run_bench(settings)
     ours, base = report["specdec"], report["target_only"]
     # c from this run: the draft's compute per proposed token over target-only's time per token.
@@ -250,7 +304,7 @@ def bench(
         typer.echo(json.dumps(report))
         return
     for mode in settings.modes:
-        typer.secho(f"\n{mode} ({'pinned' if pinned else 'unpinned'})", bold=True)
+        typer.secho(f"\n{mode} ({'pinned' if pinned else 'unpinned'}{', mTLS' if tls else ''})", bold=True)
         for system, r in report[mode].items():
             extra = ""
             if system == "specdec":

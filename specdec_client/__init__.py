@@ -8,9 +8,11 @@
 """
 
 from specdec_client.client import AsyncClient, Client
-from specdec_client.errors import (DeadlineExceeded, FailedPrecondition, InvalidArgument, OutOfRange,
-                                   ResourceExhausted, SpecDecError, Unavailable)
+from specdec_client.errors import (Cancelled, DeadlineExceeded, FailedPrecondition, InvalidArgument, OutOfRange,
+                                   PermissionDenied, ResourceExhausted, SpecDecError, Unauthenticated,
+                                   Unavailable)
 from specdec_client.results import Chunk, GenerationResult
 
 __all__ = ["AsyncClient", "Client", "Chunk", "GenerationResult", "SpecDecError", "InvalidArgument",
-           "OutOfRange", "FailedPrecondition", "ResourceExhausted", "Unavailable", "DeadlineExceeded"]
+           "OutOfRange", "FailedPrecondition", "ResourceExhausted", "Unavailable", "DeadlineExceeded", "Cancelled",
+           "Unauthenticated", "PermissionDenied"]

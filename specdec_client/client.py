@@ -1,7 +1,15 @@
-"""Sync and asyncio clients for Orchestrator.Generate: streaming and one-shot, with timeouts."""
+"""Sync and asyncio clients for Orchestrator.Generate: streaming and one-shot, with timeouts.
+
+Security: `api_key` is sent as `authorization: Bearer <key>` on every call; `root_certificates` (the CA
+that signed the orchestrator's certificate), `private_key` / `certificate_chain` (a client certificate,
+for an orchestrator that requires one) and `server_name` (the name to check on the orchestrator's
+certificate, when it is not the address's host) make the channel TLS. Each takes PEM bytes or a path.
+`tls=True` with no certificate trusts the system's roots.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -11,6 +19,33 @@ from specdec_client.errors import from_rpc_error
 from specdec_client.results import Chunk, GenerationResult
 
 _OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+Pem = bytes | str | os.PathLike | None
+
+
+def _pem(value: Pem) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def _channel_setup(api_key: str | None, root_certificates: Pem, private_key: Pem, certificate_chain: Pem,
+                   server_name: str | None, tls: bool | None):
+    """(channel credentials or None for plaintext, channel options, metadata for every call)."""
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("private_key and certificate_chain go together (a client certificate and its key)")
+    if tls is None:
+        tls = any(v is not None for v in (root_certificates, private_key, certificate_chain, server_name))
+    credentials = None
+    options = list(_OPTIONS)
+    if tls:
+        credentials = grpc.ssl_channel_credentials(_pem(root_certificates), _pem(private_key),
+                                                   _pem(certificate_chain))
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    return credentials, options, metadata
 
 
 def build_request(prompt: str | Sequence[int], max_new_tokens: int, temperature: float | None = None,
@@ -31,17 +66,26 @@ def build_request(prompt: str | Sequence[int], max_new_tokens: int, temperature:
 
 
 class Client:
-    """Blocking client. `timeout` (seconds) bounds each whole call; None waits forever."""
+    """Blocking client. `timeout` (seconds) bounds each whole call; None waits forever. The security
+    arguments are described in the module docstring; `channel` replaces the channel they would make."""
 
-    def __init__(self, target: str, timeout: float | None = 300.0, channel: grpc.Channel | None = None):
-        self._channel = channel or grpc.insecure_channel(target, options=_OPTIONS)
+    def __init__(self, target: str, timeout: float | None = 300.0, channel: grpc.Channel | None = None, *,
+                 api_key: str | None = None, root_certificates: Pem = None, private_key: Pem = None,
+                 certificate_chain: Pem = None, server_name: str | None = None, tls: bool | None = None):
+        credentials, options, self._metadata = _channel_setup(api_key, root_certificates, private_key,
+                                                              certificate_chain, server_name, tls)
+        if channel is None:
+            channel = (grpc.secure_channel(target, credentials, options=options) if credentials
+                       else grpc.insecure_channel(target, options=options))
+        self._channel = channel
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
         self.timeout = timeout
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, *, timeout: float | None = None,
                **options) -> Iterator[Chunk]:
         call = self._stub.Generate(build_request(prompt, max_new_tokens, **options),
-                                   timeout=timeout if timeout is not None else self.timeout)
+                                   timeout=timeout if timeout is not None else self.timeout,
+                                   metadata=self._metadata)
         try:
             for message in call:
                 yield Chunk.from_message(message)
@@ -59,7 +103,8 @@ class Client:
     def info(self, timeout: float | None = None) -> orchestrator_pb2.OrchestratorInfo:
         try:
             return self._stub.GetInfo(orchestrator_pb2.GetInfoRequest(),
-                                      timeout=timeout if timeout is not None else self.timeout)
+                                      timeout=timeout if timeout is not None else self.timeout,
+                                      metadata=self._metadata)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
 
@@ -74,17 +119,23 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client; create it inside a running event loop."""
+    """asyncio client; create it inside a running event loop. Security arguments as for Client."""
 
-    def __init__(self, target: str, timeout: float | None = 300.0):
-        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+    def __init__(self, target: str, timeout: float | None = 300.0, *, api_key: str | None = None,
+                 root_certificates: Pem = None, private_key: Pem = None, certificate_chain: Pem = None,
+                 server_name: str | None = None, tls: bool | None = None):
+        credentials, options, self._metadata = _channel_setup(api_key, root_certificates, private_key,
+                                                              certificate_chain, server_name, tls)
+        self._channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
+                         else grpc.aio.insecure_channel(target, options=options))
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)
         self.timeout = timeout
 
     async def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 128, *,
                      timeout: float | None = None, **options) -> AsyncIterator[Chunk]:
         call = self._stub.Generate(build_request(prompt, max_new_tokens, **options),
-                                   timeout=timeout if timeout is not None else self.timeout)
+                                   timeout=timeout if timeout is not None else self.timeout,
+                                   metadata=self._metadata)
         try:
             async for message in call:
                 yield Chunk.from_message(message)

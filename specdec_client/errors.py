@@ -21,6 +21,9 @@ class ResourceExhausted(SpecDecError): ...
 class Unavailable(SpecDecError): ...
 class DeadlineExceeded(SpecDecError): ...
 class Cancelled(SpecDecError): ...
+class Unauthenticated(SpecDecError):
+    """No API key, or one the server does not accept: pass api_key= (CLI: --api-key / SPECDEC_API_KEY)."""
+class PermissionDenied(SpecDecError): ...
 
 
 _BY_CODE = {
@@ -31,6 +34,8 @@ _BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

@@ -146,16 +146,30 @@ def build_metrics(service_name: str, prometheus_port: int | None = None, prometh
 _setup: MetricsSetup | None = None
 
 
-def configure_metrics(service_name: str, prometheus_port: int | None = None) -> bool:
+def metrics_host(serve_host: str) -> str:
+    """The address the Prometheus endpoint binds for a service bound to `serve_host` (its --host): the
+    same interface, so `--host 127.0.0.1` does not publish metrics on every interface. gRPC's all-interfaces
+    spellings ("[::]", "::", "", "0.0.0.0") bind all IPv4 interfaces, as the endpoint always did; a bracketed
+    IPv6 address loses its brackets."""
+    host = serve_host.strip()
+    if host in ("", "[::]", "::", "0.0.0.0", "*"):
+        return "0.0.0.0"
+    if host.startswith("[") and host.endswith("]"):
+        return host[1:-1]
+    return host
+
+
+def configure_metrics(service_name: str, prometheus_port: int | None = None, host: str = "[::]") -> bool:
     """Install the global MeterProvider when some exporter is asked for; True when metrics are on.
 
-    A second call in the same process keeps the first setup."""
+    The Prometheus endpoint binds `host`, the service's own --host (see metrics_host). A second call in
+    the same process keeps the first setup."""
     global _setup
     if _setup is not None:
         return True
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return False
-    setup = build_metrics(service_name, prometheus_port)
+    setup = build_metrics(service_name, prometheus_port, metrics_host(host))
     if setup is None:
         return False
     metrics.set_meter_provider(setup.provider)

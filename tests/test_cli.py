@@ -108,3 +108,11 @@ def test_serve_reads_flags_from_environment_variables(tiny):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_serve_refuses_tls_flags_that_cannot_work_with_one_line(tiny, tmp_path):
+    half = specdec("serve", "verify", "--model", str(tiny.target), "--port", "0", "--tls-cert", str(tmp_path / "c.pem"))
+    assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
+    assert "Traceback" not in half.stderr
+    no_ca = specdec("serve", "draft", "--model", str(tiny.target), "--port", "0", "--tls-require-client-cert")
+    assert no_ca.returncode == 2 and "--tls-require-client-cert needs --tls-ca" in no_ca.stderr

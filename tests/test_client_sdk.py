@@ -53,3 +53,29 @@ def test_info_describes_the_deployment(stacks, tiny):
         info = client.info()
     assert info.target_model == str(tiny.target) and info.draft_model == str(tiny.draft)
     assert info.vocab_size > 0 and info.max_context == 256 and info.default_num_draft_tokens == 4
+
+
+def test_unauthenticated_and_cancelled_are_typed_and_exported():
+    import grpc
+
+    import specdec_client
+    from specdec_client.errors import from_rpc_error
+
+    class Refused(grpc.RpcError):
+        def __init__(self, code):
+            self._code = code
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return "no key"
+
+    assert {"Unauthenticated", "Cancelled"} <= set(specdec_client.__all__)
+    assert isinstance(from_rpc_error(Refused(grpc.StatusCode.UNAUTHENTICATED)), specdec_client.Unauthenticated)
+    assert isinstance(from_rpc_error(Refused(grpc.StatusCode.CANCELLED)), specdec_client.Cancelled)
+
+
+def test_a_client_key_without_its_certificate_is_refused_at_once():
+    with pytest.raises(ValueError, match="go together"):
+        Client("localhost:1", private_key=b"-----BEGIN PRIVATE KEY-----")

@@ -1,12 +1,16 @@
 """Errors a person can act on, and their one translation into gRPC status codes (server side).
 
 Handlers raise these; `StatusInterceptor` turns them into `context.abort` with the matching code, so no
-servicer method contains status-code plumbing. Anything else becomes INTERNAL with the exception text.
+servicer method contains status-code plumbing. Anything else becomes INTERNAL with the exception text,
+logged once with its traceback. A request body that does not parse is the caller's error:
+INVALID_ARGUMENT, with one short log line at most once a second per server, never a traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import grpc
 
@@ -64,14 +68,27 @@ def _abort(context: grpc.ServicerContext, error: Exception) -> None:
 
 
 class StatusInterceptor(grpc.ServerInterceptor):
+    """ServiceErrors become their status; anything else INTERNAL, logged once with its traceback; a
+    request body that does not parse becomes INVALID_ARGUMENT, logged in one short line at most once per
+    `bad_body_log_interval_s` on this server (a flood of garbage must not become a flood of logs)."""
+
+    def __init__(self, bad_body_log_interval_s: float = 1.0):
+        self._bad_body_log = _RateLimit(bad_body_log_interval_s)
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        method = handler_call_details.method
+        deserializer = handler.request_deserializer
+        if deserializer is not None:
+            deserializer = _lenient(deserializer, _message_name(deserializer, method))
         if handler.unary_unary:
             inner = handler.unary_unary
 
             def unary(request, context):
+                if isinstance(request, _Undecodable):
+                    self._refuse(method, request, context)
                 try:
                     return inner(request, context)
                 except Exception as error:  # noqa: BLE001 - translated, not swallowed
@@ -80,12 +97,13 @@ class StatusInterceptor(grpc.ServerInterceptor):
                     _abort(context, error)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                unary, request_deserializer=deserializer, response_serializer=handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 
             def stream(request, context):
+                if isinstance(request, _Undecodable):
+                    self._refuse(method, request, context)
                 try:
                     yield from inner_stream(request, context)
                 except Exception as error:  # noqa: BLE001
@@ -94,9 +112,85 @@ class StatusInterceptor(grpc.ServerInterceptor):
                     _abort(context, error)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                stream, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+        # Client streaming (reflection): each message is checked as the handler reads it.
+        def checked(requests, context):
+            for request in requests:
+                if isinstance(request, _Undecodable):
+                    self._refuse(method, request, context)
+                yield request
+
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+            return handler._replace(request_deserializer=deserializer,
+                                    stream_unary=lambda requests, context: inner_su(checked(requests, context), context))
+        if handler.stream_stream:
+            inner_ss = handler.stream_stream
+            return handler._replace(request_deserializer=deserializer,
+                                    stream_stream=lambda requests, context: inner_ss(checked(requests, context), context))
         return handler
+
+    def _refuse(self, method: str, request: "_Undecodable", context: grpc.ServicerContext) -> None:
+        suppressed = self._bad_body_log.ready()
+        if suppressed is not None:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            log.warning("refused %s from %s: %s%s", method, _peer(context), request.details, more)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+
+
+class _Undecodable:
+    """What a request body that does not parse becomes, so that the handler answers INVALID_ARGUMENT.
+    (Raising from the deserializer would leave it to gRPC, whose grpc._common logs a traceback for each
+    such body and answers INTERNAL "Exception deserializing request!".)"""
+
+    __slots__ = ("details",)
+
+    def __init__(self, details: str):
+        self.details = details
+
+
+def _lenient(deserializer, message_name: str):
+    def deserialize(body: bytes):
+        try:
+            return deserializer(body)
+        except Exception as error:  # noqa: BLE001 - whatever the parser raises, the body is the caller's fault
+            reason = str(error) or type(error).__name__
+            return _Undecodable(f"the request body is not a valid {message_name}: {reason[:200]}")
+    return deserialize
+
+
+def _message_name(deserializer, method: str) -> str:
+    """The request message's full name (from `Message.FromString`), else the method's."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", None) or f"request of {method}"
+
+
+def _peer(context: grpc.ServicerContext) -> str:
+    try:
+        return context.peer() or "an unknown peer"
+    except Exception:  # noqa: BLE001
+        return "an unknown peer"
+
+
+class _RateLimit:
+    """`ready()`: at most once per `interval_s`, the number of events it turned down since it last said
+    yes (0 or more); None otherwise."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def ready(self) -> int | None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._skipped += 1
+                return None
+            self._next = now + self.interval_s
+            skipped, self._skipped = self._skipped, 0
+            return skipped
 
 
 def _is_abort(error: Exception) -> bool:

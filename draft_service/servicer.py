@@ -38,10 +38,10 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
         if request.vocab_limit < 0:
             raise InvalidArgument(f"vocab_limit must be >= 0 (0: no limit), got {request.vocab_limit}")
 
-        with self.session(request.session_id, request.prefix_len, request.prefix_fingerprint) as session:
+        with self.session(request, context) as session:
             job = ProposeJob(session.cache, append, gamma, sampling, generator, request.min_confidence,
                              request.vocab_limit, request.seed)
-            done = self.worker.submit(job, alive=self.caller_alive(context), key=request.session_id)
+            done = self.submit(job, session, context)
             session.record(append + done.result.token_ids)  # the cache holds all but the last proposal
             cached_len = session.length
         record_worker_spans(done, **{"specdec.session": session_tag(request.session_id), "specdec.tokens": self.tokens_of(job)})

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 from speculation.sampling import Sampling
 from specdec_api import common_pb2
 
+from serving.callers import caller_of
 from serving.errors import InvalidArgument, OutOfRange
 from serving.model_loading import LoadedModel
 from serving.metrics import record_batch
@@ -87,14 +88,31 @@ class ModelServiceBase:
         return sampling
 
     @contextmanager
-    def session(self, session_id: str, prefix_len: int, fingerprint: bytes) -> Iterator[Session]:
-        with self.store.use(session_id, prefix_len, fingerprint) as session:
+    def session(self, request, context) -> Iterator[Session]:
+        """The session a Propose / Verify names, checked out for this call (serving/sessions.py: use).
+
+        Sessions are kept per caller (serving/callers.py: the TLS identity, else the peer's host): one
+        caller's session id never reaches another caller's cache, whatever ids they send. Within a caller,
+        the prefix fingerprint is what protects a session."""
+        with self.store.use(self.store_key(context, request.session_id), request.prefix_len,
+                            request.prefix_fingerprint) as session:
             yield session
+
+    @staticmethod
+    def store_key(context, session_id: str) -> str:
+        caller = caller_of(context)
+        return session_id if caller is None else f"{caller}\x00{session_id}"
+
+    def submit(self, job, session: Session, context):
+        """Run the job on the model worker, in the caller's fair share (serving/model_worker.py)."""
+        return self.worker.submit(job, alive=self.caller_alive(context), key=session.session_id,
+                                  caller=caller_of(context))
 
     # -- RPCs shared by both services --------------------------------------------------------------
     def ReleaseSession(self, request, context):
-        self.worker.forget(request.session_id)
-        return common_pb2.ReleaseSessionResponse(released=self.store.release(request.session_id))
+        key = self.store_key(context, request.session_id)
+        self.worker.forget(key)
+        return common_pb2.ReleaseSessionResponse(released=self.store.release(key))
 
     def GetModelInfo(self, request, context):
         loaded = self.loaded

@@ -250,3 +250,24 @@ def test_the_session_fingerprint_the_services_keep_is_that_of_the_tokens_they_we
         assert again.cached_len == 5  # the misses left it as it was
     finally:
         stack.stop()
+
+
+def test_sessions_are_kept_per_caller_so_one_caller_cannot_reach_anothers(tiny):
+    """Two callers (here: two peer addresses, as two hosts would be) sending the same session id and even
+    the right fingerprint get two separate sessions; neither can use or release the other's."""
+    stack = _attacked_stack(tiny, Attacker("none", every=10**9))
+    try:
+        port = stack.verify.port
+        ipv4 = verify_pb2_grpc.VerifyServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        ipv6 = verify_pb2_grpc.VerifyServiceStub(grpc.insecure_channel(f"[::1]:{port}"))
+        ipv4.Verify(verify_pb2.VerifyRequest(session_id="shared", append_tokens=[5, 6, 7]), timeout=30)
+        continuation = verify_pb2.VerifyRequest(session_id="shared", prefix_len=3, prefix_fingerprint=fingerprint([5, 6, 7]),
+                                                append_tokens=[8])
+        with pytest.raises(grpc.RpcError) as caught:
+            ipv6.Verify(continuation, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert not ipv6.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id="shared"), timeout=30).released
+        assert ipv4.Verify(continuation, timeout=30).cached_len == 4
+        assert ipv4.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id="shared"), timeout=30).released
+    finally:
+        stack.stop()

@@ -29,9 +29,9 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
         self.check_session(request.session_id, request.prefix_len, append, len(drafts))
         sampling = self.sampling_from(request.sampling)
 
-        with self.session(request.session_id, request.prefix_len, request.prefix_fingerprint) as session:
+        with self.session(request, context) as session:
             job = ScoreJob(session.cache, append + drafts, len(drafts) + 1)
-            done = self.worker.submit(job, alive=self.caller_alive(context), key=request.session_id)
+            done = self.submit(job, session, context)
             session.record(job.tokens)
             cached_len = session.length
         scores = score(done.result, sampling)

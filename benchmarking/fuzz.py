@@ -134,10 +134,24 @@ class Endpoint:
             return f"{self.role} health is {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
         return None
 
-    def log_tail(self, lines: int = 40) -> str:
-        if self.log_path is None or not Path(self.log_path).exists():
+    def log_mark(self) -> int:
+        """Where the service's log ends now (0 without a log)."""
+        try:
+            return Path(self.log_path).stat().st_size if self.log_path else 0
+        except OSError:
+            return 0
+
+    def log_since(self, mark: int, limit: int = 4000) -> str:
+        """What the service logged after `mark`: the traceback behind an INTERNAL, the last words of a crash."""
+        if self.log_path is None:
             return ""
-        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(mark)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return text if len(text) <= limit else "…" + text[-limit:]
 
 
 def read_limits(endpoints: dict[str, Endpoint]) -> Limits:
@@ -212,6 +226,16 @@ def session_plan(limits: Limits, rng: random.Random, session_id: str) -> tuple[S
     nxt = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 3))]
     then = SessionCall(session_id, prompt, nxt, gamma, [rng.randrange(vocab) for _ in range(gamma)], sampled, seed + 1)
     return first, then
+
+
+def foreign_call(limits: Limits, rng: random.Random, first: SessionCall) -> SessionCall:
+    """A valid call on `first`'s session that keeps k of its tokens and writes others after them, at least as
+    many as the session held: a continuation that assumed `first` would find a long enough, wrong cache."""
+    k = rng.randint(0, len(first.append) - 1)
+    others = [rng.randrange(1, limits.vocab_size) for _ in range(len(first.append) - k + rng.randint(0, 3))]
+    if others[: len(first.append) - k] == first.append[k:]:
+        others[0] = first.append[k] % (limits.vocab_size - 1) + 1  # another token, still in [1, vocab)
+    return SessionCall(first.session_id, first.append[:k], others, first.gamma, first.drafts, first.sampled, first.seed)
 
 
 PROMPTS = ["def main():\n", "import os\n", "class Foo(object):\n    def", "for i in range(", "print(", "x = [1, 2, 3]\n"]
@@ -536,13 +560,15 @@ class ServiceReport:
     statuses: Counter = field(default_factory=Counter)
     per_rpc: Counter = field(default_factory=Counter)
     mutations: Counter = field(default_factory=Counter)  # case kinds
+    continuations: Counter = field(default_factory=Counter)  # after a mutated call: equal | session-lost | differ
     slowest: dict | None = None
     stopped: str = ""
 
     def as_dict(self) -> dict:
         return {"role": self.role, "service": self.service, "requests": self.requests, "cases": self.cases,
                 "seconds": round(self.seconds, 2), "statuses": dict(self.statuses), "per_rpc": dict(self.per_rpc),
-                "case_kinds": dict(self.mutations), "slowest": self.slowest, "stopped": self.stopped}
+                "case_kinds": dict(self.mutations),
+                "continuations": dict(self.continuations), "slowest": self.slowest, "stopped": self.stopped}
 
 
 class Fuzzer:
@@ -629,7 +655,7 @@ class Fuzzer:
         openers = [r for r in rpcs if r.opens_session]
         kinds = ["field"] * 5 + ["fields"] * 2 + ["bytes"] * 5
         if rpc.opens_session:
-            kinds += ["session"] * 3 + ["release"] * (2 if any(r.releases_session for r in rpcs) else 0)
+            kinds += ["session"] * 3 + ["tamper"] * 2 + ["release"] * (2 if any(r.releases_session for r in rpcs) else 0)
         kind = rng.choice(kinds)
         sid = f"fuzz-{role}-{self.options.seed}-{index}"
         steps: list[Step] = []
@@ -670,6 +696,11 @@ class Fuzzer:
             if kind == "session":  # a mutated call on the live session, then a valid continuation
                 label, payload, message = mutate(rpc, valid_request(rpc, self.limits, rng, then))
                 steps.append(Step(rpc, payload, label, "mutant", message))
+            elif kind == "tamper":  # another caller's valid call on the same session id rewrites its tokens
+                foreign = foreign_call(self.limits, rng, first)
+                steps.append(Step(rpc, valid_request(rpc, self.limits, rng, foreign).SerializeToString(),
+                                  f"tamper: prefix_len {len(foreign.committed)} then {len(foreign.append)} other tokens",
+                                  "mutant"))
             else:  # release the live session (twice: idempotent), then continue: a lost session, never a wrong token
                 release = next(r for r in rpcs if r.releases_session)
                 for _ in range(2):
@@ -704,6 +735,7 @@ class Fuzzer:
         records = lambda: [step_record(s, o) for s, o in done]  # noqa: E731
         for step in steps:
             if step.role == "control" and not done[-1][1].code == grpc.StatusCode.OK and done[-1][0].role == "check":
+                report.continuations["session-lost"] += 1
                 break  # the continuation was refused (session lost): nothing to compare
             outcome = self.call(role, step)
             done.append((step, outcome))
@@ -733,22 +765,32 @@ class Fuzzer:
                     fail("integrity", "the canary generation answered other tokens after the mutated request")
             if step.role == "control" and step.label == "control: continue" and outcome.code == grpc.StatusCode.OK:
                 continuation = next(o for s, o in done if s.role == "check")
-                if continuation.code == grpc.StatusCode.OK and \
-                        essence(step.rpc, continuation.replies) != essence(step.rpc, outcome.replies):
+                same = essence(step.rpc, continuation.replies) == essence(step.rpc, outcome.replies)
+                report.continuations["equal" if same else "differ"] += 1
+                if not same:
                     self.failures.append(Failure(
                         "integrity", role, step.rpc.name, "OK",
                         f"continuation after the mutated call answered {essence(step.rpc, continuation.replies)}, "
                         f"an untouched session {essence(step.rpc, outcome.replies)}", mutant_label, case, records()))
         return done
 
-    def check_alive(self, role: str, case: str, recent: Iterable[list[dict]]) -> bool:
-        for endpoint in self.endpoints.values():
+    def check_alive(self, role: str, case: str, recent: Iterable[list[dict]], marks: dict[str, int] | None = None) -> bool:
+        for name, endpoint in self.endpoints.items():
             problem = endpoint.problem()
             if problem:
                 self.failures.append(Failure("crash", role, "-", "-", problem, "one of the last cases", case,
-                                             [r for records in recent for r in records], endpoint.log_tail()))
+                                             [r for records in recent for r in records],
+                                             endpoint.log_since((marks or {}).get(name, 0))))
                 return False
         return True
+
+    def logs_since(self, marks: dict[str, int]) -> str:
+        parts = []
+        for name, endpoint in self.endpoints.items():
+            text = endpoint.log_since(marks[name]).strip()
+            if text:
+                parts.append(f"[{name}] {text}")
+        return "\n".join(parts)
 
     def fuzz_service(self, role: str) -> ServiceReport:
         endpoint = self.endpoints[role]
@@ -756,6 +798,7 @@ class Fuzzer:
         started = time.monotonic()
         recent: deque = deque(maxlen=5)
         indices: Iterable[int] = range(sys.maxsize)
+        crash_marks: dict[str, int] = {}
         if self.options.only_case:
             only_role, only_index = self.options.only_case.split(":")
             indices = [int(only_index)] if only_role == role else []
@@ -763,17 +806,22 @@ class Fuzzer:
             if report.requests >= self.options.requests or time.monotonic() - started >= self.options.seconds:
                 break
             failures_before = len(self.failures)
+            marks = {name: e.log_mark() for name, e in self.endpoints.items()}
+            if index % 50 == 0:
+                crash_marks = marks  # a crash's last words are in the logs since a few cases back
             done = self.run_case(role, index, report)
             recent.append([step_record(s, o) for s, o in done])
             hangs = sum(f.kind == "hang" and f.role == role for f in self.failures)
             suspicious = any(o.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                                         grpc.StatusCode.CANCELLED) for _, o in done)
-            if (suspicious or index % self.options.check_every == 0) and not self.check_alive(role, f"{role}:{index}", recent):
+            if (suspicious or index % self.options.check_every == 0) and \
+                    not self.check_alive(role, f"{role}:{index}", recent, crash_marks):
                 report.stopped = "a service stopped serving"
                 break
-            for failure in self.failures[failures_before:]:
-                if failure.kind == "status" and not failure.log_tail:
-                    failure.log_tail = endpoint.log_tail(30)
+            if len(self.failures) > failures_before:
+                logged = self.logs_since(marks)
+                for failure in self.failures[failures_before:]:
+                    failure.log_tail = failure.log_tail or logged
             if hangs >= self.options.max_hangs:
                 report.stopped = f"{hangs} calls hit their deadline"
                 break
@@ -913,6 +961,8 @@ def format_report(summary: Summary, hex_chars: int = 400) -> str:
         lines.append(f"  {r['role']:<12} {r['requests']:>6} requests in {r['cases']} cases, {r['seconds']:.1f} s; "
                      f"statuses {dict(sorted(r['statuses'].items()))}")
         lines.append(f"  {'':<12} per RPC {r['per_rpc']}; case kinds {r['case_kinds']}")
+        if r["continuations"]:
+            lines.append(f"  {'':<12} valid continuations after a mutated call or a release: {r['continuations']}")
         if slow:
             lines.append(f"  {'':<12} slowest {slow['seconds']:.3f} s (deadline {slow['deadline_s']} s): "
                          f"{slow['rpc']} {slow['label']} [{slow['case']}]")

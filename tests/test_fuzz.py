@@ -73,7 +73,6 @@ def test_fuzzed_requests_get_a_clear_status_and_leave_the_stack_exact(fuzzed_sta
     options = fuzz.Options(requests=100_000, seconds=SECONDS_PER_SERVICE, seed=SEED, base_deadline_s=10.0)
     summary = fuzz.fuzz(fuzzed_stack, options, roles=[role], reference=reference, prompts=PROMPTS[:4])
     report = fuzz.format_report(summary)
-    print(report)
     (service_report,) = summary.reports
     rpcs = fuzz.discover_rpcs()[fuzzed_stack[role].service]
     assert set(service_report["per_rpc"]) == {rpc.name for rpc in rpcs}, "an RPC was never called"
@@ -81,3 +80,4 @@ def test_fuzzed_requests_get_a_clear_status_and_leave_the_stack_exact(fuzzed_sta
     assert summary.exactness == {"prompts": 4, "equal": 4}, report
     if summary.failures:  # the report, not the failures' repr: it names each distinct one and its replay
         pytest.fail(report, pytrace=False)
+    print(report)

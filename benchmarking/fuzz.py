@@ -37,11 +37,12 @@ import random
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import grpc
 from google.protobuf import text_format
@@ -480,6 +481,8 @@ class Step:
     label: str
     role: str  # setup | mutant | check | control
     message: Message | None = None  # the request when it is a message (else only bytes)
+    timeout_s: float | None = None  # a deadline meant to cut the call short (DEADLINE_EXCEEDED is fine then)
+    cancel_after_s: float | None = None  # the client cancels the call this long after sending it
 
 
 @dataclass
@@ -548,6 +551,7 @@ class Options:
     max_hangs: int = 3  # stop fuzzing a service after this many calls hit their deadline
     check_every: int = 20  # health-check every service every this many cases
     only_case: str | None = None  # "role:index": run just that case
+    workers: int = 2  # cases in flight at once
 
 
 @dataclass
@@ -585,6 +589,7 @@ class Fuzzer:
         self.per_token_s = 0.01
         self.canary: tuple[Step, list] | None = None
         self._mutations: dict[str, list[Mutation]] = {}
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         for channel in self.channels.values():
@@ -599,22 +604,35 @@ class Fuzzer:
 
     def call(self, role: str, step: Step) -> Outcome:
         rpc, channel = step.rpc, self.channels[role]
-        deadline = self.deadline_s(rpc, step.payload)
+        deadline = step.timeout_s or self.deadline_s(rpc, step.payload)
         started = time.perf_counter()
         replies: list[bytes] = []
+        timer = None
         try:
             if rpc.client_streaming and rpc.server_streaming:
-                replies = list(channel.stream_stream(rpc.path)(iter([step.payload]), timeout=deadline))
+                call = channel.stream_stream(rpc.path)(iter([step.payload]), timeout=deadline)
             elif rpc.client_streaming:
-                replies = [channel.stream_unary(rpc.path)(iter([step.payload]), timeout=deadline)]
+                call = channel.stream_unary(rpc.path).future(iter([step.payload]), timeout=deadline)
             elif rpc.server_streaming:
-                for reply in channel.unary_stream(rpc.path)(step.payload, timeout=deadline):
+                call = channel.unary_stream(rpc.path)(step.payload, timeout=deadline)
+            else:
+                call = channel.unary_unary(rpc.path).future(step.payload, timeout=deadline)
+            if step.cancel_after_s is not None:
+                timer = threading.Timer(step.cancel_after_s, call.cancel)
+                timer.start()
+            if rpc.server_streaming:
+                for reply in call:
                     replies.append(reply)
             else:
-                replies = [channel.unary_unary(rpc.path)(step.payload, timeout=deadline)]
+                replies = [call.result()]
             code, details, trailing = grpc.StatusCode.OK, "", ()
+        except grpc.FutureCancelledError:
+            code, details, trailing = grpc.StatusCode.CANCELLED, "cancelled by the client", ()
         except grpc.RpcError as error:
             code, details, trailing = error.code(), error.details() or "", tuple(error.trailing_metadata() or ())
+        finally:
+            if timer is not None:
+                timer.cancel()
         return Outcome(code, details, time.perf_counter() - started, deadline, replies, trailing)
 
     def calibrate(self) -> None:
@@ -654,6 +672,8 @@ class Fuzzer:
         rpc = rpcs[index % len(rpcs)]
         openers = [r for r in rpcs if r.opens_session]
         kinds = ["field"] * 5 + ["fields"] * 2 + ["bytes"] * 5
+        if rpc.opens_session or rpc.server_streaming:
+            kinds += ["interrupt"]
         if rpc.opens_session:
             kinds += ["session"] * 3 + ["tamper"] * 2 + ["release"] * (2 if any(r.releases_session for r in rpcs) else 0)
         kind = rng.choice(kinds)
@@ -696,6 +716,8 @@ class Fuzzer:
             if kind == "session":  # a mutated call on the live session, then a valid continuation
                 label, payload, message = mutate(rpc, valid_request(rpc, self.limits, rng, then))
                 steps.append(Step(rpc, payload, label, "mutant", message))
+            elif kind == "interrupt":  # the valid continuation cut short by the client, then resent
+                steps.append(self._interrupted(step(rpc, valid_request(rpc, self.limits, rng, then), "", "mutant"), rng))
             elif kind == "tamper":  # another caller's valid call on the same session id rewrites its tokens
                 foreign = foreign_call(self.limits, rng, first)
                 steps.append(Step(rpc, valid_request(rpc, self.limits, rng, foreign).SerializeToString(),
@@ -707,11 +729,26 @@ class Fuzzer:
                     steps.append(step(release, valid_request(release, self.limits, rng, first), "release the live session", "setup"))
             steps += self._continuation(rpc, then, rng)
             return kind, steps
-        label, payload, message = mutate(rpc, valid_request(rpc, self.limits, rng))
-        steps.append(Step(rpc, payload, label, "mutant", message))
-        if rpc.server_streaming and self.canary is not None and index % 5 == 0:
-            steps.append(Step(self.canary[0].rpc, self.canary[0].payload, "canary generation", "check"))
+        if kind == "interrupt":  # a longer valid call, cut short
+            request = valid_request(rpc, self.limits, rng)
+            if "max_new_tokens" in rpc.request_class.DESCRIPTOR.fields_by_name:
+                request.max_new_tokens = rng.randint(16, 64)
+            steps.append(self._interrupted(step(rpc, request, "", "mutant"), rng))
+        else:
+            label, payload, message = mutate(rpc, valid_request(rpc, self.limits, rng))
+            steps.append(Step(rpc, payload, label, "mutant", message))
+        if rpc.server_streaming and self.canary is not None and (index % 5 == 0 or kind == "interrupt"):
+            steps.append(Step(self.canary[0].rpc, self.canary[0].payload, "canary generation", "control"))
         return kind, steps
+
+    @staticmethod
+    def _interrupted(step: Step, rng: random.Random) -> Step:
+        after = rng.choice([0.0, 0.0005, 0.002, 0.01, 0.03])
+        if rng.random() < 0.5:
+            step.timeout_s, step.label = max(after, 0.0001), f"interrupt: a {after * 1000:g} ms deadline"
+        else:
+            step.cancel_after_s, step.label = after, f"interrupt: cancelled {after * 1000:g} ms after sending"
+        return step
 
     def _continuation(self, rpc: Rpc, then: SessionCall, rng: random.Random) -> list[Step]:
         """The valid continuation, and the same two calls on an untouched session to compare it with."""
@@ -725,62 +762,61 @@ class Fuzzer:
                 Step(rpc, valid_request(rpc, self.limits, rng, control_then).SerializeToString(), "control: continue", "control")]
 
     # -- running --
-    def run_case(self, role: str, index: int, report: ServiceReport) -> list[tuple[Step, Outcome]]:
+    def run_case(self, role: str, index: int) -> tuple[str, list[tuple[Step, Outcome]], list[Failure], Counter]:
+        """Run case `index` of `role`'s service: its steps, what failed, and how continuations compared."""
         kind, steps = self.build_case(role, index)
-        report.cases += 1
-        report.mutations[kind] += 1
         case = f"{role}:{index}"
         done: list[tuple[Step, Outcome]] = []
+        failures: list[Failure] = []
+        continuations: Counter = Counter()
         mutant_label = next((s.label for s in steps if s.role == "mutant"), kind)
-        records = lambda: [step_record(s, o) for s, o in done]  # noqa: E731
         for step in steps:
-            if step.role == "control" and not done[-1][1].code == grpc.StatusCode.OK and done[-1][0].role == "check":
-                report.continuations["session-lost"] += 1
+            if step.role == "control" and done and done[-1][0].role == "check" and done[-1][1].code != grpc.StatusCode.OK:
+                continuations["session-lost"] += 1
                 break  # the continuation was refused (session lost): nothing to compare
             outcome = self.call(role, step)
             done.append((step, outcome))
-            report.requests += 1
-            report.statuses[outcome.code.name] += 1
-            report.per_rpc[step.rpc.name] += 1
-            if report.slowest is None or outcome.seconds > report.slowest["seconds"]:
-                report.slowest = {"seconds": round(outcome.seconds, 4), "rpc": step.rpc.name, "label": step.label,
-                                  "case": case, "deadline_s": round(outcome.deadline_s, 2)}
-            fail = lambda kind_, details: self.failures.append(Failure(  # noqa: E731
-                kind_, role, step.rpc.name, outcome.code.name, details, mutant_label if step.role != "mutant" else step.label,
-                case, records()))
+
+            def fail(kind_: str, details: str) -> None:
+                failures.append(Failure(kind_, role, step.rpc.name, outcome.code.name, details,
+                                        step.label if step.role == "mutant" else mutant_label, case,
+                                        [step_record(s, o) for s, o in done]))
+
             if outcome.code in FORBIDDEN:
                 fail("status", outcome.details)
-            elif outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            elif outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED and step.timeout_s is None:
                 fail("hang", f"no answer within {outcome.deadline_s:.1f} s (request asks for "
                              f"{requested_tokens(step.rpc, step.payload, self.limits)} tokens of work)")
             elif step.role in ("setup", "control") and outcome.code != grpc.StatusCode.OK:
                 fail("refused", f"a valid request ({step.label}) was refused: {outcome.details}")
             elif step.role == "check" and outcome.code not in (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION):
                 fail("refused", f"the valid continuation was refused: {outcome.details}")
-            if outcome.code == grpc.StatusCode.OK:
-                bad = out_of_vocab(step.rpc, outcome.replies, self.limits.vocab_size)
-                if bad:
-                    fail("integrity", f"reply holds token ids outside [0, {self.limits.vocab_size}): {bad[:5]}")
-                if step.label == "canary generation" and essence(step.rpc, outcome.replies) != self.canary[1]:
-                    fail("integrity", "the canary generation answered other tokens after the mutated request")
-            if step.role == "control" and step.label == "control: continue" and outcome.code == grpc.StatusCode.OK:
+            if outcome.code != grpc.StatusCode.OK:
+                continue
+            bad = out_of_vocab(step.rpc, outcome.replies, self.limits.vocab_size)
+            if bad:
+                fail("integrity", f"reply holds token ids outside [0, {self.limits.vocab_size}): {bad[:5]}")
+            if step.label == "canary generation" and essence(step.rpc, outcome.replies) != self.canary[1]:
+                fail("integrity", f"the canary generation answered {essence(step.rpc, outcome.replies)} after the "
+                                  f"mutated request, {self.canary[1]} before the fuzzing")
+            if step.label == "control: continue":
                 continuation = next(o for s, o in done if s.role == "check")
                 same = essence(step.rpc, continuation.replies) == essence(step.rpc, outcome.replies)
-                report.continuations["equal" if same else "differ"] += 1
+                continuations["equal" if same else "differ"] += 1
                 if not same:
-                    self.failures.append(Failure(
-                        "integrity", role, step.rpc.name, "OK",
-                        f"continuation after the mutated call answered {essence(step.rpc, continuation.replies)}, "
-                        f"an untouched session {essence(step.rpc, outcome.replies)}", mutant_label, case, records()))
-        return done
+                    fail("integrity", f"the valid continuation after the mutated call answered "
+                                      f"{essence(step.rpc, continuation.replies)}, on an untouched session "
+                                      f"{essence(step.rpc, outcome.replies)}")
+        return kind, done, failures, continuations
 
     def check_alive(self, role: str, case: str, recent: Iterable[list[dict]], marks: dict[str, int] | None = None) -> bool:
         for name, endpoint in self.endpoints.items():
             problem = endpoint.problem()
             if problem:
-                self.failures.append(Failure("crash", role, "-", "-", problem, "one of the last cases", case,
-                                             [r for records in recent for r in records],
-                                             endpoint.log_since((marks or {}).get(name, 0))))
+                with self._lock:
+                    self.failures.append(Failure("crash", role, "-", "-", problem, "one of the last cases", case,
+                                                 [r for records in recent for r in records],
+                                                 endpoint.log_since((marks or {}).get(name, 0))))
                 return False
         return True
 
@@ -793,38 +829,68 @@ class Fuzzer:
         return "\n".join(parts)
 
     def fuzz_service(self, role: str) -> ServiceReport:
+        """Cases 0, 1, 2, ... of one service on `options.workers` threads (so mutated calls share the
+        services' batched passes with valid ones), until the request or time budget is spent."""
         endpoint = self.endpoints[role]
         report = self.reports.setdefault(role, ServiceReport(role, endpoint.service))
         started = time.monotonic()
         recent: deque = deque(maxlen=5)
-        indices: Iterable[int] = range(sys.maxsize)
-        crash_marks: dict[str, int] = {}
+        indices: Iterator[int] = iter(range(sys.maxsize))
         if self.options.only_case:
             only_role, only_index = self.options.only_case.split(":")
-            indices = [int(only_index)] if only_role == role else []
-        for index in indices:
-            if report.requests >= self.options.requests or time.monotonic() - started >= self.options.seconds:
-                break
-            failures_before = len(self.failures)
-            marks = {name: e.log_mark() for name, e in self.endpoints.items()}
-            if index % 50 == 0:
-                crash_marks = marks  # a crash's last words are in the logs since a few cases back
-            done = self.run_case(role, index, report)
-            recent.append([step_record(s, o) for s, o in done])
-            hangs = sum(f.kind == "hang" and f.role == role for f in self.failures)
-            suspicious = any(o.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                        grpc.StatusCode.CANCELLED) for _, o in done)
-            if (suspicious or index % self.options.check_every == 0) and \
-                    not self.check_alive(role, f"{role}:{index}", recent, crash_marks):
-                report.stopped = "a service stopped serving"
-                break
-            if len(self.failures) > failures_before:
-                logged = self.logs_since(marks)
-                for failure in self.failures[failures_before:]:
-                    failure.log_tail = failure.log_tail or logged
-            if hangs >= self.options.max_hangs:
-                report.stopped = f"{hangs} calls hit their deadline"
-                break
+            indices = iter([int(only_index)] if only_role == role else [])
+        crash_marks = {name: e.log_mark() for name, e in self.endpoints.items()}
+        stop = threading.Event()
+
+        def work() -> None:
+            nonlocal crash_marks
+            while not stop.is_set():
+                with self._lock:
+                    if report.requests >= self.options.requests or time.monotonic() - started >= self.options.seconds:
+                        return
+                    index = next(indices, None)
+                    if index is None:
+                        return
+                    report.requests += 1  # reserved; set right once the case has run
+                marks = {name: e.log_mark() for name, e in self.endpoints.items()}
+                if index % 50 == 0:
+                    crash_marks = marks  # a crash's last words are in the logs since a few cases back
+                kind, done, failures, continuations = self.run_case(role, index)
+                records = [step_record(s, o) for s, o in done]
+                logged = self.logs_since(marks) if failures else ""
+                with self._lock:
+                    report.requests += len(done) - 1
+                    report.cases += 1
+                    report.mutations[kind] += 1
+                    report.continuations.update(continuations)
+                    for step, outcome in done:
+                        report.statuses[outcome.code.name] += 1
+                        report.per_rpc[step.rpc.name] += 1
+                        if report.slowest is None or outcome.seconds > report.slowest["seconds"]:
+                            report.slowest = {"seconds": round(outcome.seconds, 4), "rpc": step.rpc.name,
+                                              "label": step.label, "case": f"{role}:{index}",
+                                              "deadline_s": round(outcome.deadline_s, 2)}
+                    for failure in failures:
+                        failure.log_tail = logged
+                    self.failures += failures
+                    recent.append(records)
+                    hangs = sum(f.kind == "hang" and f.role == role for f in self.failures)
+                if hangs >= self.options.max_hangs:
+                    report.stopped = f"{hangs} calls hit their deadline"
+                    stop.set()
+                suspicious = any(o.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                            grpc.StatusCode.CANCELLED) for _, o in done)
+                if (suspicious or index % self.options.check_every == 0) and \
+                        not self.check_alive(role, f"{role}:{index}", list(recent), crash_marks):
+                    report.stopped = "a service stopped serving"
+                    stop.set()
+
+        threads = [threading.Thread(target=work, name=f"fuzz-{role}-{n}", daemon=True)
+                   for n in range(max(1, self.options.workers))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         report.seconds = time.monotonic() - started
         return report
 
@@ -1035,6 +1101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--roles", default="verify,draft,orchestrator", help="services to fuzz, in order")
     parser.add_argument("--case", help="replay one case, ROLE:INDEX (from a report), and print every step")
     parser.add_argument("--deadline", type=float, default=10.0, help="base deadline of a call, seconds")
+    parser.add_argument("--workers", type=int, default=2, help="cases in flight at once (1: strictly one by one)")
     parser.add_argument("--no-exactness", action="store_true", help="skip the greedy check after fuzzing")
     parser.add_argument("--out", type=Path, help="write the JSON summary here")
     parser.add_argument("--log-dir", type=Path, help="service logs (default: a temporary directory)")
@@ -1045,7 +1112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     options = Options(requests=args.requests or (5000 if args.long else 300),
                       seconds=args.seconds or (1200.0 if args.long else 60.0), seed=args.seed,
-                      base_deadline_s=args.deadline, only_case=args.case)
+                      base_deadline_s=args.deadline, only_case=args.case, workers=1 if args.case else args.workers)
     with tempfile.TemporaryDirectory(prefix="specdec-fuzz-") as scratch:
         scratch = Path(scratch)
         if args.models == "tiny":

@@ -53,6 +53,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import specdec_api
 
 FORBIDDEN = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
+UNEXPLAINED_OK = (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)  # need no message
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", 512 << 20), ("grpc.max_receive_message_length", 512 << 20)]
 MAX_HEX_BYTES = 64 << 10  # requests larger than this are stored truncated; `--case` regenerates them
 
@@ -473,6 +474,27 @@ def byte_mutation(rng: random.Random, payload: bytes, descriptor: Descriptor) ->
     return f"unknown field 1000 of {n} bytes", bytes(data) + tag(1000, 2) + varint(n) + b"\x00" * n
 
 
+# -- mutations: headers ------------------------------------------------------------------------------------
+def metadata_mutation(rng: random.Random) -> tuple[str, tuple]:
+    """Request headers a server parses or passes on: W3C trace context, credentials, many or long headers.
+    Only what the client library sends: it refuses illegal values itself and drops headers over ~2 KB."""
+    choices = [
+        ("traceparent", "garbage"), ("traceparent", "00-" + "0" * 32 + "-" + "0" * 16 + "-01"),
+        ("traceparent", "ff-" + "a" * 32 + "-" + "b" * 16 + "-01"), ("traceparent", "00-" + "a" * 1000),
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz"), ("tracestate", "k=" + "v" * 1500),
+        ("tracestate", ",,,=,=,"), ("baggage", "a=b;" * 300), ("authorization", "Bearer " + "x" * 1500),
+        ("authorization", "Basic"), ("x-api-key", " "), ("x-api-key", "k" * 300),
+        ("specdec-error", "session-lost"),
+        ("grpc-trace-bin", bytes(rng.randbytes(29))), ("grpc-tags-bin", b"\x00" * 64), ("x-long", "h" * 1900),
+        ("user-agent", "u" * 1500), ("content-type", "application/grpc+json"),
+    ]
+    if rng.random() < 0.15:
+        n = rng.choice([10, 100])  # a few KB of headers more is refused by gRPC itself, without a message
+        return f"{n} headers", tuple((f"x-fuzz-{i}", str(i)) for i in range(n))
+    key, value = rng.choice(choices)
+    return f"{key}: {_value_repr(value)}", ((key, value),)
+
+
 # -- cases -------------------------------------------------------------------------------------------------
 @dataclass
 class Step:
@@ -483,6 +505,7 @@ class Step:
     message: Message | None = None  # the request when it is a message (else only bytes)
     timeout_s: float | None = None  # a deadline meant to cut the call short (DEADLINE_EXCEEDED is fine then)
     cancel_after_s: float | None = None  # the client cancels the call this long after sending it
+    metadata: tuple = ()  # request headers
 
 
 @dataclass
@@ -610,13 +633,14 @@ class Fuzzer:
         timer = None
         try:
             if rpc.client_streaming and rpc.server_streaming:
-                call = channel.stream_stream(rpc.path)(iter([step.payload]), timeout=deadline)
+                call = channel.stream_stream(rpc.path)(iter([step.payload]), timeout=deadline, metadata=step.metadata)
             elif rpc.client_streaming:
-                call = channel.stream_unary(rpc.path).future(iter([step.payload]), timeout=deadline)
+                call = channel.stream_unary(rpc.path).future(iter([step.payload]), timeout=deadline,
+                                                             metadata=step.metadata)
             elif rpc.server_streaming:
-                call = channel.unary_stream(rpc.path)(step.payload, timeout=deadline)
+                call = channel.unary_stream(rpc.path)(step.payload, timeout=deadline, metadata=step.metadata)
             else:
-                call = channel.unary_unary(rpc.path).future(step.payload, timeout=deadline)
+                call = channel.unary_unary(rpc.path).future(step.payload, timeout=deadline, metadata=step.metadata)
             if step.cancel_after_s is not None:
                 timer = threading.Timer(step.cancel_after_s, call.cancel)
                 timer.start()
@@ -671,7 +695,7 @@ class Fuzzer:
         rng = random.Random(f"{self.options.seed}:{role}:{index}")
         rpc = rpcs[index % len(rpcs)]
         openers = [r for r in rpcs if r.opens_session]
-        kinds = ["field"] * 5 + ["fields"] * 2 + ["bytes"] * 5
+        kinds = ["field"] * 5 + ["fields"] * 2 + ["bytes"] * 5 + ["metadata"]
         if rpc.opens_session or rpc.server_streaming:
             kinds += ["interrupt"]
         if rpc.opens_session:
@@ -680,21 +704,28 @@ class Fuzzer:
         sid = f"fuzz-{role}-{self.options.seed}-{index}"
         steps: list[Step] = []
 
-        def mutate(base_rpc: Rpc, base: Message) -> tuple[str, bytes, Message | None]:
-            how = kind if kind in ("field", "fields", "bytes") else rng.choice(["field", "bytes"])
+        def mutate(base_rpc: Rpc, base: Message) -> tuple[str, bytes, Message | None, tuple]:
+            how = kind if kind in ("field", "fields", "bytes", "metadata") else rng.choice(["field", "bytes"])
+            if how == "metadata":  # a valid request under odd headers (trace context, keys, sheer size)
+                label, metadata = metadata_mutation(rng)
+                return f"metadata: {label}", base.SerializeToString(), base, metadata
             if how == "bytes":
                 label, payload = byte_mutation(rng, base.SerializeToString(), base_rpc.request_class.DESCRIPTOR)
-                return f"bytes: {label}", payload, None
+                return f"bytes: {label}", payload, None, ()
             all_mutations = self.mutations_of(base_rpc)
             if not all_mutations:
-                return "no fields to mutate: the valid request", base.SerializeToString(), base
+                return "no fields to mutate: the valid request", base.SerializeToString(), base, ()
             chosen = ([all_mutations[(index // len(rpcs)) % len(all_mutations)]] if how == "field"
                       else rng.sample(all_mutations, min(len(all_mutations), rng.randint(2, 4))))
             mutated = type(base)()
             mutated.CopyFrom(base)
             for mutation in chosen:
                 mutation.apply(mutated)
-            return "field: " + "; ".join(m.label for m in chosen), mutated.SerializeToString(), mutated
+            return "field: " + "; ".join(m.label for m in chosen), mutated.SerializeToString(), mutated, ()
+
+        def mutant(base_rpc: Rpc, base: Message) -> Step:
+            label, payload, message, metadata = mutate(base_rpc, base)
+            return Step(base_rpc, payload, label, "mutant", message, metadata=metadata)
 
         def step(step_rpc: Rpc, message: Message, label: str, step_role: str) -> Step:
             return Step(step_rpc, message.SerializeToString(), label, step_role, message)
@@ -703,19 +734,16 @@ class Fuzzer:
             opener = rng.choice(openers)
             first, then = session_plan(self.limits, rng, sid)
             steps.append(step(opener, valid_request(opener, self.limits, rng, first), "open the session", "setup"))
-            label, payload, message = mutate(rpc, valid_request(rpc, self.limits, rng, first))
-            steps.append(Step(rpc, payload, label, "mutant", message))
+            steps.append(mutant(rpc, valid_request(rpc, self.limits, rng, first)))
             steps += self._continuation(opener, then, rng)
             return f"{kind}", steps
         if rpc.opens_session:
             first, then = session_plan(self.limits, rng, sid)
-            if kind in ("field", "fields", "bytes"):  # alone, on a fresh session
-                label, payload, message = mutate(rpc, valid_request(rpc, self.limits, rng, first))
-                return kind, [Step(rpc, payload, label, "mutant", message)]
+            if kind in ("field", "fields", "bytes", "metadata"):  # alone, on a fresh session
+                return kind, [mutant(rpc, valid_request(rpc, self.limits, rng, first))]
             steps.append(step(rpc, valid_request(rpc, self.limits, rng, first), "open the session", "setup"))
             if kind == "session":  # a mutated call on the live session, then a valid continuation
-                label, payload, message = mutate(rpc, valid_request(rpc, self.limits, rng, then))
-                steps.append(Step(rpc, payload, label, "mutant", message))
+                steps.append(mutant(rpc, valid_request(rpc, self.limits, rng, then)))
             elif kind == "interrupt":  # the valid continuation cut short by the client, then resent
                 steps.append(self._interrupted(step(rpc, valid_request(rpc, self.limits, rng, then), "", "mutant"), rng))
             elif kind == "tamper":  # another caller's valid call on the same session id rewrites its tokens
@@ -735,8 +763,7 @@ class Fuzzer:
                 request.max_new_tokens = rng.randint(16, 64)
             steps.append(self._interrupted(step(rpc, request, "", "mutant"), rng))
         else:
-            label, payload, message = mutate(rpc, valid_request(rpc, self.limits, rng))
-            steps.append(Step(rpc, payload, label, "mutant", message))
+            steps.append(mutant(rpc, valid_request(rpc, self.limits, rng)))
         if rpc.server_streaming and self.canary is not None and (index % 5 == 0 or kind == "interrupt"):
             steps.append(Step(self.canary[0].rpc, self.canary[0].payload, "canary generation", "control"))
         return kind, steps
@@ -784,6 +811,8 @@ class Fuzzer:
 
             if outcome.code in FORBIDDEN:
                 fail("status", outcome.details)
+            elif outcome.code not in UNEXPLAINED_OK and not outcome.details.strip():
+                fail("status", "refused without a message (a status message over the peer's header limit is dropped)")
             elif outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED and step.timeout_s is None:
                 fail("hang", f"no answer within {outcome.deadline_s:.1f} s (request asks for "
                              f"{requested_tokens(step.rpc, step.payload, self.limits)} tokens of work)")

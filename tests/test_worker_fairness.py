@@ -261,3 +261,93 @@ def test_every_connection_from_one_host_is_one_caller():
     finally:
         server.stop(None)
     assert seen == ["ipv4:127.0.0.1", "ipv4:127.0.0.1"]
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+FLOOD_TOKENS = 240  # each flood call prefills this many tokens (the tiny target's context is 256)
+
+
+def test_a_generation_beside_a_verify_flood_is_exact_and_waits_at_most_one_flood_pass_per_round(tiny):
+    """A direct VerifyService caller floods 240-token prefills from 4 threads, on its own sessions and
+    from another address (IPv4 loopback against the orchestrator's IPv6, or the other way), while a
+    client generates. Every verify of the generation runs in a pass without flood jobs, after at most
+    the flood pass in progress when it arrived; so the generation takes at most its time alone plus
+    one flood pass per verify (with room for the flood's Python threads sharing the GIL and 2 cores)."""
+    from specdec_api import verify_pb2, verify_pb2_grpc
+    from tests.conftest import PROMPTS, start_stack
+
+    stack = start_stack(tiny.target, tiny.noisy_draft)
+    worker = stack.verify.servicer.worker
+    passes, client_callers = [], set()
+    submit, run_batch = worker.submit, worker.run_batch
+
+    def recording_submit(payload, *args, **kwargs):
+        payload.record = {"caller": kwargs.get("caller")}  # (a ScoreJob: a plain dataclass)
+        done = submit(payload, *args, **kwargs)
+        payload.record["enqueued"] = done.enqueued_unix_ns  # the worker's clock: when it queued the job
+        return done
+
+    def recording_run_batch(payloads):
+        started = time.time_ns()
+        try:
+            return run_batch(payloads)
+        finally:
+            passes.append((started, time.time_ns(), [(p.record, len(p.tokens)) for p in payloads]))
+
+    worker.submit, worker.run_batch = recording_submit, recording_run_batch
+    stop = threading.Event()
+    flood_calls = []
+    try:
+        with stack.client() as client:
+            def generate():
+                passes.clear()
+                started = time.perf_counter()
+                result = client.generate(PROMPTS[2], max_new_tokens=40, num_draft_tokens=3)
+                return result, time.perf_counter() - started, list(passes)
+
+            generate()  # warm up
+            alone, alone_s, _ = min((generate() for _ in range(2)), key=lambda run: run[1])
+            client_callers = {record["caller"] for _, _, jobs in passes for record, _ in jobs}
+            # The flood calls from the loopback the orchestrator does not use: another caller.
+            host = "127.0.0.1" if client_callers == {"ipv6:[::1]"} else "[::1]"
+
+            def flood(thread: int):
+                with grpc.insecure_channel(f"{host}:{stack.verify.port}") as channel:
+                    stub = verify_pb2_grpc.VerifyServiceStub(channel)
+                    request = verify_pb2.VerifyRequest(session_id=f"flood-{thread}", prefix_len=0,
+                                                       append_tokens=[1 + (7 * i) % 300 for i in range(FLOOD_TOKENS)])
+                    while not stop.is_set():
+                        try:
+                            stub.Verify(request, timeout=30)
+                        except grpc.RpcError:
+                            if stop.is_set():  # the stack stopping under it
+                                return
+                            raise
+                        flood_calls.append(thread)
+
+            flooders = [threading.Thread(target=flood, args=(t,)) for t in range(4)]
+            for thread in flooders:
+                thread.start()
+            while len(flood_calls) < 8:
+                time.sleep(0.01)
+            flooded, flooded_s, flooded_passes = generate()
+    finally:
+        stop.set()
+        stack.stop()
+    assert flooded.token_ids == alone.token_ids
+    flood_callers = {record["caller"] for _, _, jobs in flooded_passes for record, n in jobs if n == FLOOD_TOKENS}
+    assert len(client_callers) == 1 and not flood_callers & client_callers  # two callers, as the servicer keys them
+    flood_passes = [(start, end) for start, end, jobs in flooded_passes if jobs[0][1] == FLOOD_TOKENS]
+    rounds = [jobs for _, _, jobs in flooded_passes if jobs[0][1] < FLOOD_TOKENS]
+    assert flood_passes and rounds
+    assert all(tokens < FLOOD_TOKENS for jobs in rounds for _, tokens in jobs)  # no prefill rode with a round
+    for start, _, jobs in flooded_passes:
+        if jobs[0][1] < FLOOD_TOKENS:
+            queued = min(record["enqueued"] for record, _ in jobs)
+            overtaking = [s for s, _ in flood_passes if queued < s < start]
+            assert len(overtaking) <= 1, "a round waited behind more than the flood pass in progress"
+    longest = max(end - start for start, end in flood_passes) / 1e9
+    bound = 2 * alone_s + 2 * len(rounds) * longest
+    print(f"alone {alone_s * 1000:.0f} ms, beside the flood {flooded_s * 1000:.0f} ms, {len(rounds)} verify "
+          f"passes, longest flood pass {longest * 1000:.1f} ms, bound {bound * 1000:.0f} ms")
+    assert flooded_s <= bound

@@ -2,27 +2,35 @@
 
 Starts draft, verify and orchestrator (as `specdec serve` processes here, so a crash is a dead process;
 in-process in the CI test, tests/test_fuzz.py), discovers every RPC from the service descriptors in
-specdec_api/*_pb2.py and sends, per RPC, valid requests mutated field by field (edge values of each field's
-type, unset oneofs and optionals, long repeated fields, out-of-range token ids, nested messages) and byte by
-byte (bit flips, truncation, random bytes, duplicated fields, wrong wire types, huge length prefixes,
-overlong varints, invalid UTF-8, deep nesting), alone and inside sessions: a valid call, a mutated call on
-the same session, then a valid continuation compared with the same continuation on an untouched session;
-and releases of live sessions.
+specdec_api/*_pb2.py and sends, per RPC, valid requests mutated
+  field by field   edge values of each field's type (0, -1, type limits, the deployment's vocabulary, context
+                   and gamma limits, NaN, ±inf, 1e-40, 1e38, empty / huge / unicode strings), unset oneofs
+                   and optionals, long repeated fields, out-of-range token ids, nested messages; or 2-4 at once
+  byte by byte     bit flips, truncation, random bytes, the body twice, duplicated fields, wrong wire types,
+                   huge and negative length prefixes, overlong varints, invalid UTF-8, deep nesting, big
+                   unknown fields (sent with identity serializers, so the server parses what we wrote)
+  header by header trace context, credentials, many headers
+  in sessions      a valid call, then on the same session a mutated call, another caller's valid call that
+                   rewrites its tokens (tamper), a call cut short by a deadline or a cancel, or two releases;
+                   then a valid continuation, compared with the same continuation on an untouched session
+with `--workers` cases in flight, so mutated calls share the services' batched passes with valid ones.
 
 A failure is one of:
   crash        a service process died, or its health check stopped answering SERVING
   hang         a call hit its deadline; deadlines are sized to the work the request asks for (tokens to
                feed or generate, bytes to parse), so legitimate long work is not a hang
-  status       UNKNOWN or INTERNAL: every refusal must say what was wrong with the request
+  status       UNKNOWN or INTERNAL, or a refusal without a message: it must say what was wrong
   refused      a valid request (a setup or control step) was refused
   integrity    after a mutated call, a valid continuation answered other tokens than on an untouched
-               session (DESIGN.md principle 9), or an OK reply held a token id outside the vocabulary
+               session (DESIGN.md principle 9), a canary generation changed, or an OK reply held a token
+               id outside the vocabulary
   exactness    after the fuzzing, greedy generation through the orchestrator differs from the target's
                own `generate`
 
 Knows nothing of what the services compute beyond `valid_request`, the one place that says what a valid
 request of each RPC looks like: new RPCs and new fields are fuzzed as soon as they are in the descriptors.
-Every case is a pure function of (seed, service, index), so `--case verify:17` replays one.
+Every case is a pure function of (seed, service, index), so `--case verify:17` replays one (alone: a
+failure that needed a concurrent neighbour may not come back).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import math
 import pkgutil
 import random
 import re
+import shlex
 import sys
 import tempfile
 import threading
@@ -506,6 +515,7 @@ class Step:
     timeout_s: float | None = None  # a deadline meant to cut the call short (DEADLINE_EXCEEDED is fine then)
     cancel_after_s: float | None = None  # the client cancels the call this long after sending it
     metadata: tuple = ()  # request headers
+    concurrent: bool = False  # sent alongside the next step, not before it
 
 
 @dataclass
@@ -699,7 +709,8 @@ class Fuzzer:
         if rpc.opens_session or rpc.server_streaming:
             kinds += ["interrupt"]
         if rpc.opens_session:
-            kinds += ["session"] * 3 + ["tamper"] * 2 + ["release"] * (2 if any(r.releases_session for r in rpcs) else 0)
+            kinds += ["session"] * 3 + ["tamper"] * 2 + ["race"] * 2
+            kinds += ["release"] * (2 if any(r.releases_session for r in rpcs) else 0)
         kind = rng.choice(kinds)
         sid = f"fuzz-{role}-{self.options.seed}-{index}"
         steps: list[Step] = []
@@ -751,6 +762,20 @@ class Fuzzer:
                 steps.append(Step(rpc, valid_request(rpc, self.limits, rng, foreign).SerializeToString(),
                                   f"tamper: prefix_len {len(foreign.committed)} then {len(foreign.append)} other tokens",
                                   "mutant"))
+            elif kind == "race":  # a tamper, a mutated call or a release sent at the same time as the continuation
+                how = rng.choice(["tamper", "mutated", "release"])
+                if how == "tamper":
+                    foreign = foreign_call(self.limits, rng, first)
+                    racer = Step(rpc, valid_request(rpc, self.limits, rng, foreign).SerializeToString(),
+                                 "race: a tamper", "mutant")
+                elif how == "release" and any(r.releases_session for r in rpcs):
+                    release = next(r for r in rpcs if r.releases_session)
+                    racer = step(release, valid_request(release, self.limits, rng, first), "race: a release", "mutant")
+                else:
+                    racer = mutant(rpc, valid_request(rpc, self.limits, rng, then))
+                    racer.label = "race: " + racer.label
+                racer.concurrent = True
+                steps.append(racer)
             else:  # release the live session (twice: idempotent), then continue: a lost session, never a wrong token
                 release = next(r for r in rpcs if r.releases_session)
                 for _ in range(2):
@@ -792,51 +817,67 @@ class Fuzzer:
     def run_case(self, role: str, index: int) -> tuple[str, list[tuple[Step, Outcome]], list[Failure], Counter]:
         """Run case `index` of `role`'s service: its steps, what failed, and how continuations compared."""
         kind, steps = self.build_case(role, index)
-        case = f"{role}:{index}"
         done: list[tuple[Step, Outcome]] = []
         failures: list[Failure] = []
         continuations: Counter = Counter()
         mutant_label = next((s.label for s in steps if s.role == "mutant"), kind)
+        racing: list[tuple[Step, threading.Thread, list]] = []
         for step in steps:
-            if step.role == "control" and done and done[-1][0].role == "check" and done[-1][1].code != grpc.StatusCode.OK:
+            if step.role == "control" and any(s.role == "check" and o.code != grpc.StatusCode.OK for s, o in done):
                 continuations["session-lost"] += 1
                 break  # the continuation was refused (session lost): nothing to compare
-            outcome = self.call(role, step)
-            done.append((step, outcome))
-
-            def fail(kind_: str, details: str) -> None:
-                failures.append(Failure(kind_, role, step.rpc.name, outcome.code.name, details,
-                                        step.label if step.role == "mutant" else mutant_label, case,
-                                        [step_record(s, o) for s, o in done]))
-
-            if outcome.code in FORBIDDEN:
-                fail("status", outcome.details)
-            elif outcome.code not in UNEXPLAINED_OK and not outcome.details.strip():
-                fail("status", "refused without a message (a status message over the peer's header limit is dropped)")
-            elif outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED and step.timeout_s is None:
-                fail("hang", f"no answer within {outcome.deadline_s:.1f} s (request asks for "
-                             f"{requested_tokens(step.rpc, step.payload, self.limits)} tokens of work)")
-            elif step.role in ("setup", "control") and outcome.code != grpc.StatusCode.OK:
-                fail("refused", f"a valid request ({step.label}) was refused: {outcome.details}")
-            elif step.role == "check" and outcome.code not in (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION):
-                fail("refused", f"the valid continuation was refused: {outcome.details}")
-            if outcome.code != grpc.StatusCode.OK:
+            if step.concurrent:  # started with the next step
+                box: list = []
+                racing.append((step, threading.Thread(target=lambda st=step, b=box: b.append(self.call(role, st)),
+                                                      daemon=True), box))
                 continue
-            bad = out_of_vocab(step.rpc, outcome.replies, self.limits.vocab_size)
-            if bad:
-                fail("integrity", f"reply holds token ids outside [0, {self.limits.vocab_size}): {bad[:5]}")
-            if step.label == "canary generation" and essence(step.rpc, outcome.replies) != self.canary[1]:
-                fail("integrity", f"the canary generation answered {essence(step.rpc, outcome.replies)} after the "
-                                  f"mutated request, {self.canary[1]} before the fuzzing")
-            if step.label == "control: continue":
-                continuation = next(o for s, o in done if s.role == "check")
-                same = essence(step.rpc, continuation.replies) == essence(step.rpc, outcome.replies)
-                continuations["equal" if same else "differ"] += 1
-                if not same:
-                    fail("integrity", f"the valid continuation after the mutated call answered "
-                                      f"{essence(step.rpc, continuation.replies)}, on an untouched session "
-                                      f"{essence(step.rpc, outcome.replies)}")
+            for _, thread, _ in racing:
+                thread.start()
+            done.append((step, self.call(role, step)))
+            for racer, thread, box in racing:
+                thread.join()
+                done.append((racer, box[0]))
+            for judged, outcome in done[len(done) - 1 - len(racing):]:
+                label = judged.label if judged.role == "mutant" else mutant_label
+                for kind_, details in self.judge(judged, outcome, done, continuations):
+                    failures.append(Failure(kind_, role, judged.rpc.name, outcome.code.name, details, label,
+                                            f"{role}:{index}", [step_record(s, o) for s, o in done]))
+            racing = []
         return kind, done, failures, continuations
+
+    def judge(self, step: Step, outcome: Outcome, done: list[tuple[Step, Outcome]],
+              continuations: Counter) -> list[tuple[str, str]]:
+        """What is wrong with one step's outcome, as (failure kind, details); `done` holds the case so far."""
+        found = []
+        if outcome.code in FORBIDDEN:
+            found.append(("status", outcome.details))
+        elif outcome.code not in UNEXPLAINED_OK and not outcome.details.strip():
+            found.append(("status", "refused without a message (a status message over the peer's header limit "
+                                    "is dropped)"))
+        elif outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED and step.timeout_s is None:
+            found.append(("hang", f"no answer within {outcome.deadline_s:.1f} s (request asks for "
+                                  f"{requested_tokens(step.rpc, step.payload, self.limits)} tokens of work)"))
+        elif step.role in ("setup", "control") and outcome.code != grpc.StatusCode.OK:
+            found.append(("refused", f"a valid request ({step.label}) was refused: {outcome.details}"))
+        elif step.role == "check" and outcome.code not in (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION):
+            found.append(("refused", f"the valid continuation was refused: {outcome.details}"))
+        if outcome.code != grpc.StatusCode.OK:
+            return found
+        bad = out_of_vocab(step.rpc, outcome.replies, self.limits.vocab_size)
+        if bad:
+            found.append(("integrity", f"reply holds token ids outside [0, {self.limits.vocab_size}): {bad[:5]}"))
+        if step.label == "canary generation" and essence(step.rpc, outcome.replies) != self.canary[1]:
+            found.append(("integrity", f"the canary generation answered {essence(step.rpc, outcome.replies)} after "
+                                       f"the mutated request, {self.canary[1]} before the fuzzing"))
+        if step.label == "control: continue":
+            continuation = next(o for s, o in done if s.role == "check")
+            same = essence(step.rpc, continuation.replies) == essence(step.rpc, outcome.replies)
+            continuations["equal" if same else "differ"] += 1
+            if not same:
+                found.append(("integrity", f"the valid continuation after the mutated call answered "
+                                           f"{essence(step.rpc, continuation.replies)}, on an untouched session "
+                                           f"{essence(step.rpc, outcome.replies)}"))
+        return found
 
     def check_alive(self, role: str, case: str, recent: Iterable[list[dict]], marks: dict[str, int] | None = None) -> bool:
         for name, endpoint in self.endpoints.items():
@@ -886,6 +927,12 @@ class Fuzzer:
                     crash_marks = marks  # a crash's last words are in the logs since a few cases back
                 kind, done, failures, continuations = self.run_case(role, index)
                 records = [step_record(s, o) for s, o in done]
+                if self.options.only_case:  # a replay: every step, as sent and as answered
+                    print(f"case {role}:{index} ({kind})")
+                    for record in records:
+                        print(f"  {record['role']:<7} {record['rpc']} [{record['label']}] -> {record['code']} "
+                              f"{record['details']} ({record['seconds']} s)\n    text: {record['text']}\n"
+                              f"    hex ({record['bytes']} bytes): {record['hex']}")
                 logged = self.logs_since(marks) if failures else ""
                 with self._lock:
                     report.requests += len(done) - 1
@@ -1026,14 +1073,17 @@ def check_greedy(address: str, prompts: Sequence[str], reference: Callable[[str,
 
 
 def fuzz(endpoints: dict[str, Endpoint], options: Options, roles: Sequence[str] = ("verify", "draft", "orchestrator"),
-         reference: Callable[[str, int], list[int]] | None = None, prompts: Sequence[str] = PROMPTS) -> Summary:
+         reference: Callable[[str, int], list[int]] | None = None, prompts: Sequence[str] = PROMPTS,
+         progress: Callable[[str], None] = lambda line: None) -> Summary:
     """Fuzz each role's service in turn, then (with `reference`) check greedy exactness."""
     started = time.monotonic()
     fuzzer = Fuzzer(endpoints, options)
     try:
         fuzzer.calibrate()
         for role in roles:
-            fuzzer.fuzz_service(role)
+            progress(f"fuzzing {role} ({endpoints[role].service}) ...")
+            report = fuzzer.fuzz_service(role)
+            progress(f"  {report.requests} requests in {report.seconds:.1f} s, {len(fuzzer.failures)} failures so far")
             if any(f.kind == "crash" for f in fuzzer.failures):
                 break
         if not any(f.kind == "crash" for f in fuzzer.failures):  # the end state, whatever the last case was
@@ -1045,7 +1095,7 @@ def fuzz(endpoints: dict[str, Endpoint], options: Options, roles: Sequence[str] 
     finally:
         fuzzer.close()
     rpcs = [rpc.path for role in roles for rpc in fuzzer.services[endpoints[role].service]]
-    return Summary(options.seed, vars(fuzzer.limits), [r.as_dict() for r in fuzzer.reports.values()],
+    return Summary(options.seed, vars(fuzzer.limits), [r.as_dict() for r in fuzzer.reports.values() if r.cases],
                    fuzzer.failures, rpcs, exactness, time.monotonic() - started)
 
 
@@ -1119,6 +1169,9 @@ def hf_reference(target: Path) -> Callable[[str, int], list[int]]:
     return reference
 
 
+TIGHT_ARGS = ("--max-sessions", "6", "--session-memory-mb", "2", "--max-queue", "8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarking.fuzz", description=__doc__.split("\n\n")[0])
     parser.add_argument("--long", action="store_true", help="thousands of requests per service (5000, at most 20 min each)")
@@ -1131,6 +1184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--case", help="replay one case, ROLE:INDEX (from a report), and print every step")
     parser.add_argument("--deadline", type=float, default=10.0, help="base deadline of a call, seconds")
     parser.add_argument("--workers", type=int, default=2, help="cases in flight at once (1: strictly one by one)")
+    parser.add_argument("--tight", action="store_true",
+                        help="draft and verify with tiny session and queue budgets, so eviction and refusals under load "
+                             f"are fuzzed too ({' '.join(TIGHT_ARGS)})")
+    for role in ("draft", "verify", "orchestrator"):
+        parser.add_argument(f"--{role}-args", default="", help=f"extra `specdec serve {role}` flags, one string")
     parser.add_argument("--no-exactness", action="store_true", help="skip the greedy check after fuzzing")
     parser.add_argument("--out", type=Path, help="write the JSON summary here")
     parser.add_argument("--log-dir", type=Path, help="service logs (default: a temporary directory)")
@@ -1153,13 +1211,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_dir.mkdir(parents=True, exist_ok=True)
         reference = None if args.no_exactness or args.case else hf_reference(target)
         print(f"starting draft, verify and orchestrator processes (logs in {log_dir}) ...", file=sys.stderr)
-        with local_stack(str(target), str(draft), log_dir=log_dir) as stack:
-            names = {role: rpcs_service for role, rpcs_service in _service_names().items()}
+        tight = TIGHT_ARGS if args.tight else ()
+        with local_stack(str(target), str(draft), log_dir=log_dir, verify_args=(*tight, *shlex.split(args.verify_args)),
+                         draft_args=(*tight, *shlex.split(args.draft_args)),
+                         orchestrator_args=tuple(shlex.split(args.orchestrator_args))) as stack:
+            names = _service_names()
             processes = dict(zip(("draft", "verify", "orchestrator"), stack.processes))
             addresses = {"draft": stack.draft, "verify": stack.verify, "orchestrator": stack.orchestrator}
             endpoints = {role: Endpoint(role, addresses[role], names[role], processes[role], log_dir / f"{role}.log")
                          for role in addresses}
-            summary = fuzz(endpoints, options, [r for r in args.roles.split(",") if r], reference)
+            summary = fuzz(endpoints, options, [r for r in args.roles.split(",") if r], reference,
+                           progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_report(summary))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ def listen(server: grpc.Server, host: str, port: int, tls: TLSSettings | None = 
 
 def serve_health(servicer: health.HealthServicer, host: str, port: int) -> tuple[grpc.Server, int]:
     """A plaintext server with only grpc.health.v1.Health on host:port; (server, bound port), started."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+    # A few threads: a Watch call holds one for as long as it lasts.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"),
                          options=[("grpc.max_receive_message_length", 64 << 10)])
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     bound = listen(server, host, port)

@@ -93,7 +93,8 @@ def serve(
     tls_key: Optional[str] = typer.Option(None, envvar=_env("tls_key"), help="PEM private key of --tls-cert"),
     tls_ca: Optional[str] = typer.Option(
         None, envvar=_env("tls_ca"),
-        help="PEM CA bundle: verify client certificates against it; the orchestrator verifies draft/verify with it"),
+        help="PEM CA bundle: with --tls-require-client-cert, callers' certificates must be signed by it; the "
+             "orchestrator also verifies draft/verify with it"),
     tls_require_client_cert: bool = typer.Option(
         False, "--tls-require-client-cert", envvar=_env("tls_require_client_cert"),
         help="mTLS: refuse callers without a certificate signed by --tls-ca"),

@@ -585,6 +585,7 @@ class Options:
     check_every: int = 20  # health-check every service every this many cases
     only_case: str | None = None  # "role:index": run just that case
     workers: int = 2  # cases in flight at once
+    load_refusals_ok: bool = False  # a valid call may be RESOURCE_EXHAUSTED (services started with tight budgets)
 
 
 @dataclass
@@ -857,6 +858,11 @@ class Fuzzer:
         elif outcome.code == grpc.StatusCode.DEADLINE_EXCEEDED and step.timeout_s is None:
             found.append(("hang", f"no answer within {outcome.deadline_s:.1f} s (request asks for "
                                   f"{requested_tokens(step.rpc, step.payload, self.limits)} tokens of work)"))
+        elif step.label == "control: continue" and outcome.code == grpc.StatusCode.FAILED_PRECONDITION:
+            continuations["control session lost"] += 1  # evicted between its two calls: allowed, inconclusive
+        elif (step.role in ("setup", "control") and outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+              and self.options.load_refusals_ok):
+            continuations["valid call refused for load"] += 1
         elif step.role in ("setup", "control") and outcome.code != grpc.StatusCode.OK:
             found.append(("refused", f"a valid request ({step.label}) was refused: {outcome.details}"))
         elif step.role == "check" and outcome.code not in (grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION):
@@ -1199,7 +1205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     options = Options(requests=args.requests or (5000 if args.long else 300),
                       seconds=args.seconds or (1200.0 if args.long else 60.0), seed=args.seed,
-                      base_deadline_s=args.deadline, only_case=args.case, workers=1 if args.case else args.workers)
+                      base_deadline_s=args.deadline, only_case=args.case, workers=1 if args.case else args.workers,
+                      load_refusals_ok=args.tight)
     with tempfile.TemporaryDirectory(prefix="specdec-fuzz-") as scratch:
         scratch = Path(scratch)
         if args.models == "tiny":

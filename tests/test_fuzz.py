@@ -2,13 +2,13 @@
 changed by a tampered session, and greedy output still equals the target's `generate` afterwards.
 
 The engine is benchmarking/fuzz.py (`python -m benchmarking.fuzz --long` runs it for thousands of requests per
-service on separate processes); here it runs a few seconds per service on in-process servers, with a fixed
-seed, so a failure prints a report whose `--case ROLE:INDEX` replays it.
+service on separate processes); here it runs a few seconds per service (SPECDEC_FUZZ_SECONDS) on in-process
+servers, so "no crash" is every server still answering its health check SERVING. The seed is fixed
+(SPECDEC_FUZZ_SEED), so a failure prints a report whose `--case ROLE:INDEX` replays it.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 
@@ -33,16 +33,6 @@ def fuzzed_stack(tiny):
            "draft": fuzz.Endpoint("draft", f"localhost:{stack.draft.port}", DRAFT),
            "orchestrator": fuzz.Endpoint("orchestrator", stack.address, ORCHESTRATOR)}
     stack.stop()
-
-
-@pytest.fixture(autouse=True)
-def quiet_grpc_deserializer_log():
-    """grpc logs a traceback per request body it cannot parse; the report lists them once per kind."""
-    logger = logging.getLogger("grpc._common")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    yield
-    logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +65,9 @@ def test_fuzzed_requests_get_a_clear_status_and_leave_the_stack_exact(fuzzed_sta
     report = fuzz.format_report(summary)
     (service_report,) = summary.reports
     rpcs = fuzz.discover_rpcs()[fuzzed_stack[role].service]
-    assert set(service_report["per_rpc"]) == {rpc.name for rpc in rpcs}, "an RPC was never called"
-    assert service_report["requests"] >= 50, report
-    assert summary.exactness == {"prompts": 4, "equal": 4}, report
     if summary.failures:  # the report, not the failures' repr: it names each distinct one and its replay
         pytest.fail(report, pytrace=False)
     print(report)
+    assert set(service_report["per_rpc"]) == {rpc.name for rpc in rpcs}, "an RPC was never called"
+    assert service_report["requests"] >= 20, report
+    assert summary.exactness == {"prompts": 4, "equal": 4}, report

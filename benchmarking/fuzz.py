@@ -20,6 +20,8 @@ A failure is one of:
   hang         a call hit its deadline; deadlines are sized to the work the request asks for (tokens to
                feed or generate, bytes to parse), so legitimate long work is not a hang
   status       UNKNOWN or INTERNAL, or a refusal without a message: it must say what was wrong
+  slow-refusal a request was refused only after more than --slow-refusal seconds (best of 3 tries): a limit
+               checked after work proportional to the input (DESIGN.md principle 10)
   refused      a valid request (a setup or control step) was refused
   integrity    after a mutated call, a valid continuation answered other tokens than on an untouched
                session (DESIGN.md principle 9), a canary generation changed, or an OK reply held a token
@@ -585,6 +587,7 @@ class Options:
     check_every: int = 20  # health-check every service every this many cases
     only_case: str | None = None  # "role:index": run just that case
     workers: int = 2  # cases in flight at once
+    slow_refusal_s: float = 0.5  # a refusal slower than this (plus 1 s per 20 MB sent) is a failure
     load_refusals_ok: bool = False  # a valid call may be RESOURCE_EXHAUSTED (services started with tight budgets)
 
 
@@ -840,11 +843,23 @@ class Fuzzer:
                 done.append((racer, box[0]))
             for judged, outcome in done[len(done) - 1 - len(racing):]:
                 label = judged.label if judged.role == "mutant" else mutant_label
-                for kind_, details in self.judge(judged, outcome, done, continuations):
+                for kind_, details in self.judge(judged, outcome, done, continuations) + self.slow_refusal(role, judged, outcome):
                     failures.append(Failure(kind_, role, judged.rpc.name, outcome.code.name, details, label,
                                             f"{role}:{index}", [step_record(s, o) for s, o in done]))
             racing = []
         return kind, done, failures, continuations
+
+    def slow_refusal(self, role: str, step: Step, outcome: Outcome) -> list[tuple[str, str]]:
+        """A refusal that took long: a limit checked after work proportional to the input (DESIGN.md
+        principle 10). Timed again twice before it counts, so a busy machine's pause is not one."""
+        allowed = self.options.slow_refusal_s + len(step.payload) / 20e6  # the bytes themselves, at 20 MB/s
+        if outcome.code in UNEXPLAINED_OK or outcome.seconds <= allowed or step.concurrent:
+            return []
+        again = min(self.call(role, step).seconds for _ in range(2))
+        if again <= allowed:
+            return []
+        return [("slow-refusal", f"refused ({outcome.code.name}) after {again:.2f} s at best of 3 tries, more than "
+                                 f"{allowed:.2f} s: a limit checked after work proportional to the input")]
 
     def judge(self, step: Step, outcome: Outcome, done: list[tuple[Step, Outcome]],
               continuations: Counter) -> list[tuple[str, str]]:
@@ -1189,6 +1204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--roles", default="verify,draft,orchestrator", help="services to fuzz, in order")
     parser.add_argument("--case", help="replay one case, ROLE:INDEX (from a report), and print every step")
     parser.add_argument("--deadline", type=float, default=10.0, help="base deadline of a call, seconds")
+    parser.add_argument("--slow-refusal", type=float, default=0.5, help="seconds a refusal may take (best of 3)")
     parser.add_argument("--workers", type=int, default=2, help="cases in flight at once (1: strictly one by one)")
     parser.add_argument("--tight", action="store_true",
                         help="draft and verify with tiny session and queue budgets, so eviction and refusals under load "
@@ -1206,7 +1222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = Options(requests=args.requests or (5000 if args.long else 300),
                       seconds=args.seconds or (1200.0 if args.long else 60.0), seed=args.seed,
                       base_deadline_s=args.deadline, only_case=args.case, workers=1 if args.case else args.workers,
-                      load_refusals_ok=args.tight)
+                      load_refusals_ok=args.tight, slow_refusal_s=args.slow_refusal)
     with tempfile.TemporaryDirectory(prefix="specdec-fuzz-") as scratch:
         scratch = Path(scratch)
         if args.models == "tiny":

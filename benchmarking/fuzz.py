@@ -403,7 +403,8 @@ def tag(number: int, wire_type: int) -> bytes:
 
 
 def _wire_type(fd: FieldDescriptor) -> int:
-    if fd.is_repeated and fd.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE):
+    length_delimited = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE)
+    if fd.is_repeated and fd.type not in length_delimited:
         return 2  # packed
     return {FieldDescriptor.TYPE_DOUBLE: 1, FieldDescriptor.TYPE_FIXED64: 1, FieldDescriptor.TYPE_SFIXED64: 1,
             FieldDescriptor.TYPE_FLOAT: 5, FieldDescriptor.TYPE_FIXED32: 5, FieldDescriptor.TYPE_SFIXED32: 5,
@@ -783,7 +784,8 @@ class Fuzzer:
             else:  # release the live session (twice: idempotent), then continue: a lost session, never a wrong token
                 release = next(r for r in rpcs if r.releases_session)
                 for _ in range(2):
-                    steps.append(step(release, valid_request(release, self.limits, rng, first), "release the live session", "setup"))
+                    steps.append(step(release, valid_request(release, self.limits, rng, first),
+                                      "release the live session", "setup"))
             steps += self._continuation(rpc, then, rng)
             return kind, steps
         if kind == "interrupt":  # a longer valid call, cut short
@@ -813,9 +815,9 @@ class Fuzzer:
                                     then.seed - 1)
         control_then = SessionCall(then.session_id + "-control", then.committed, then.append, then.gamma, then.drafts,
                                    then.sampled, then.seed)
-        return [Step(rpc, valid_request(rpc, self.limits, rng, then).SerializeToString(), "valid continuation", "check"),
-                Step(rpc, valid_request(rpc, self.limits, rng, control_first).SerializeToString(), "control: open", "control"),
-                Step(rpc, valid_request(rpc, self.limits, rng, control_then).SerializeToString(), "control: continue", "control")]
+        return [Step(rpc, valid_request(rpc, self.limits, rng, call).SerializeToString(), label, role)
+                for call, label, role in ((then, "valid continuation", "check"), (control_first, "control: open", "control"),
+                                          (control_then, "control: continue", "control"))]
 
     # -- running --
     def run_case(self, role: str, index: int) -> tuple[str, list[tuple[Step, Outcome]], list[Failure], Counter]:
@@ -843,7 +845,8 @@ class Fuzzer:
                 done.append((racer, box[0]))
             for judged, outcome in done[len(done) - 1 - len(racing):]:
                 label = judged.label if judged.role == "mutant" else mutant_label
-                for kind_, details in self.judge(judged, outcome, done, continuations) + self.slow_refusal(role, judged, outcome):
+                found = self.judge(judged, outcome, done, continuations) + self.slow_refusal(role, judged, outcome)
+                for kind_, details in found:
                     failures.append(Failure(kind_, role, judged.rpc.name, outcome.code.name, details, label,
                                             f"{role}:{index}", [step_record(s, o) for s, o in done]))
             racing = []
@@ -1147,7 +1150,8 @@ def format_report(summary: Summary, hex_chars: int = 400) -> str:
         lines.append(f"    replay: python -m benchmarking.fuzz --seed {summary.seed} --case {first.case}")
         for s in first.steps:
             hx = s["hex"][:hex_chars] + ("…" if len(s["hex"]) > hex_chars or s.get("hex_truncated") else "")
-            lines.append(f"    {s['role']:<7} {s['rpc']} [{s['label'][:80]}] -> {s.get('code')} {s.get('details', '')[:120]}")
+            lines.append(f"    {s['role']:<7} {s['rpc']} [{s['label'][:80]}] -> {s.get('code')} "
+                         f"{s.get('details', '')[:120]}")
             lines.append(f"            text: {s['text'][:300]}")
             lines.append(f"            hex ({s['bytes']} bytes): {hx}")
         if first.log_tail:

@@ -48,9 +48,9 @@ def reference(target_model, tokenizer):
 def test_the_fuzzer_finds_every_rpc_of_every_service():
     services = fuzz.discover_rpcs()
     assert {VERIFY, DRAFT, ORCHESTRATOR} <= set(services)
+    limits = fuzz.Limits(vocab_size=384, max_context=256, max_draft_tokens=32)
     for rpcs in services.values():
         for rpc in rpcs:
-            limits = fuzz.Limits(vocab_size=384, max_context=256, max_draft_tokens=32)
             request = fuzz.valid_request(rpc, limits, random.Random(0))
             assert isinstance(request, rpc.request_class)
             if rpc.request_class.DESCRIPTOR.fields:  # every field gets mutated

@@ -226,6 +226,30 @@ def test_the_prefill_lane_serves_callers_fairly_too():
     assert len(calls.results) == 7
 
 
+def test_a_flooder_of_prefills_gets_the_lane_and_never_the_main_thread():
+    recorder = Recorder()
+    worker = _worker(recorder, prefill_lane=PrefillLane(min_tokens=64), name="w")
+    calls = Callers(worker)
+    hold_main, hold_lane = recorder.gate("d"), recorder.gate("a0")
+    calls.submit("someone", "d", 2)  # inline: holds the main pass, so that the lane takes a0
+    calls.running(recorder, "d")
+    calls.submit("attacker", "a0", 100)
+    calls.running(recorder, "a0")
+    hold_main.set()
+    calls.threads["d"].join(5)
+    for i in range(1, 4):
+        calls.submit("attacker", f"a{i}", 100)
+    calls.queued(3)
+    calls.submit("victim", "prompt", 100)  # another caller's prefill: the main thread takes it
+    calls.threads["prompt"].join(5)
+    calls.submit("victim", "round", 5)
+    calls.threads["round"].join(5)
+    assert recorder.passes[2:] == [["prompt"], ["round"]] and recorder.lanes[2:] == ["w", "w"]
+    hold_lane.set()
+    calls.join()
+    assert recorder.passes[4:] == [["a1"], ["a2"], ["a3"]] and set(recorder.lanes[4:]) == {"w-prefill"}
+
+
 # -- the caller key ----------------------------------------------------------------------------------------
 def test_the_caller_is_the_peer_host_without_its_port():
     assert peer_host("ipv4:10.1.2.3:51234") == "ipv4:10.1.2.3"

@@ -99,9 +99,9 @@ class ModelServiceBase:
             yield session
 
     @staticmethod
-    def store_key(context, session_id: str) -> str:
+    def store_key(context, session_id: str):
         caller = caller_of(context)
-        return session_id if caller is None else f"{caller}\x00{session_id}"
+        return session_id if caller is None else (caller, session_id)
 
     def submit(self, job, session: Session, context):
         """Run the job on the model worker, in the caller's fair share (serving/model_worker.py)."""

@@ -47,6 +47,12 @@ class Session:
         del self.digests[length + 1:]
 
 
+def _name(key) -> str:
+    """The session id a caller sent, for messages: keys may be (caller, session id) pairs (the model
+    services keep sessions per caller), and the caller part is not the caller's to read back."""
+    return key[1] if isinstance(key, tuple) else key
+
+
 @dataclass
 class StoreStats:
     live_sessions: int
@@ -83,8 +89,8 @@ class SessionStore:
             self._sessions.clear()
 
     @contextmanager
-    def use(self, session_id: str, prefix_len: int, fingerprint: bytes = b"") -> Iterator[Session]:
-        """The session cropped to prefix_len, locked for the caller. prefix_len 0 starts it anew.
+    def use(self, session_id, prefix_len: int, fingerprint: bytes = b"") -> Iterator[Session]:
+        """The session (an id, or a (caller, id) pair) cropped to prefix_len, locked for the caller. prefix_len 0 starts it anew.
 
         The cache is served only if its first prefix_len tokens have `fingerprint`: whatever else
         happened to it (another caller overwrote, cropped or re-filled it) is a miss, SessionLost, and the
@@ -92,7 +98,7 @@ class SessionStore:
         session goes back to prefix_len tokens (the model services restore a cache whose forward failed),
         or is dropped when even that fails: a failed call costs its caller a retry, nobody a token.
         """
-        if not session_id:
+        if not _name(session_id):
             raise InvalidArgument("session_id is required")
         if prefix_len < 0:
             raise InvalidArgument(f"prefix_len must be >= 0, got {prefix_len}")
@@ -101,13 +107,13 @@ class SessionStore:
             with session.lock:
                 if prefix_len > session.length:
                     raise SessionLost(
-                        f"session {session_id!r} holds {session.length} tokens but the call assumes "
+                        f"session {_name(session_id)!r} holds {session.length} tokens but the call assumes "
                         f"{prefix_len}; resend the whole prefix with prefix_len=0")
                 if prefix_len > 0 and session.digests[prefix_len] != fingerprint:
                     why = ("prefix_fingerprint differs" if fingerprint else
                            "no prefix_fingerprint: a cached prefix is served only to a caller that names its fingerprint")
                     raise SessionLost(
-                        f"session {session_id!r} holds other tokens than the {prefix_len}-token prefix this call "
+                        f"session {_name(session_id)!r} holds other tokens than the {prefix_len}-token prefix this call "
                         f"names ({why}); resend the whole prefix with prefix_len=0")
                 session.rewind(prefix_len)
                 try:
@@ -139,7 +145,7 @@ class SessionStore:
                     self._sessions[session_id] = session
                     self.created += 1
             elif session is None:
-                raise SessionLost(f"session {session_id!r} is not held here (evicted, expired or the "
+                raise SessionLost(f"session {_name(session_id)!r} is not held here (evicted, expired or the "
                                   "service restarted); resend the whole prefix with prefix_len=0")
             self._sessions.move_to_end(session_id)
             session.in_use += 1

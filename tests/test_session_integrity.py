@@ -266,6 +266,7 @@ def test_sessions_are_kept_per_caller_so_one_caller_cannot_reach_anothers(tiny):
         with pytest.raises(grpc.RpcError) as caught:
             ipv6.Verify(continuation, timeout=30)
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "session 'shared' is not held here" in caught.value.details()  # the id it sent, nothing else
         assert not ipv6.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id="shared"), timeout=30).released
         assert ipv4.Verify(continuation, timeout=30).cached_len == 4
         assert ipv4.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id="shared"), timeout=30).released

@@ -23,6 +23,11 @@ all callers in tag order, under two rules that keep one caller from making it sl
   still batches all its rounds (up to `max_batch`) as before, and a caller's queue never makes another
   caller's pass longer than `pass_tokens`.
 The first job of a pass is always taken, so a job larger than the budget runs, alone.
+What this cannot do: a pass in progress is not preempted. Without a prefill lane, a round still waits for
+the flooder's prefill already running (512 tokens: ~300 ms on the reference target here), once per
+round: a generation beside 4 threads of 512-token Verify calls took ~20x its time alone on 2 cores (~37x
+with the old FIFO, which put the round in a pass with every queued prefill). Bounding that wait needs
+prefills fed in chunks of at most `pass_tokens`; with a lane, prefills leave the main thread (below).
 
 Queue bounds: a full queue (`max_queue` jobs waiting) is refused at once with RESOURCE_EXHAUSTED rather
 than accepted and served late, and so is a caller that already has `max_queue_per_caller` jobs waiting

@@ -1,4 +1,4 @@
-"""The Kubernetes manifests configure only flags `specdec serve` really has, with gRPC probes."""
+"""The Kubernetes manifests configure only flags `specdec serve` really has, with gRPC probes on the health port."""
 
 from pathlib import Path
 
@@ -31,7 +31,9 @@ def test_every_specdec_variable_is_a_serve_flag_and_every_container_has_grpc_pro
             if env["name"].startswith("SPECDEC_"):
                 assert env["name"] in known, f"{env['name']} is not a `specdec serve` flag"
                 seen += 1
-        port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-        for probe in ("readinessProbe", "livenessProbe"):
+        # The probes ask the plaintext health port (--health-port), which stays reachable with TLS on.
+        port = next(p["containerPort"] for p in container["ports"] if p["name"] == "health")
+        assert {"name": "SPECDEC_HEALTH_PORT", "value": str(port)} in container["env"]
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             assert container[probe]["grpc"]["port"] == port
     assert seen >= 10

@@ -23,11 +23,23 @@ all callers in tag order, under two rules that keep one caller from making it sl
   still batches all its rounds (up to `max_batch`) as before, and a caller's queue never makes another
   caller's pass longer than `pass_tokens`.
 The first job of a pass is always taken, so a job larger than the budget runs, alone.
-What this cannot do: a pass in progress is not preempted. Without a prefill lane, a round still waits for
-the flooder's prefill already running (512 tokens: ~300 ms on the reference target here), once per
-round: a generation beside 4 threads of 512-token Verify calls took ~20x its time alone on 2 cores (~37x
-with the old FIFO, which put the round in a pass with every queued prefill). Bounding that wait needs
-prefills fed in chunks of at most `pass_tokens`; with a lane, prefills leave the main thread (below).
+What this cannot do: a pass in progress is not preempted. Without chunks (below) or a prefill lane, a
+round still waits for the flooder's prefill already running (512 tokens: ~300 ms on the reference target
+here), once per round: a generation beside 4 threads of 512-token Verify calls took ~20x its time alone
+on 2 cores (~37x with the old FIFO, which put the round in a pass with every queued prefill).
+
+Chunked prefill (`chunk_tokens` > 0, with `split`). A job that feeds more than `chunk_tokens` tokens is fed
+in chunks: `split(payload, n) -> (head, rest)` (the servicer's: head feeds at most n tokens and its result
+is thrown away, rest is the remainder; None when the payload cannot be split further) gives the chunk that
+runs as this pass, and the rest goes back to the front of its caller's queue after it, as a job of its
+own size. So the pass in progress that a round can wait for is at most one chunk, and every chunk is a
+job in the fair order: charged its tokens, a prefill or a round by its own size, taken by the prefill lane
+like any prefill, dropped if its caller has gone. Only the last chunk's result reaches the caller; its
+Timed holds the compute of all the job's passes, the rest of its time as queue, and the batch of its last
+pass. A chunked job never runs inline (its chunks must be able to yield to others between passes). A chunk
+that fails fails the whole job (after the retry alone, as any pass): run_batch restored the caches to the
+length before that pass, and the caller (the servicer's session) rolls back what the earlier chunks fed.
+The cost: every chunk re-reads the weights, and attention over the cached chunks is done in pieces.
 
 Queue bounds: a full queue (`max_queue` jobs waiting) is refused at once with RESOURCE_EXHAUSTED rather
 than accepted and served late, and so is a caller that already has `max_queue_per_caller` jobs waiting
@@ -108,6 +120,9 @@ class _Job:
     tokens: int  # what the job costs its caller's share: tokens_of(payload), or 1 without it
     prefill: bool  # never batched with rounds; the prefill lane's to take
     seq: int  # arrival order: breaks ties between equal tags
+    rest: Any = None  # chunked prefill: what is left to run after `payload` (None: this is the last chunk)
+    first_enqueued: int = 0  # when the job (its first chunk) was queued
+    compute_ns: int = 0  # the job's passes so far (its earlier chunks)
 
 
 @dataclass
@@ -176,6 +191,7 @@ class WorkerStats:
     prefill_lane_jobs: int = 0
     retried_batches: int = 0  # passes of several jobs that failed and were run again job by job
     isolated_failures: int = 0  # jobs that failed again alone: their callers got the error, nobody else
+    chunks: int = 0  # chunks of long jobs run with more of the job to follow (chunked prefill)
 
 
 class ModelWorker:
@@ -184,7 +200,8 @@ class ModelWorker:
                  on_batch: Callable[[int, float], None] | None = None,
                  tokens_of: Callable[[Any], int] | None = None, prefill_lane: PrefillLane | None = None,
                  max_queue_per_caller: int | None = None, pass_tokens: int = PASS_TOKENS,
-                 solo_tokens: int | None = None):
+                 solo_tokens: int | None = None, chunk_tokens: int = 0,
+                 split: Callable[[Any, int], tuple[Any, Any] | None] | None = None):
         self.run_batch = run_batch
         self.tokens_of = tokens_of  # a payload's token count: its cost to its caller, and the pass's batch_tokens
         self.max_batch, self.max_wait_s, self.max_queue = max(1, max_batch), max_wait_ms / 1000, max_queue
@@ -195,6 +212,12 @@ class ModelWorker:
         if solo_tokens is None:
             solo_tokens = prefill_lane.min_tokens if prefill_lane is not None else SOLO_TOKENS
         self.solo_tokens = solo_tokens  # (without tokens_of, no job is a prefill)
+        if chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0 (0: no chunks), got {chunk_tokens}")
+        if chunk_tokens and (split is None or tokens_of is None):
+            raise ValueError("chunked prefill needs the worker to know each job's token count (tokens_of) and "
+                             "how to split a job (split)")
+        self.chunk_tokens, self.split = chunk_tokens, split
         self.on_batch = on_batch  # (batch size, queue wait ms of its oldest job): metrics hook
         self.stats = WorkerStats()
         self._forward = threading.Lock()  # one main forward pass at a time, inline or on the worker
@@ -220,10 +243,10 @@ class ModelWorker:
         `key` names the session, so that a batch held open can wait for it to come back; `caller` names
         who sends it, for fair shares and the per-caller queue limit (None: the session `key`)."""
         caller = key if caller is None else caller
-        tokens = max(1, self.tokens_of(payload)) if self.tokens_of is not None else 1
-        job = _Job(payload, Future(), 0, 0, alive, key, caller, tokens,
-                   self.tokens_of is not None and tokens >= self.solo_tokens, 0)
-        if self._waiting == 0 and self._main_may_take(job) and self._forward.acquire(blocking=False):
+        job = _Job(None, Future(), 0, 0, alive, key, caller, 1, False, 0)
+        self._next_chunk(job, payload)
+        if (job.rest is None and self._waiting == 0 and self._main_may_take(job)
+                and self._forward.acquire(blocking=False)):
             try:
                 # Still nobody waiting, and nobody else expected soon: run here, a batch of one.
                 if self._waiting == 0 and not self._others_expected(key):
@@ -233,6 +256,7 @@ class ModelWorker:
         with self._queue:
             self._admit(caller)
             job.enqueued, job.enqueued_unix, job.seq = time.perf_counter_ns(), time.time_ns(), next(self._arrivals)
+            job.first_enqueued = job.enqueued
             state = self._callers.get(caller)
             if state is None:
                 state = self._callers[caller] = _Caller(tag=self._clock)
@@ -241,6 +265,34 @@ class ModelWorker:
             self._queue.notify_all()
         self._arrived(key)  # after the enqueue: a batch that stops waiting for this key finds its job queued
         return job.future.result()
+
+    def _next_chunk(self, job: _Job, payload: Any) -> None:
+        """Make `payload` the job's next pass: all of it, or its first chunk with the remainder kept as
+        `rest`; size and kind follow the chunk."""
+        job.rest = None
+        if self.chunk_tokens and self.tokens_of(payload) > self.chunk_tokens:
+            parts = self.split(payload, self.chunk_tokens)
+            if parts is not None:
+                payload, job.rest = parts
+        job.payload = payload
+        job.tokens = max(1, self.tokens_of(payload)) if self.tokens_of is not None else 1
+        job.prefill = self.tokens_of is not None and job.tokens >= self.solo_tokens
+
+    def _requeue(self, job: _Job, started: int, finished: int) -> None:
+        """A chunk ran: the rest of the job waits at the front of its caller's queue (it is the caller's
+        oldest job), charged again by its own tokens when it is taken."""
+        job.compute_ns += finished - started
+        with self._count:
+            self.stats.chunks += 1
+        self._next_chunk(job, job.rest)
+        with self._queue:
+            state = self._callers.get(job.caller)
+            if state is None:
+                state = self._callers[job.caller] = _Caller(tag=self._clock)
+            job.enqueued = time.perf_counter_ns()
+            (state.prefills if job.prefill else state.rounds).appendleft(job)
+            self._waiting += 1
+            self._queue.notify_all()
 
     def forget(self, key: Hashable) -> None:
         """The session is over (released): stop expecting it back."""
@@ -506,6 +558,7 @@ class ModelWorker:
         if not live:
             return
         started = time.perf_counter_ns()
+        results = None
         try:
             results = self.run_batch([job.payload for job in live])
             finished = time.perf_counter_ns()
@@ -528,12 +581,16 @@ class ModelWorker:
                 job.future.set_exception(error)
             return
         finally:  # as on the inline path: a failed pass's sessions are out again (a retry may follow)
-            self._left([job.key for job in live])
+            self._left([job.key for job in live if job.rest is None or not results])
         self._count_batch(len(live), started - live[0].enqueued)
         tokens = self._tokens([job.payload for job in live])
         for job, result in zip(live, results):
-            job.future.set_result(_timed(result, started - job.enqueued, finished - started, job.enqueued_unix,
-                                         len(live), tokens, lane))
+            if job.rest is not None:  # a chunk: its result is not the job's; the rest waits its turn
+                self._requeue(job, started, finished)
+                continue
+            compute = job.compute_ns + finished - started
+            job.future.set_result(_timed(result, finished - job.first_enqueued - compute, compute,
+                                         job.enqueued_unix, len(live), tokens, lane))
 
 
 def _timed(result: Any, queue_ns: int, compute_ns: int, enqueued_unix: int, batch_size: int,

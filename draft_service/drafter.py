@@ -5,7 +5,7 @@ Knows nothing about gRPC; takes a runner, a cache, sampling settings and a gener
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,7 +16,7 @@ from speculation.sampling import Sampling, coupled_sample, logits_to_probs, samp
 class ProposeJob:
     cache: object
     append: list[int]
-    gamma: int
+    gamma: int  # 0: a chunk of a longer append (chunked prefill): feed it, propose nothing
     sampling: Sampling
     generator: torch.Generator | None
     min_confidence: float = 0.0
@@ -34,13 +34,15 @@ def propose_batch(runner, jobs: list[ProposeJob]) -> list[Proposal]:
     """Each job's committed tokens are appended, then up to gamma tokens drawn one at a time (the
     ordinary decode loop); several sessions run in lockstep, one (ragged) forward per draft position
     for all of them. A session's cache ends holding all but its last proposed token (never fed back).
-    Tokens and probabilities equal a solo run's up to the float rounding of a batched product."""
+    Tokens and probabilities equal a solo run's up to the float rounding of a batched product. A job of
+    gamma 0 only feeds its tokens (its one kept logit row is thrown away) and proposes nothing."""
     logits = runner.extend_batch([j.cache for j in jobs], [j.append for j in jobs], [1] * len(jobs))
     tokens: list[list[int]] = [[] for _ in jobs]
     rows: list[list[torch.Tensor]] = [[] for _ in jobs]
-    active = list(range(len(jobs)))
+    active = [i for i, job in enumerate(jobs) if job.gamma > 0]
+    logits = [logits[i] for i in active]
     stopped: set[int] = set()
-    for step in range(max(j.gamma for j in jobs)):
+    for step in range(max(j.gamma for j in jobs) if active else 0):
         # Greedy picks for the whole batch in one op (per-session argmax calls were ~10% of a step at 16
         # sessions); a lone session keeps its own argmax, which skips the copy into a batch.
         batched = len(active) > 1 and any(jobs[i].sampling.greedy for i in active)
@@ -70,3 +72,12 @@ def propose_batch(runner, jobs: list[ProposeJob]) -> list[Proposal]:
         logits = runner.extend_batch([jobs[i].cache for i in active], [[tokens[i][-1]] for i in active],
                                      [1] * len(active))
     return [Proposal(tokens[i], torch.stack(rows[i]) if rows[i] else None) for i in range(len(jobs))]
+
+
+def split_job(job: ProposeJob, n: int) -> tuple[ProposeJob, ProposeJob] | None:
+    """Chunked prefill: a job feeding the first n appended tokens (gamma 0: it proposes nothing) and one
+    feeding the rest and proposing; None when the append is not longer than n (the decode steps after it
+    are one token each: nothing to split)."""
+    if len(job.append) <= n:
+        return None
+    return replace(job, append=job.append[:n], gamma=0), replace(job, append=job.append[n:])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from draft_service.drafter import ProposeJob, propose_batch
+from draft_service.drafter import ProposeJob, propose_batch, split_job
 from serving.errors import InvalidArgument
 from serving.session_fingerprint import session_tag
 from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
@@ -19,7 +19,12 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
 
     @staticmethod
     def tokens_of(job: ProposeJob) -> int:
-        return len(job.append) + job.gamma - 1  # what it feeds: the new committed tokens, then its own drafts
+        # What it feeds: the new committed tokens, then its own drafts but the last (a chunk: gamma 0).
+        return len(job.append) + max(job.gamma - 1, 0)
+
+    @staticmethod
+    def split(job: ProposeJob, n: int):
+        return split_job(job, n)
 
     def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
         started = time.perf_counter_ns()

@@ -13,7 +13,7 @@ from serving.callers import caller_of
 from serving.errors import InvalidArgument, OutOfRange
 from serving.model_loading import LoadedModel
 from serving.metrics import record_batch
-from serving.model_worker import ModelWorker, PrefillLane, Timed
+from serving.model_worker import PASS_TOKENS, ModelWorker, PrefillLane, Timed
 from telemetry.tracing import get_tracer, tracing_enabled
 from serving.sessions import Session, SessionStore
 
@@ -23,14 +23,16 @@ MAX_SESSION_ID_LEN = 256
 class ModelServiceBase:
     def __init__(self, loaded: LoadedModel, runner, store: SessionStore, max_draft_tokens: int = 32,
                  max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 256,
-                 prefill_lane: PrefillLane | None = None):
+                 prefill_lane: PrefillLane | None = None, chunk_tokens: int = 0,
+                 max_queue_per_caller: int | None = None, pass_tokens: int = PASS_TOKENS):
         self.loaded = loaded
         self.runner = runner
         self.store = store
         self.max_draft_tokens = max_draft_tokens
         self.worker = ModelWorker(self.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                   max_queue=max_queue, on_batch=record_batch, tokens_of=self.tokens_of,
-                                  prefill_lane=prefill_lane)
+                                  prefill_lane=prefill_lane, chunk_tokens=chunk_tokens, split=self.split,
+                                  max_queue_per_caller=max_queue_per_caller, pass_tokens=pass_tokens)
 
     def run_batch(self, payloads):
         """One forward over the payloads (each has a `.cache`). If it raises, every cache goes back to the
@@ -49,6 +51,13 @@ class ModelServiceBase:
     @staticmethod
     def tokens_of(payload) -> int:
         """Tokens one job feeds through the model (reported as ServerTiming.batch_tokens)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def split(payload, n: int):
+        """Chunked prefill (serving/model_worker.py): (head, rest), where head feeds the first n (or fewer)
+        new tokens into the same cache and its result is thrown away, and rest is the remainder, whose
+        result is the job's; None when the job cannot be split (its result needs all that is left)."""
         raise NotImplementedError
 
     @staticmethod

@@ -9,7 +9,7 @@ from serving.session_fingerprint import session_tag
 from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import verify_pb2, verify_pb2_grpc
 from speculation.wire import encode_probs
-from verify_service.verifier import ScoreJob, forward_batch, score
+from verify_service.verifier import ScoreJob, forward_batch, score, split_job
 
 
 class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
@@ -19,6 +19,10 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
     @staticmethod
     def tokens_of(job: ScoreJob) -> int:
         return len(job.tokens)
+
+    @staticmethod
+    def split(job: ScoreJob, n: int):
+        return split_job(job, n)
 
     def Verify(self, request: verify_pb2.VerifyRequest, context) -> verify_pb2.VerifyResponse:
         started = time.perf_counter_ns()

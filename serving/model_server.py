@@ -10,7 +10,7 @@ from serving.grpc_server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_ser
 from serving.kv_cache import make_runner
 from serving.metrics import watch_sessions
 from serving.model_loading import load_model
-from serving.model_worker import PrefillLane, parse_cpus
+from serving.model_worker import PASS_TOKENS, PrefillLane, parse_cpus
 from serving.sessions import SessionStore
 from transport import TLSSettings
 
@@ -35,10 +35,38 @@ class ModelServerSettings:
     max_concurrent_rpcs: int | None = None  # gRPC refuses calls beyond this with RESOURCE_EXHAUSTED
     prefill_cpus: str | None = None  # a CPU list: prefills on a second thread there (serving/model_worker.py)
     prefill_min_tokens: int = 64  # with prefill_cpus: tokens that make a call a prefill
+    # Calls feeding more are fed in chunks of this many tokens, other callers' passes between them
+    # (serving/model_worker.py); 0: never; None: 128 on a CPU, 512 on an accelerator.
+    prefill_chunk_tokens: int | None = None
+    max_queue_per_caller: int | None = None  # requests one caller may have waiting; None: half of max_queue
+    pass_tokens: int = PASS_TOKENS  # a pass shared by several callers (or of prefills) stops at this many tokens
     tls: TLSSettings = field(default_factory=TLSSettings)  # transport/tls.py; off by default
     api_key_file: str | None = None  # callers must send a key from this file
     health_port: int | None = None  # plaintext health service alone on this port (for probes under TLS)
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB  # larger requests are refused before they are parsed
+
+
+CPU_CHUNK_TOKENS = 128  # a 128-token pass of the reference target: ~75 ms on this project's 2-core CPU
+ACCELERATOR_CHUNK_TOKENS = 512  # (not measured: a GPU pass costs little more for 512 tokens than for 128)
+
+
+def chunk_tokens_from(settings: ModelServerSettings) -> int:
+    """The prefill chunk the settings ask for (None: by device); ValueError for a negative one."""
+    chunk = settings.prefill_chunk_tokens
+    if chunk is None:
+        return CPU_CHUNK_TOKENS if torch.device(settings.device).type == "cpu" else ACCELERATOR_CHUNK_TOKENS
+    if chunk < 0:
+        raise ValueError(f"--prefill-chunk-tokens must be >= 0 (0: no chunks), got {chunk}")
+    return chunk
+
+
+def worker_problems(settings: ModelServerSettings) -> list[str]:
+    found = []
+    if settings.max_queue_per_caller is not None and settings.max_queue_per_caller < 1:
+        found.append(f"--max-queue-per-caller must be at least 1, got {settings.max_queue_per_caller}")
+    if settings.pass_tokens < 1:
+        found.append(f"--pass-tokens must be at least 1, got {settings.pass_tokens}")
+    return found
 
 
 def prefill_lane_from(settings: ModelServerSettings) -> PrefillLane | None:
@@ -57,6 +85,10 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     lane = prefill_lane_from(settings)
+    chunk_tokens = chunk_tokens_from(settings)
+    problems = worker_problems(settings)
+    if problems:
+        raise ValueError("; ".join(problems))
     loaded = load_model(settings.model, settings.device, settings.dtype)
     runner = make_runner(loaded.model, loaded.device, settings.runtime)
     if lane is not None and getattr(runner, "name", "") != "lean":
@@ -67,7 +99,8 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
                          ttl_s=settings.session_ttl_s)
     servicer = servicer_class(loaded, runner, store, max_draft_tokens=settings.max_draft_tokens,
                               max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
-                              max_queue=settings.max_queue, prefill_lane=lane)
+                              max_queue=settings.max_queue, prefill_lane=lane, chunk_tokens=chunk_tokens,
+                              max_queue_per_caller=settings.max_queue_per_caller, pass_tokens=settings.pass_tokens)
     running = start_server([(add_to_server, servicer)], [service_name], settings.port, settings.host,
                            settings.max_workers, interceptors, settings.max_concurrent_rpcs, tls=settings.tls,
                            api_key_file=settings.api_key_file, health_port=settings.health_port,

@@ -82,6 +82,19 @@ def serve(
              "CPUs (a list like 0 or 0,2-3), beside the batched rounds; lean runtime only"),
     prefill_min_tokens: int = typer.Option(64, envvar=_env("prefill_min_tokens"),
                                            help="draft/verify: with --prefill-cpus, the tokens that make a call a prefill"),
+    prefill_chunk_tokens: Optional[int] = typer.Option(
+        None, envvar=_env("prefill_chunk_tokens"), show_default="128 on cpu, 512 on an accelerator",
+        help="draft/verify: feed calls longer than this in chunks of this many tokens, letting other callers' "
+             "rounds run between them, so a round waits for at most one chunk of someone's long prefill "
+             "(0: never chunk)"),
+    max_queue_per_caller: Optional[int] = typer.Option(
+        None, envvar=_env("max_queue_per_caller"), show_default="half of --max-queue",
+        help="draft/verify: requests one caller (TLS identity, else peer host) may have waiting before "
+             "RESOURCE_EXHAUSTED"),
+    pass_tokens: int = typer.Option(
+        256, envvar=_env("pass_tokens"),
+        help="draft/verify: a forward pass shared by several callers, or of several prefills, stops at this many "
+             "tokens (a lone caller's rounds still batch up to --max-batch)"),
     max_concurrent_rpcs: Optional[int] = typer.Option(None, envvar=_env("max_concurrent_rpcs"),
                                                       help="refuse calls beyond this with RESOURCE_EXHAUSTED"),
     metrics_port: Optional[int] = typer.Option(None, envvar=_env("metrics_port"),
@@ -163,7 +176,9 @@ def serve(
             max_draft_tokens=max_draft_tokens,
             runtime=runtime, max_batch=max_batch,
             max_wait_ms=max_wait_ms, max_queue=max_queue, max_concurrent_rpcs=max_concurrent_rpcs,
-            prefill_cpus=prefill_cpus, prefill_min_tokens=prefill_min_tokens, **security)
+            prefill_cpus=prefill_cpus, prefill_min_tokens=prefill_min_tokens,
+            prefill_chunk_tokens=prefill_chunk_tokens, max_queue_per_caller=max_queue_per_caller,
+            pass_tokens=pass_tokens, **security)
         if role is Role.draft:
             from draft_service.server import start
         else:

@@ -300,7 +300,7 @@ def test_a_generation_beside_a_verify_flood_is_exact_and_waits_at_most_one_flood
     from specdec_api import verify_pb2, verify_pb2_grpc
     from tests.conftest import PROMPTS, start_stack
 
-    stack = start_stack(tiny.target, tiny.noisy_draft)
+    stack = start_stack(tiny.target, tiny.noisy_draft, verify_settings={"prefill_chunk_tokens": 0})  # whole flood passes
     worker = stack.verify.servicer.worker
     passes, client_callers = [], set()
     submit, run_batch = worker.submit, worker.run_batch

@@ -16,12 +16,14 @@ the virtual time at which its next job starts: taking a job charges its caller t
 the lowest tag, so a caller who floods only delays the others by the pass already running: a round
 arriving behind any number of a flooder's queued jobs runs in the next pass. The pass then fills from
 all callers in tag order, under two rules that keep one caller from making it slow for the others:
-- a prefill (at least `solo_tokens`, the prefill lane's threshold when there is one) never shares a
-  pass with rounds: on this project's CPU a 5-token round alone took 10 ms on the reference target and
-  106 ms in one pass with a 200-token prefill (LeanLlama.extend_batch, one thread);
-- a pass that holds jobs of more than one caller, or prefills, stops at `pass_tokens`: a lone caller
-  still batches all its rounds (up to `max_batch`) as before, and a caller's queue never makes another
-  caller's pass longer than `pass_tokens`.
+- a prefill (at least `solo_tokens`, the prefill lane's threshold when there is one, or any chunk of a
+  chunked job) never shares a pass with rounds: on this project's CPU a 5-token round alone took 10 ms
+  on the reference target and 106 ms in one pass with a 200-token prefill (LeanLlama.extend_batch, one
+  thread);
+- a pass that holds jobs of more than one caller, or prefills, stops at `pass_tokens` (a pass of
+  prefills at `chunk_tokens`, when chunks are on and smaller): a lone caller still batches all its
+  rounds (up to `max_batch`) as before, and a caller's queue never makes another caller's pass longer
+  than `pass_tokens`.
 The first job of a pass is always taken, so a job larger than the budget runs, alone.
 What this cannot do: a pass in progress is not preempted. Without chunks (below) or a prefill lane, a
 round still waits for the flooder's prefill already running (512 tokens: ~300 ms on the reference target
@@ -34,7 +36,11 @@ is thrown away, rest is the remainder; None when the payload cannot be split fur
 runs as this pass, and the rest goes back to the front of its caller's queue after it, as a job of its
 own size. So the pass in progress that a round can wait for is at most one chunk, and every chunk is a
 job in the fair order: charged its tokens, a prefill or a round by its own size, taken by the prefill lane
-like any prefill, dropped if its caller has gone. Only the last chunk's result reaches the caller; its
+like any prefill, dropped if its caller has gone. Every chunk of a chunked job is a prefill (never in a
+pass with rounds, whatever its size), and a pass of prefills stops at `chunk_tokens` rather than
+`pass_tokens`: on the reference target a flooder's 4 queued 512-token jobs in chunks of 64 otherwise ran
+as passes of four chunks (256 tokens, ~144 ms), and the victim's rounds waited as long with chunks of 64
+as with chunks of 128. Only the last chunk's result reaches the caller; its
 Timed holds the compute of all the job's passes, the rest of its time as queue, and the batch of its last
 pass. A chunked job never runs inline (its chunks must be able to yield to others between passes). A chunk
 that fails fails the whole job (after the retry alone, as any pass): run_batch restored the caches to the
@@ -123,6 +129,7 @@ class _Job:
     rest: Any = None  # chunked prefill: what is left to run after `payload` (None: this is the last chunk)
     first_enqueued: int = 0  # when the job (its first chunk) was queued
     compute_ns: int = 0  # the job's passes so far (its earlier chunks)
+    chunked: bool = False  # fed in chunks: each of them, small or not, is a prefill
 
 
 @dataclass
@@ -274,9 +281,10 @@ class ModelWorker:
             parts = self.split(payload, self.chunk_tokens)
             if parts is not None:
                 payload, job.rest = parts
+                job.chunked = True
         job.payload = payload
         job.tokens = max(1, self.tokens_of(payload)) if self.tokens_of is not None else 1
-        job.prefill = self.tokens_of is not None and job.tokens >= self.solo_tokens
+        job.prefill = job.chunked or (self.tokens_of is not None and job.tokens >= self.solo_tokens)
 
     def _requeue(self, job: _Job, started: int, finished: int) -> None:
         """A chunk ran: the rest of the job waits at the front of its caller's queue (it is the caller's
@@ -412,8 +420,11 @@ class ModelWorker:
         """Add queued jobs of the batch's kind in fair order, while the pass stays within its limits;
         `full` collects the callers whose next job did not fit (they wait for the next pass)."""
         prefill = batch[0].prefill
+        budget = self.pass_tokens
         if prefill:
             full |= self._lane_callers() or set()
+            if self.chunk_tokens:  # a round waits for at most one chunk, not a pass of several
+                budget = min(budget, self.chunk_tokens)
         tokens = sum(job.tokens for job in batch)
         callers = {job.caller for job in batch}
         while len(batch) < self.max_batch:
@@ -422,7 +433,7 @@ class ModelWorker:
                 return
             state, job = head
             shared = prefill or len(callers | {job.caller}) > 1
-            if shared and tokens + job.tokens > self.pass_tokens:
+            if shared and tokens + job.tokens > budget:
                 full.add(job.caller)
                 continue
             self._take(state, job)

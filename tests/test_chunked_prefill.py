@@ -91,6 +91,11 @@ def test_a_victims_rounds_run_between_the_chunks_of_a_flooders_long_job():
     release = model.gate("flood#0")
     flood = _in_thread(worker, Piece("attacker", "flood", 512), results, errors)  # 8 chunks of 64
     model.wait_for("flood#0")
+    more = _in_thread(worker, Piece("attacker", "more", 256), results, errors)  # its chunks could share a pass
+    deadline = time.monotonic() + 5
+    while worker._waiting != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     overtaken = []  # per victim round: the flood chunks that started after it was submitted, before it ran
 
     def victim():
@@ -99,20 +104,23 @@ def test_a_victims_rounds_run_between_the_chunks_of_a_flooders_long_job():
             done = worker.submit(Piece("victim", f"r{i}", 5), key="victim", caller="victim")
             assert done.result == f"R{i}#0"
             ran = next(k for k, labels in enumerate(model.passes) if f"r{i}#0" in labels)
-            overtaken.append([labels for labels in model.passes[submitted:ran] if labels[0].startswith("flood")])
+            overtaken.append([labels for labels in model.passes[submitted:ran] if not labels[0].startswith("r")])
 
     rounds = threading.Thread(target=victim)
     rounds.start()
     time.sleep(0.05)  # the first round waits behind the chunk in progress
     release.set()
     rounds.join(10)
-    flood.join(10)
+    for thread in (flood, more):
+        thread.join(10)
     assert not errors
     assert model.passes[:2] == [["flood#0"], ["r0#0"]]  # the first round ran right after the chunk in progress
-    assert all(len(chunks) <= 1 for chunks in overtaken), overtaken  # never more than one chunk ahead of a round
+    # Never more than one chunk ahead of a round: not two passes, and no pass of two chunks (pass_tokens 256)
+    assert all(len(passes) <= 1 and len(passes[0]) == 1 for passes in overtaken if passes), overtaken
     last_round = max(k for k, labels in enumerate(model.passes) if labels[0].startswith("r"))
     assert last_round < model.passes.index(["flood#7"])  # the rounds did not wait for the whole flood job
     assert [labels for labels in model.passes if labels[0].startswith("flood")] == [[f"flood#{k}"] for k in range(8)]
+    assert results["more"].result == "MORE#3"
     done = results["flood"]
     assert done.result == "FLOOD#7" and done.batch_tokens == 64  # the last chunk's result and pass
     assert done.compute_us >= 512 * 50 * 0.9  # the compute of all eight chunks
@@ -121,14 +129,15 @@ def test_a_victims_rounds_run_between_the_chunks_of_a_flooders_long_job():
 
 def test_a_failing_later_chunk_fails_only_its_caller_and_stops_its_chunks():
     model = Model()
-    model.failing.add("bad#2")
-    worker = _worker(model, pass_tokens=256)
+    model.failing.add("bad#1")
+    # Chunks of 30 (a split may feed fewer than n): two callers' chunks share a pass of at most 64 tokens.
+    worker = _worker(model, split=lambda piece, n: split(piece, 30))
     results, errors = {}, {}
     release = model.gate("hold#0")
     hold = _in_thread(worker, Piece("x", "hold", 1), results, errors)  # inline: holds the pass
     model.wait_for("hold#0")
-    threads = [_in_thread(worker, Piece("a", "bad", 320), results, errors),
-               _in_thread(worker, Piece("b", "good", 320), results, errors)]
+    threads = [_in_thread(worker, Piece("a", "bad", 150), results, errors),  # chunks of 30, 30, 30, then 60
+               _in_thread(worker, Piece("b", "good", 150), results, errors)]
     deadline = time.monotonic() + 5
     while worker._waiting != 2:
         assert time.monotonic() < deadline
@@ -136,11 +145,11 @@ def test_a_failing_later_chunk_fails_only_its_caller_and_stops_its_chunks():
     release.set()
     for thread in (hold, *threads):
         thread.join(10)
-    assert ["bad#2", "good#2"] in model.passes or ["good#2", "bad#2"] in model.passes  # the chunks shared a pass
-    assert ["good#2"] in model.passes and ["bad#2"] in model.passes  # then each ran alone
-    assert not any(label in ("bad#3", "bad#4") for labels in model.passes for label in labels)  # no chunk after it
-    assert list(errors) == ["bad"] and "bad#2" in str(errors["bad"])
-    assert results["good"].result == "GOOD#4"
+    assert sorted(model.passes[1]) == ["bad#0", "good#0"] and sorted(model.passes[2]) == ["bad#1", "good#1"]
+    assert sorted(model.passes[3:5]) == [["bad#1"], ["good#1"]]  # the failed pass, each of its chunks alone
+    assert not any(label in ("bad#2", "bad#3") for labels in model.passes for label in labels)  # no chunk after it
+    assert list(errors) == ["bad"] and "bad#1" in str(errors["bad"])
+    assert results["good"].result == "GOOD#3"
     assert worker.stats.retried_batches == 1 and worker.stats.isolated_failures == 1
 
 

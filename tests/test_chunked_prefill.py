@@ -210,8 +210,11 @@ def test_greedy_output_with_chunked_prefill_equals_target_generate(tiny, tokeniz
 
 
 def test_a_failing_later_chunk_leaves_the_session_at_the_calls_prefix(tiny):
-    stack = start_stack(tiny.target, None, verify_settings={"prefill_chunk_tokens": 16})
+    stack = start_stack(tiny.target, None, verify_settings={"prefill_chunk_tokens": 16, "max_queue_per_caller": 5,
+                                                            "pass_tokens": 100})
     servicer = stack.verify.servicer
+    worker = servicer.worker  # the settings reach the worker
+    assert (worker.chunk_tokens, worker.max_queue_per_caller, worker.pass_tokens) == (16, 5, 100)
     forward = servicer.forward
     prefix = [3 + (5 * i) % 200 for i in range(10)]
     append = [7 + (11 * i) % 200 for i in range(40)]  # chunks of 16 at 10, 26, 42 (then the rest)
@@ -241,3 +244,15 @@ def test_a_failing_later_chunk_leaves_the_session_at_the_calls_prefix(tiny):
     finally:
         servicer.forward = forward
         stack.stop()
+
+
+def test_the_chunk_flag_defaults_by_device_and_bad_worker_flags_are_refused():
+    from serving.model_server import ModelServerSettings, chunk_tokens_from, worker_problems
+
+    assert chunk_tokens_from(ModelServerSettings("m")) == 128
+    assert chunk_tokens_from(ModelServerSettings("m", device="cuda")) == 512
+    assert chunk_tokens_from(ModelServerSettings("m", prefill_chunk_tokens=0)) == 0
+    with pytest.raises(ValueError, match="--prefill-chunk-tokens must be >= 0"):
+        chunk_tokens_from(ModelServerSettings("m", prefill_chunk_tokens=-1))
+    assert worker_problems(ModelServerSettings("m", max_queue_per_caller=0, pass_tokens=0)) == [
+        "--max-queue-per-caller must be at least 1, got 0", "--pass-tokens must be at least 1, got 0"]

@@ -80,6 +80,7 @@ class SessionClient:
                     reprefilled = True
                     self.reprefills += 1
                     self.synced_len = 0
+                    self.chain.reset()  # in case its own hashes were the stale part (PrefixChain's window)
                     continue
                 if (self.retry_unavailable and error.code() == grpc.StatusCode.UNAVAILABLE
                         and time.monotonic() + backoff < deadline):

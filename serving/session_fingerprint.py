@@ -43,20 +43,28 @@ def fingerprint(token_ids: Sequence[int]) -> bytes:
 class PrefixChain:
     """digest(i) for every prefix length i of one token sequence, extended as it grows and cut back where a
     new sequence departs from it. The orchestrator keeps one per service session: the sequence it sends
-    is the committed tokens, or (for the draft's continuation) those plus unverified drafts."""
+    is the committed tokens, or (for the draft's continuation) those plus unverified drafts.
 
-    def __init__(self) -> None:
+    Only the last `window` hashed tokens are compared with each new sequence (comparing all of them cost
+    0.34 ms a call at 32k tokens): a sequence that departs further back gets a wrong fingerprint, which a
+    service answers as session-lost, never as a wrong token; the caller then calls `reset()`."""
+
+    def __init__(self, window: int = 256) -> None:
+        self.window = window
+        self.reset()
+
+    def reset(self) -> None:
         self.tokens: list[int] = []
         self.digests: list[bytes] = [EMPTY]  # digests[i]: the first i tokens
 
     def at(self, tokens: Sequence[int], length: int) -> bytes:
         """The fingerprint of tokens[:length]."""
         known = min(len(self.tokens), length)
-        if self.tokens[:known] != list(tokens[:known]):  # departs from what was hashed: cut back to the agreement
-            same = 0
+        start = max(0, known - self.window)
+        if self.tokens[start:known] != list(tokens[start:known]):  # departs: cut back to the agreement
+            same = start
             while same < known and self.tokens[same] == tokens[same]:
                 same += 1
-            known = same
             del self.tokens[same:], self.digests[same + 1:]
         if length > len(self.tokens):
             new = list(tokens[len(self.tokens):length])

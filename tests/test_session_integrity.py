@@ -31,7 +31,7 @@ ATTACK = (("x-attack", "1"),)
 
 def test_a_prefix_chain_gives_the_fingerprint_of_every_prefix_even_when_the_sequence_departs():
     rng = random.Random(0)
-    chain = PrefixChain()
+    chain = PrefixChain(window=10**9)
     tokens: list[int] = []
     for _ in range(200):
         if tokens and rng.random() < 0.3:  # a continuation of unverified drafts that is then dropped
@@ -42,6 +42,21 @@ def test_a_prefix_chain_gives_the_fingerprint_of_every_prefix_even_when_the_sequ
     assert fingerprint([]) == EMPTY
     assert fingerprint([1, 2]) != fingerprint([2, 1]) != fingerprint([1, 2, 0])
     assert fingerprint([1 << 20]) != fingerprint([0])  # ids are hashed at full width, not a byte of them
+
+
+def test_a_chain_compares_only_its_window_and_a_reset_repairs_a_departure_further_back():
+    """The orchestrator's sequences depart only within the last gamma + 1 tokens; one that departs further
+    back than the window gets a stale fingerprint (the service answers session-lost: time, not a token),
+    and the client resets its chain before re-sending."""
+    chain = PrefixChain(window=4)
+    tokens = list(range(1, 21))
+    assert chain.at(tokens, 20) == fingerprint(tokens)
+    near = tokens[:17] + [99, 98, 97]
+    assert chain.at(near, 20) == fingerprint(near)  # within the window: cut back and re-hashed
+    far = [42] + near[1:]
+    assert chain.at(far, 20) != fingerprint(far)  # beyond it: stale
+    chain.reset()
+    assert chain.at(far, 20) == fingerprint(far)
 
 
 def test_the_session_tag_names_a_session_without_revealing_its_id():
@@ -272,3 +287,20 @@ def test_sessions_are_kept_per_caller_so_one_caller_cannot_reach_anothers(tiny):
         assert ipv4.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id="shared"), timeout=30).released
     finally:
         stack.stop()
+
+
+def test_a_client_whose_chain_went_stale_recovers_with_one_reprefill(stacks):
+    from orchestrator.service_clients import VerifySession
+
+    stub = verify_pb2_grpc.VerifyServiceStub(grpc.insecure_channel(f"localhost:{stacks('different').verify.port}"))
+    client = VerifySession(stub, "stale-chain", timeout_s=30)
+    client.chain = PrefixChain(window=2)
+    first = list(range(10, 30))
+    reply, base = client.verify(first, [], common_pb2.SamplingParams())
+    client.advance(base, reply.cached_len, 0)
+    assert client.synced_len == 20
+    departed = [7] + first[1:]  # differs far behind the window: the chain's fingerprint is stale
+    reply, base = client.verify(departed + [5], [], common_pb2.SamplingParams())
+    assert client.reprefills == 1 and reply.cached_len == 21
+    fresh = stub.Verify(verify_pb2.VerifyRequest(session_id="stale-fresh", append_tokens=departed + [5]), timeout=30)
+    assert list(reply.argmax_token_ids) == list(fresh.argmax_token_ids)

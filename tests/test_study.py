@@ -75,11 +75,17 @@ def test_measured_one_way_network_time_recovers_the_injected_delay(study, tiny, 
 
 
 def test_compute_times_stay_put_while_the_delay_grows(study):
+    """Network time must not leak into compute: the smallest delay level adds 2 ms each way, and compute
+    may move by far less. The tiny target's ~0.4 ms verify pass itself doubles at the delayed levels when
+    other processes share the two cores (its caches go cold while a call waits out the delay: 0.41 ->
+    0.77-0.88 ms in five runs this session, on the unchanged code of 2bd7b84 too), hence 0.6 ms of slack
+    beside the 25 %."""
     base = study[0]
     for result in study[1:]:
         for side in ("draft", "verify"):
             before, after = base[f"{side}_compute_ms_p50"], result[f"{side}_compute_ms_p50"]
-            assert before > 0 and abs(after - before) <= 0.25 * before + 0.25, (side, before, after)
+            assert before > 0 and abs(after - before) <= 0.25 * before + 0.6, (side, before, after)
+            assert abs(after - before) < result["injected_one_way_ms"] / 2, (side, before, after)
 
 
 def test_the_parts_of_a_round_sum_to_its_wall_time(study):

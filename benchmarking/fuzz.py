@@ -1199,8 +1199,8 @@ TIGHT_ARGS = ("--max-sessions", "6", "--session-memory-mb", "2", "--max-queue", 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarking.fuzz", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--long", action="store_true", help="thousands of requests per service (5000, at most 20 min each)")
-    parser.add_argument("--requests", type=int, help="requests per service (default 300; 5000 with --long)")
+    parser.add_argument("--long", action="store_true", help="ten thousand requests per service (at most 20 min each)")
+    parser.add_argument("--requests", type=int, help="requests per service (default 300; 10000 with --long)")
     parser.add_argument("--seconds", type=float, help="time per service (default 60; 1200 with --long)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", choices=["tiny", "reference"], default="tiny",
@@ -1223,7 +1223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from specdec_cli.local_stack import local_stack
     from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_TARGET
 
-    options = Options(requests=args.requests or (5000 if args.long else 300),
+    options = Options(requests=args.requests or (10000 if args.long else 300),
                       seconds=args.seconds or (1200.0 if args.long else 60.0), seed=args.seed,
                       base_deadline_s=args.deadline, only_case=args.case, workers=1 if args.case else args.workers,
                       load_refusals_ok=args.tight, slow_refusal_s=args.slow_refusal)

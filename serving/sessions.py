@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Hashable, Iterator, Sequence
 
 from serving import session_fingerprint
 from serving.errors import InvalidArgument, ResourceExhausted, SessionLost
@@ -45,6 +45,11 @@ class Session:
     def rewind(self, length: int) -> None:
         self.cache.crop(length)
         del self.digests[length + 1:]
+
+
+def _caller(key) -> Hashable:
+    """Who holds a session: the caller part of a (caller, id) key; None for plain ids (one caller)."""
+    return key[0] if isinstance(key, tuple) else None
 
 
 def _name(key) -> str:
@@ -140,7 +145,7 @@ class SessionStore:
             if prefix_len == 0:
                 if session is None or session.in_use == 0:
                     if session is None and len(self._sessions) >= self.max_sessions:
-                        self._evict_locked(need_slot=True)
+                        self._evict_locked(need_slot=True, requester=_caller(session_id))
                     session = Session(session_id, self.new_cache())
                     self._sessions[session_id] = session
                     self.created += 1
@@ -158,28 +163,58 @@ class SessionStore:
                 del self._sessions[sid]
                 self.evictions += 1
 
-    def _evict_locked(self, need_slot: bool) -> None:
-        """Evict idle sessions, least recently used first, until the bounds hold."""
-        def over() -> bool:
-            used = sum(s.nbytes for s in self._sessions.values())
-            return used > self.max_bytes or (need_slot and len(self._sessions) >= self.max_sessions)
+    def _evict_locked(self, need_slot: bool, requester: Hashable = None) -> None:
+        """Evict idle sessions until the bounds hold, taking from the callers that hold the most.
 
-        for sid, session in list(self._sessions.items()):
-            if not over():
+        Sessions belong to callers (keys are (caller, id) pairs; plain ids are one caller). A caller's
+        fair share is the budget (bytes, and sessions) over the callers holding sessions, the requester
+        of a new one included. Only idle sessions of callers at or above their share are evicted, the
+        furthest above first, least recently used within a caller: one caller keeping many sessions warm
+        cannot push another's out every round. When nothing may be evicted, a caller below its share gets
+        its new session anyway (the bounds are exceeded until an over-share caller's session goes idle and
+        is evicted); one at or above its share is refused. With a single caller this is plain LRU."""
+        while True:
+            used = sum(s.nbytes for s in self._sessions.values())
+            over_bytes = used > self.max_bytes
+            over_slots = len(self._sessions) >= self.max_sessions if need_slot else len(self._sessions) > self.max_sessions
+            if not (over_bytes or over_slots):
                 return
-            if session.in_use == 0:
-                del self._sessions[sid]
-                self.evictions += 1
-        if over():
+            counts: Counter = Counter()
+            held: Counter = Counter()
+            for key, session in self._sessions.items():
+                counts[_caller(key)] += 1
+                held[_caller(key)] += session.nbytes
+            callers = set(counts) | ({requester} if need_slot else set())
+
+            def weight(caller) -> float:  # how far above its share (>= 1: at or above)
+                w = 0.0
+                if over_bytes:
+                    w = held[caller] * len(callers) / max(1, self.max_bytes)
+                if over_slots:
+                    w = max(w, counts[caller] * len(callers) / max(1, self.max_sessions))
+                return w
+
+            victim, heaviest = None, 0.0
+            for key, session in self._sessions.items():  # least recently used first: ties keep the oldest
+                if session.in_use:
+                    continue
+                w = weight(_caller(key))
+                if w >= 1.0 and w > heaviest:
+                    victim, heaviest = key, w
+            if victim is None:
+                break
+            del self._sessions[victim]
+            self.evictions += 1
+        if need_slot and weight(requester) < 1.0:
+            return  # below its share: admitted over the bounds, taken back from the heaviest caller later
+        if need_slot:
             raise ResourceExhausted(
                 f"session memory is full: {len(self._sessions)} sessions in use hold "
                 f"{sum(s.nbytes for s in self._sessions.values()) >> 20} MiB of a {self.max_bytes >> 20} MiB "
-                f"budget (max {self.max_sessions} sessions) and none is idle; retry later or raise "
-                "--session-memory-mb / --max-sessions")
+                f"budget (max {self.max_sessions} sessions) and none is idle, this caller holding "
+                f"{counts[requester]} of them (its share: {self.max_sessions // max(1, len(callers))}); retry "
+                "later or raise --session-memory-mb / --max-sessions")
 
     def _enforce_budget(self) -> None:
         with self._lock:
-            try:
-                self._evict_locked(need_slot=False)
-            except ResourceExhausted:
-                pass  # every session is busy; the next checkout of a new session will report it
+            self._evict_locked(need_slot=False)  # what is left over waits for a heavy caller's session to go idle

@@ -15,7 +15,7 @@ import torch
 import draft_service.server as draft_server
 import orchestrator.server as orchestrator_server
 import verify_service.server as verify_server
-from serving.errors import SessionLost
+from serving.errors import ResourceExhausted, SessionLost
 from serving.model_server import ModelServerSettings
 from serving.session_fingerprint import EMPTY, PrefixChain, extend, fingerprint, session_tag
 from serving.sessions import SessionStore
@@ -304,3 +304,52 @@ def test_a_client_whose_chain_went_stale_recovers_with_one_reprefill(stacks):
     assert client.reprefills == 1 and reply.cached_len == 21
     fresh = stub.Verify(verify_pb2.VerifyRequest(session_id="stale-fresh", append_tokens=departed + [5]), timeout=30)
     assert list(reply.argmax_token_ids) == list(fresh.argmax_token_ids)
+
+
+# -- fair shares of the session budget ----------------------------------------------------------------
+
+class _Sized(_Cache):
+    def __init__(self, size=0):
+        super().__init__()
+        self.size = size
+
+    def nbytes(self):
+        return self.size
+
+
+def test_a_caller_holding_every_slot_busy_does_not_get_another_callers_new_session_refused():
+    store = SessionStore(_Cache, max_sessions=4)
+    hog = [store.use(("hog", f"s{i}"), 0) for i in range(4)]
+    for held in hog:
+        held.__enter__()  # four calls in flight: every slot busy
+    with store.use(("victim", "v"), 0) as session:  # below its share (2 of 4): admitted over the bound
+        session.cache.tokens += [1]
+        session.record([1])
+    with pytest.raises(ResourceExhausted, match="this caller holding 4"):
+        with store.use(("hog", "s4"), 0):  # at its share with nothing of its own idle: refused
+            pass
+    hog[0].__exit__(None, None, None)  # one of the hog's calls ends: its session, not the victim's, goes
+    assert ("hog", "s0") not in store and ("victim", "v") in store and store.stats().live_sessions == 4
+    for held in hog[1:]:
+        held.__exit__(None, None, None)
+
+
+def test_memory_over_budget_is_taken_back_from_the_caller_holding_the_most():
+    sizes = iter([100, 300, 300, 300, 300])
+    store = SessionStore(lambda: _Sized(next(sizes)), max_bytes=1000)
+    with store.use(("victim", "v"), 0) as session:  # oldest, so plain LRU would evict it first
+        session.record([])
+    for i in range(4):
+        with store.use(("hog", f"s{i}"), 0) as session:
+            session.record([])
+    # 1300 bytes of 1000: the hog holds 1200 (over its share of 500), the victim 100
+    assert ("victim", "v") in store
+    assert store.stats().bytes_used <= 1000 and store.evictions == 1
+
+
+def test_with_one_caller_eviction_is_least_recently_used():
+    store = SessionStore(lambda: _Sized(400), max_bytes=1000)
+    for name in ("a", "b", "c"):
+        with store.use(name, 0) as session:
+            session.record([])
+    assert "a" not in store and "b" in store and "c" in store

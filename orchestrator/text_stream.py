@@ -21,6 +21,32 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.emitted = ""
+        # Per stop string, for each character, the prefix lengths k (longest first, k < len) whose last
+        # character it is: a held-back tail must end with one of them, so only those are compared.
+        self._ends: list[dict[str, list[int]]] = []
+        for stop_string in self.stop:
+            ends: dict[str, list[int]] = {}
+            for k in range(len(stop_string) - 1, 0, -1):
+                ends.setdefault(stop_string[k - 1], []).append(k)
+            self._ends.append(ends)
+
+    def _held_back(self, text: str, safe: int) -> int:
+        """How many characters before `safe` could still become a stop string (the longest suffix of
+        text[:safe] that is a proper prefix of one): compared in C over a tail sliced once, only at the
+        prefix lengths that end with the tail's last character (a 1000-character stop string used to
+        cost ~3 ms of the orchestrator's CPU a round)."""
+        if safe == 0:
+            return 0
+        held = 0
+        for stop_string, ends in zip(self.stop, self._ends):
+            tail = text[max(0, safe - len(stop_string) + 1):safe]
+            for k in ends.get(tail[-1], ()) if tail else ():
+                if k <= held:
+                    break
+                if tail.endswith(stop_string[:k]):
+                    held = k
+                    break
+        return held
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -47,11 +73,7 @@ class TextStream:
         if not final:
             if text.endswith("\ufffd"):
                 safe = len(text.rstrip("\ufffd"))
-            for s in self.stop:
-                for k in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:k]):
-                        safe -= k
-                        break
+            safe -= self._held_back(text, safe)
         if not text.startswith(self.emitted):
             # Decoding is not prefix-stable for this tokenizer here; never re-send what was sent.
             common = 0

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from orchestrator.deployment import connect
 from orchestrator.servicer import OrchestratorServicer
+from serving.caller_limits import DEFAULT_MAX_WORKERS
 from serving.grpc_server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
 from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
 from transport import TLSSettings
@@ -29,7 +30,10 @@ class OrchestratorSettings:
     overlap: bool = True
     draft_confidence: float = 0.0
     ready_timeout_s: float = 120.0
-    max_workers: int = 64
+    max_workers: int = DEFAULT_MAX_WORKERS  # handler threads (started as calls need them)
+    # Calls (a Generate stream: until it ends) one client may have in flight: by API key with
+    # api_key_file, else certificate names, else peer host. None: half of max_workers; 0: no limit.
+    max_calls_per_caller: int | None = None
     # Listening: TLS / mTLS with tls.cert, tls.key, tls.ca; dialling the services: tls.cert / tls.key as
     # the client identity, tls.ca to verify them (transport/tls.py).
     tls: TLSSettings = field(default_factory=TLSSettings)
@@ -51,7 +55,8 @@ def start(settings: OrchestratorSettings, interceptors=()) -> RunningServer:
         running = start_server([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer)],
                                [SERVICE_NAME], settings.port, settings.host, settings.max_workers, interceptors,
                                tls=settings.tls, api_key_file=settings.api_key_file,
-                               health_port=settings.health_port, max_request_mb=settings.max_request_mb)
+                               health_port=settings.health_port, max_request_mb=settings.max_request_mb,
+                               max_calls_per_caller=settings.max_calls_per_caller, caller_by_api_key=True)
     except BaseException:
         deployment.close()
         raise

@@ -5,7 +5,10 @@
   name), which only their holder can present, from whichever address it calls.
 - Otherwise the peer's host without its port: every connection from one machine is one caller, so
   opening more connections buys no larger share. Clients behind one address (a NAT, a proxy, one host)
-  share one share; mutual TLS is what tells them apart.
+  share one share; mutual TLS is what tells them apart. An IPv6 peer is its /64: a host is usually
+  given a whole /64 (SLAAC, privacy addresses, a delegated prefix) and may call from any address in it,
+  so keyed by address it could pose as 2^64 callers. Hosts sharing one /64 share one share. Loopback
+  (::1) stays itself.
 - None when gRPC reports no peer: the worker then keys the job by its session.
 
 Knows gRPC's peer strings and auth context, nothing of what the calls carry.
@@ -20,7 +23,8 @@ import grpc
 
 
 def caller_of(context: grpc.ServicerContext) -> str | None:
-    """The caller key of a call: "tls:<names>", "ipv4:<address>", "ipv6:[<address>]", "unix:<path>"."""
+    """The caller key of a call: "tls:<names>", "ipv4:<address>", "ipv6:[<prefix>/64]" (or "ipv6:[::1]"),
+    "unix:<path>"."""
     identity = tls_identity(context)
     if identity is not None:
         return identity
@@ -45,9 +49,9 @@ def tls_identity(context: grpc.ServicerContext) -> str | None:
 
 def peer_host(peer: str | None) -> str | None:
     """A gRPC peer string without its port: "ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7",
-    "ipv6:[::1]:51234" (or its %-encoded form) -> "ipv6:[::1]"; an IPv4 address mapped into IPv6 is
-    given as IPv4 (a dual-stack listener sees IPv4 clients that way). Other kinds ("unix:...") are kept
-    whole."""
+    "ipv6:[2001:db8:1:2:a:b:c:d]:51234" (or its %-encoded form) -> "ipv6:[2001:db8:1:2::/64]" (the /64
+    it is in), "ipv6:[::1]:51234" -> "ipv6:[::1]"; an IPv4 address mapped into IPv6 is given as IPv4 (a
+    dual-stack listener sees IPv4 clients that way). Other kinds ("unix:...") are kept whole."""
     if not peer:
         return None
     kind, _, rest = peer.partition(":")
@@ -64,7 +68,11 @@ def peer_host(peer: str | None) -> str | None:
         return f"{kind}:{host}"
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    return f"ipv4:{address}" if address.version == 4 else f"ipv6:[{address}]"
+    if address.version == 4:
+        return f"ipv4:{address}"
+    if address.is_loopback:
+        return f"ipv6:[{address}]"
+    return f"ipv6:[{ipaddress.IPv6Network((address, 64), strict=False)}]"
 
 
 def _text(name) -> str:

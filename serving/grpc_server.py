@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.caller_limits import DEFAULT_MAX_WORKERS, CallerLimitInterceptor, default_max_calls_per_caller
 from serving.errors import StatusInterceptor
 from telemetry.tracing import server_interceptors
 from transport import ApiKeyInterceptor, ApiKeys, TLSSettings, listen, serve_health
@@ -47,6 +48,7 @@ class RunningServer:
     service_names: Sequence[str]
     health_server: grpc.Server | None = None  # the plaintext health port, when there is one
     health_port: int | None = None
+    caller_limit: CallerLimitInterceptor | None = None  # calls in flight per caller (its .slots)
 
     def stop(self, grace: float | None = 5.0) -> None:
         for name in (*self.service_names, ""):
@@ -94,7 +96,7 @@ def start_server(
     service_names: Sequence[str],
     port: int = 0,
     host: str = "[::]",
-    max_workers: int = 32,
+    max_workers: int = DEFAULT_MAX_WORKERS,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     max_concurrent_rpcs: int | None = None,
     *,
@@ -102,19 +104,38 @@ def start_server(
     api_key_file: str | None = None,
     health_port: int | None = None,
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB,
+    max_calls_per_caller: int | None = None,
+    caller_by_api_key: bool = False,
 ) -> RunningServer:
     """`tls` with a certificate and key: TLS (mTLS with require_client_cert); `api_key_file`: calls need a
     key from it (health and reflection stay open); `health_port` (0: a free one): the health service
-    alone, in plaintext, there too; `max_request_mb`: larger requests are refused unparsed."""
+    alone, in plaintext, there too; `max_request_mb`: larger requests are refused unparsed.
+
+    `max_workers` handler threads (gRPC starts them as calls need them); one caller may have at most
+    `max_calls_per_caller` calls in flight (None: half of `max_workers`; 0: no limit), so that no caller
+    can hold every thread (serving/caller_limits.py). `caller_by_api_key`: with `api_key_file`, the API
+    key is the caller (the orchestrator's public API)."""
+    if max_workers < 1:
+        raise ValueError(f"--max-workers must be at least 1, got {max_workers}")
+    if max_calls_per_caller is None:
+        max_calls_per_caller = default_max_calls_per_caller(max_workers)
+    if max_calls_per_caller < 0:
+        raise ValueError(f"--max-calls-per-caller must be >= 0 (0: no limit), got {max_calls_per_caller}")
+    if max_calls_per_caller == 0 or max_calls_per_caller >= max_workers:
+        log.warning("--max-calls-per-caller %s with --max-workers %d: one caller can hold every handler thread "
+                    "and shut other callers out", max_calls_per_caller or "0 (no limit)", max_workers)
     if tls is not None:
         tls.check()  # before anything is built: a bad flag is the operator's to fix
         if tls.serves_tls and health_port and health_port == port:
             raise ValueError("--health-port must differ from --port with TLS on: probes need a plaintext port")
     # The key check comes first: a refused call opens no span and reaches no handler.
     auth = [ApiKeyInterceptor(ApiKeys(api_key_file))] if api_key_file else []
+    # Then the limit per caller: a refused call opens no span and its request is not parsed. The API key is
+    # the caller only where keys are checked (above); unchecked, any string would pass as a new caller.
+    limit = CallerLimitInterceptor(max_calls_per_caller, by_api_key=caller_by_api_key and bool(api_key_file))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[*auth, *server_interceptors(), *interceptors, StatusInterceptor()],
+        interceptors=[*auth, limit, *server_interceptors(), *interceptors, StatusInterceptor()],
         options=server_options(max_request_mb),
         maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
@@ -135,8 +156,11 @@ def start_server(
         except OSError:
             server.stop(None)
             raise
-    log.info("serving %s on port %d (%s%s)%s", ", ".join(service_names), bound,
+    log.info("serving %s on port %d (%s%s)%s; %d handler threads, %s calls in flight per caller",
+             ", ".join(service_names), bound,
              "mTLS" if tls and tls.require_client_cert else "TLS" if tls and tls.serves_tls else "plaintext",
              ", API keys" if api_key_file else "",
-             f"; plaintext health on port {plain_health_port}" if health_server else "")
-    return RunningServer(server, bound, health_servicer, service_names, health_server, plain_health_port)
+             f"; plaintext health on port {plain_health_port}" if health_server else "",
+             max_workers, max_calls_per_caller or "unlimited")
+    return RunningServer(server, bound, health_servicer, service_names, health_server, plain_health_port,
+                         caller_limit=limit)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from serving.caller_limits import DEFAULT_MAX_WORKERS
 from serving.grpc_server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
 from serving.kv_cache import make_runner
 from serving.metrics import watch_sessions
@@ -27,7 +28,10 @@ class ModelServerSettings:
     max_sessions: int = 1024
     session_ttl_s: float = 600.0
     max_draft_tokens: int = 32
-    max_workers: int = 64
+    max_workers: int = DEFAULT_MAX_WORKERS  # handler threads (started as calls need them)
+    # Calls one caller may have in flight (each holds a handler thread); beyond: RESOURCE_EXHAUSTED at once.
+    # None: half of max_workers (128 by default, as max_queue_per_caller is half of max_queue); 0: no limit.
+    max_calls_per_caller: int | None = None
     runtime: str = "auto"  # auto | lean | hf (serving/kv_cache.py: make_runner)
     max_batch: int = 32  # sessions per forward pass (batching needs the lean runtime)
     max_wait_ms: float = 0.0  # hold a pass open this long for sessions expected back; 0: what is queued
@@ -104,7 +108,8 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
     running = start_server([(add_to_server, servicer)], [service_name], settings.port, settings.host,
                            settings.max_workers, interceptors, settings.max_concurrent_rpcs, tls=settings.tls,
                            api_key_file=settings.api_key_file, health_port=settings.health_port,
-                           max_request_mb=settings.max_request_mb)
+                           max_request_mb=settings.max_request_mb,
+                           max_calls_per_caller=settings.max_calls_per_caller)
     watch_sessions(service_name, store)
     running.servicer = servicer
     return running

@@ -97,6 +97,15 @@ def serve(
              "tokens (a lone caller's rounds still batch up to --max-batch)"),
     max_concurrent_rpcs: Optional[int] = typer.Option(None, envvar=_env("max_concurrent_rpcs"),
                                                       help="refuse calls beyond this with RESOURCE_EXHAUSTED"),
+    max_workers: int = typer.Option(
+        256, envvar=_env("max_workers"),
+        help="gRPC handler threads (started as calls need them): each call in flight holds one, a Generate "
+             "stream until it ends"),
+    max_calls_per_caller: Optional[int] = typer.Option(
+        None, envvar=_env("max_calls_per_caller"), show_default="half of --max-workers",
+        help="calls one caller may have in flight (orchestrator: by API key when --api-key-file is set, else "
+             "client certificate, else peer host; draft/verify: certificate, else peer host, IPv6 by /64); "
+             "beyond it RESOURCE_EXHAUSTED at once, so no caller can hold every handler thread (0: no limit)"),
     metrics_port: Optional[int] = typer.Option(None, envvar=_env("metrics_port"),
                                                help="serve Prometheus metrics on this port (bound to --host)"),
     tls_cert: Optional[str] = typer.Option(
@@ -144,10 +153,15 @@ def serve(
     problems = tls.problems()
     if service_api_key_file and role is not Role.orchestrator:
         problems.append("--service-api-key-file is the orchestrator's (the key it sends to draft and verify)")
+    if max_workers < 1:
+        problems.append(f"--max-workers must be at least 1, got {max_workers}")
+    if max_calls_per_caller is not None and max_calls_per_caller < 0:
+        problems.append(f"--max-calls-per-caller must be >= 0 (0: no limit), got {max_calls_per_caller}")
     if problems:
         typer.echo(f"specdec: {role.value} refused to start: {'; '.join(problems)}", err=True)
         raise typer.Exit(2)
-    security = dict(tls=tls, api_key_file=api_key_file, health_port=health_port, max_request_mb=max_request_mb)
+    security = dict(tls=tls, api_key_file=api_key_file, health_port=health_port, max_request_mb=max_request_mb,
+                    max_workers=max_workers, max_calls_per_caller=max_calls_per_caller)
     configure_tracing(f"specdec-{role.value}")
     configure_metrics(f"specdec-{role.value}", metrics_port, host)
     if role is Role.orchestrator:

@@ -255,6 +255,10 @@ def test_the_caller_is_the_peer_host_without_its_port():
     assert peer_host("ipv4:10.1.2.3:51234") == "ipv4:10.1.2.3"
     assert peer_host("ipv6:[::1]:51234") == peer_host("ipv6:%5B::1%5D:4") == "ipv6:[::1]"
     assert peer_host("ipv6:%5B::ffff:10.1.2.3%5D:80") == "ipv4:10.1.2.3"  # IPv4 on a dual-stack listener
+    # An IPv6 host owns a whole /64: every address in it is one caller (else 2^64 of them).
+    assert peer_host("ipv6:[2001:db8:1:2:a:b:c:d]:51234") == peer_host("ipv6:%5B2001:db8:1:2::9%5D:7") \
+        == "ipv6:[2001:db8:1:2::/64]"
+    assert peer_host("ipv6:[2001:db8:1:3::1]:1") == "ipv6:[2001:db8:1:3::/64]"
     assert peer_host("unix:/run/specdec.sock") == "unix:/run/specdec.sock"
     assert peer_host("") is None and peer_host(None) is None
 

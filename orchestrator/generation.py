@@ -128,7 +128,7 @@ class _Prepared:
 
 
 # Verify calls run here while the orchestrator thread drafts ahead (step 2b).
-_OVERLAP_POOL = ThreadPoolExecutor(max_workers=64, thread_name_prefix="verify-call")
+_OVERLAP_POOL = ThreadPoolExecutor(max_workers=256, thread_name_prefix="verify-call")  # as many as handler threads (--max-workers)
 
 
 @dataclass

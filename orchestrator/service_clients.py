@@ -57,6 +57,7 @@ class SessionClient:
     chain: PrefixChain = field(default_factory=PrefixChain)  # fingerprints of the prefixes it sends
 
     retry_unavailable = False
+    retry_exhausted_s = 0.0  # retry RESOURCE_EXHAUSTED (a full queue, no free slot) for this long
     wait_for_ready = True
 
     def _call(self, method, path: str, build, committed: list[int], metadata):
@@ -64,6 +65,7 @@ class SessionClient:
 
         `path` names the method for its CLIENT span (the channel is a plain one; see start_client_call)."""
         deadline = time.monotonic() + self.timeout_s
+        exhausted_until = time.monotonic() + self.retry_exhausted_s
         reprefilled = False
         backoff = 0.05
         while True:
@@ -82,9 +84,11 @@ class SessionClient:
                     self.synced_len = 0
                     self.chain.reset()  # in case its own hashes were the stale part (PrefixChain's window)
                     continue
-                if (self.retry_unavailable and error.code() == grpc.StatusCode.UNAVAILABLE
-                        and time.monotonic() + backoff < deadline):
-                    # A restarting service: wait and retry; a fresh one will answer session-lost.
+                retryable = ((self.retry_unavailable and error.code() == grpc.StatusCode.UNAVAILABLE)
+                             or (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                 and time.monotonic() + backoff < exhausted_until))
+                if retryable and time.monotonic() + backoff < deadline:
+                    # A restarting service (a fresh one will answer session-lost), or one at its limits: wait, retry.
                     time.sleep(backoff)
                     backoff = min(1.0, backoff * 2)
                     continue
@@ -125,6 +129,10 @@ class DraftSession(SessionClient):
 
 class VerifySession(SessionClient):
     retry_unavailable = True  # without the target there is no generation; the draft falls back instead
+    # A verify service refuses a caller's calls beyond its per-caller limits (--max-calls-per-caller,
+    # --max-queue-per-caller), and one orchestrator is one caller: its generations past those limits wait
+    # for a free slot (calls end every few ms) instead of failing; a lasting refusal still reaches the client.
+    retry_exhausted_s = 5.0
 
     def __init__(self, stub: verify_pb2_grpc.VerifyServiceStub, session_id: str, timeout_s: float):
         super().__init__(session_id, timeout_s)

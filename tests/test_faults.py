@@ -208,3 +208,37 @@ def test_at_temperature_one_a_matching_draft_guesses_the_bonus_so_rounds_chain(t
     for result in results:
         assert result.stats["accepted_tokens"] == result.stats["drafted_tokens"] > 0
         assert result.stats["overlapped_rounds"] >= result.stats["rounds"] - 2, result.stats
+
+
+class BusyVerify(VerifyServicer):
+    """Refuses the first calls as a verify at its per-caller limit would (RESOURCE_EXHAUSTED), then serves."""
+
+    refusals = 3
+
+    def Verify(self, request, context):
+        from serving.errors import ResourceExhausted
+
+        if BusyVerify.refusals > 0:
+            BusyVerify.refusals -= 1
+            raise ResourceExhausted("this caller already has 128 calls in flight (test)")
+        return super().Verify(request, context)
+
+
+def test_a_verify_refusing_for_load_for_a_moment_delays_the_generation_and_does_not_fail_it(tiny):
+    import orchestrator.server as orchestrator_server
+
+    reference = start_stack(tiny.target, None)
+    verify = start_model_server(ModelServerSettings(str(tiny.target), host="localhost"), BusyVerify,
+                                verify_pb2_grpc.add_VerifyServiceServicer_to_server, verify_server.SERVICE_NAME)
+    orch = orchestrator_server.start(orchestrator_server.OrchestratorSettings(verify=f"localhost:{verify.port}",
+                                                                              host="localhost"))
+    try:
+        with reference.client() as client:
+            expected = client.generate(PROMPT, max_new_tokens=12)
+        with Stack(verify, None, orch).client() as client:
+            result = client.generate(PROMPT, max_new_tokens=12)
+    finally:
+        orch.stop(None)
+        verify.stop(None)
+        reference.stop()
+    assert BusyVerify.refusals == 0 and result.token_ids == expected.token_ids

@@ -38,11 +38,16 @@ class ModelServiceBase:
         """One forward over the payloads (each has a `.cache`). If it raises, every cache goes back to the
         length it had before, so the worker can retry each payload alone and only the bad one fails."""
         lengths = [payload.cache.length for payload in payloads]
+        # A seeded draft's generator too: a retried proposal must draw what it would have drawn alone, or
+        # one caller's failing request would change another's seeded sample.
+        generators = [(g, g.get_state()) for g in (getattr(p, "generator", None) for p in payloads) if g is not None]
         try:
             return self.forward(payloads)
         except BaseException:
             for payload, length in zip(payloads, lengths):
                 payload.cache.crop(length)
+            for generator, state in generators:
+                generator.set_state(state)
             raise
 
     def forward(self, payloads):

@@ -132,3 +132,36 @@ def test_a_text_prompt_that_cannot_fit_the_context_is_refused_before_it_is_token
     # the bound is exact for what fits: a prompt just inside the context still works
     with stack.client() as client:
         assert len(client.generate("a " * (CONTEXT // 4), max_new_tokens=4).token_ids) == 4
+
+
+def test_a_failed_pass_puts_back_every_jobs_cache_and_seeded_generator():
+    """So the worker's retry of each job alone draws and scores exactly what an undisturbed pass would:
+    one caller's failing request cannot change another's seeded sample."""
+    from types import SimpleNamespace
+
+    from serving.model_service import ModelServiceBase
+    from speculation.sampling import seeded_generator
+
+    class Cache:
+        def __init__(self):
+            self.length = 3
+
+        def crop(self, length):
+            self.length = length
+
+    class Failing(ModelServiceBase):
+        def __init__(self):  # no model: only run_batch's contract is under test
+            pass
+
+        def forward(self, payloads):
+            for payload in payloads:
+                payload.cache.length += 4
+                torch.rand(5, generator=payload.generator)  # draws happened before the failure
+            raise RuntimeError("the pass failed")
+
+    jobs = [SimpleNamespace(cache=Cache(), generator=seeded_generator(7)), SimpleNamespace(cache=Cache(), generator=None)]
+    expected = torch.rand(3, generator=seeded_generator(7))
+    with pytest.raises(RuntimeError):
+        Failing().run_batch(jobs)
+    assert [job.cache.length for job in jobs] == [3, 3]
+    assert torch.equal(torch.rand(3, generator=jobs[0].generator), expected)

@@ -205,8 +205,10 @@ class SessionStore:
                 break
             del self._sessions[victim]
             self.evictions += 1
-        if need_slot and weight(requester) < 1.0:
-            return  # below its share: admitted over the bounds, taken back from the heaviest caller later
+        headroom = max(1, self.max_sessions // 4)
+        if (need_slot and weight(requester) < 1.0 and len(self._sessions) < self.max_sessions + headroom
+                and sum(s.nbytes for s in self._sessions.values()) <= self.max_bytes):
+            return  # below its share: admitted over the bound, taken back from the heaviest caller later
         if need_slot:
             raise ResourceExhausted(
                 f"session memory is full: {len(self._sessions)} sessions in use hold "

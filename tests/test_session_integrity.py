@@ -353,3 +353,18 @@ def test_with_one_caller_eviction_is_least_recently_used():
         with store.use(name, 0) as session:
             session.record([])
     assert "a" not in store and "b" in store and "c" in store
+
+
+def test_callers_below_their_share_go_over_the_bound_by_a_quarter_at_most():
+    store = SessionStore(_Cache, max_sessions=4)
+    held = [store.use(("hog", f"s{i}"), 0) for i in range(4)]
+    for use in held:
+        use.__enter__()
+    newcomer = store.use(("a", "x"), 0)
+    newcomer.__enter__()  # the fifth: one over, the headroom of 4 // 4
+    with pytest.raises(ResourceExhausted):
+        with store.use(("b", "y"), 0):  # another caller below its share, but the headroom is used up
+            pass
+    for use in [*held, newcomer]:
+        use.__exit__(None, None, None)
+    assert store.stats().live_sessions <= 4

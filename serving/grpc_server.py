@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.caller_limits import DEFAULT_MAX_WORKERS, CallerLimitInterceptor, default_max_calls_per_caller
 from serving.errors import StatusInterceptor
+from serving.health import HealthServicer
 from telemetry.tracing import server_interceptors
 from transport import ApiKeyInterceptor, ApiKeys, TLSSettings, listen, serve_health
 
@@ -141,7 +142,7 @@ def start_server(
     )
     for add, servicer in registrations:
         add(servicer, server)
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (*service_names, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -108,7 +108,9 @@ def test_a_victims_rounds_run_between_the_chunks_of_a_flooders_long_job():
 
     rounds = threading.Thread(target=victim)
     rounds.start()
-    time.sleep(0.05)  # the first round waits behind the chunk in progress
+    while worker._waiting != 2:  # the first round waits behind the chunk in progress
+        assert time.monotonic() < deadline + 5
+        time.sleep(0.001)
     release.set()
     rounds.join(10)
     for thread in (flood, more):

@@ -98,6 +98,20 @@ class StatusInterceptor(grpc.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+        if handler.unary_stream and getattr(handler.unary_stream, "experimental_non_blocking", False):
+            # Health's Watch streams by callbacks, holding no handler thread; a generator wrapper would
+            # turn each Watch into a thread held for as long as it lasts.
+            inner_callbacks = handler.unary_stream
+
+            def non_blocking(request, context, send_response_callback=None):
+                if isinstance(request, _Undecodable):
+                    self._refuse(method, request, context)
+                return inner_callbacks(request, context, send_response_callback=send_response_callback)
+
+            non_blocking.experimental_non_blocking = True
+            non_blocking.experimental_thread_pool = getattr(inner_callbacks, "experimental_thread_pool", None)
+            return grpc.unary_stream_rpc_method_handler(
+                non_blocking, request_deserializer=deserializer, response_serializer=handler.response_serializer)
         if handler.unary_stream:
             inner_stream = handler.unary_stream
 

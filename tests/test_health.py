@@ -45,3 +45,20 @@ def test_a_watch_stream_sees_the_server_go_not_serving_when_it_drains():
             watch.cancel()
     finally:
         running.stop(grace=None)
+
+
+def test_watch_streams_on_the_main_port_hold_no_handler_thread():
+    """Watch is served by callbacks behind the interceptors too: 40 of them on a server with 4 handler
+    threads leave a Check answered (each Watch used to hold a thread for as long as it lasted)."""
+    running = start_server([], ["specdec.test.Nothing"], port=0, host="localhost", max_workers=4)
+    try:
+        with grpc.insecure_channel(f"localhost:{running.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(40)]
+            for watch in watches:
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            for watch in watches:
+                watch.cancel()
+    finally:
+        running.stop(grace=None)

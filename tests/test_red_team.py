@@ -111,7 +111,9 @@ def test_many_outstanding_verify_calls_from_one_caller_do_not_hold_up_another_ca
 
         small = beside_flood(4)  # the regime the fair worker handles: about one flood pass per round
         large = beside_flood(150)
-        assert large <= 5 * small + 20, (
+        # Held threads made it 250-420 ms; a fair wait is a flood pass or two, which on 2 loaded cores read
+        # up to 38 ms in a full run (small: 2.9 ms), hence a floor of 100 ms under the bound.
+        assert large <= max(5 * small + 20, 100), (
             f"a victim's round took {large:.0f} ms (median) beside one caller's 150 outstanding calls, {small:.1f} ms "
             f"beside 4, {alone:.1f} ms alone: the flood holds every handler thread; worker stats "
             f"{verify.servicer.worker.stats}")

@@ -9,7 +9,9 @@ certificate, when it is not the address's host) make the channel TLS. Each takes
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import warnings
 from typing import AsyncIterator, Iterator, Sequence
 
 import grpc
@@ -31,7 +33,7 @@ def _pem(value: Pem) -> bytes | None:
 
 
 def _channel_setup(api_key: str | None, root_certificates: Pem, private_key: Pem, certificate_chain: Pem,
-                   server_name: str | None, tls: bool | None):
+                   server_name: str | None, tls: bool | None, target: str | None = None):
     """(channel credentials or None for plaintext, channel options, metadata for every call)."""
     if (private_key is None) != (certificate_chain is None):
         raise ValueError("private_key and certificate_chain go together (a client certificate and its key)")
@@ -45,7 +47,22 @@ def _channel_setup(api_key: str | None, root_certificates: Pem, private_key: Pem
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
     metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    if api_key and not tls and target is not None and not _loopback(target):
+        warnings.warn(f"sending an API key to {target} over plaintext: anyone on the path can read it; pass "
+                      "root_certificates= (or tls=True) to use TLS", stacklevel=3)
     return credentials, options, metadata
+
+
+def _loopback(target: str) -> bool:
+    """Whether a gRPC target names this machine (where plaintext keys stay on the host)."""
+    host = target.split("///")[-1].removeprefix("ipv4:").removeprefix("ipv6:")
+    host = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def build_request(prompt: str | Sequence[int], max_new_tokens: int, temperature: float | None = None,
@@ -73,7 +90,7 @@ class Client:
                  api_key: str | None = None, root_certificates: Pem = None, private_key: Pem = None,
                  certificate_chain: Pem = None, server_name: str | None = None, tls: bool | None = None):
         credentials, options, self._metadata = _channel_setup(api_key, root_certificates, private_key,
-                                                              certificate_chain, server_name, tls)
+                                                              certificate_chain, server_name, tls, target)
         if channel is None:
             channel = (grpc.secure_channel(target, credentials, options=options) if credentials
                        else grpc.insecure_channel(target, options=options))
@@ -125,7 +142,7 @@ class AsyncClient:
                  root_certificates: Pem = None, private_key: Pem = None, certificate_chain: Pem = None,
                  server_name: str | None = None, tls: bool | None = None):
         credentials, options, self._metadata = _channel_setup(api_key, root_certificates, private_key,
-                                                              certificate_chain, server_name, tls)
+                                                              certificate_chain, server_name, tls, target)
         self._channel = (grpc.aio.secure_channel(target, credentials, options=options) if credentials
                          else grpc.aio.insecure_channel(target, options=options))
         self._stub = orchestrator_pb2_grpc.OrchestratorStub(self._channel)

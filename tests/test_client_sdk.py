@@ -79,3 +79,20 @@ def test_unauthenticated_and_cancelled_are_typed_and_exported():
 def test_a_client_key_without_its_certificate_is_refused_at_once():
     with pytest.raises(ValueError, match="go together"):
         Client("localhost:1", private_key=b"-----BEGIN PRIVATE KEY-----")
+
+
+def test_an_api_key_over_plaintext_to_another_host_is_warned_about():
+    import warnings
+
+    from specdec_client import Client
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Client("specdec.example:50051", api_key="sk-1")
+        Client("localhost:50051", api_key="sk-1")  # stays on this machine
+        Client("[::1]:50051", api_key="sk-1")
+        Client("specdec.example:50051", api_key="sk-1", tls=True)
+        Client("specdec.example:50051")  # no key, nothing to leak
+    assert [str(w.message) for w in caught] == [
+        "sending an API key to specdec.example:50051 over plaintext: anyone on the path can read it; pass "
+        "root_certificates= (or tls=True) to use TLS"]

@@ -12,6 +12,7 @@ Without TLS and without a key, `dial` returns the plain `grpc.insecure_channel`,
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -20,6 +21,8 @@ import grpc
 from transport.api_keys import bearer_metadata, parse_keys
 from transport.tls import TLSSettings, WatchedFiles, channel_credentials, channel_options, watch
 
+log = logging.getLogger(__name__)
+
 
 def dial(address: str, tls: TLSSettings | None = None, options=(), api_key_file: str | None = None) -> grpc.Channel:
     """A channel to `address`: TLS when `tls` names a CA or a client certificate, an API key on every call
@@ -27,6 +30,9 @@ def dial(address: str, tls: TLSSettings | None = None, options=(), api_key_file:
     tls = tls or TLSSettings()
     if not tls.dials_tls and not api_key_file:
         return grpc.insecure_channel(address, options=list(options))
+    if api_key_file and not tls.dials_tls:
+        log.warning("sending the key of %s to %s over plaintext: anyone on the path can read it; give --tls-ca",
+                    api_key_file, address)
     return ManagedChannel(address, tls, options, api_key_file)
 
 

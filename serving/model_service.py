@@ -15,7 +15,7 @@ from serving.model_loading import LoadedModel
 from serving.metrics import record_batch
 from serving.model_worker import PASS_TOKENS, ModelWorker, PrefillLane, Timed
 from telemetry.tracing import get_tracer, tracing_enabled
-from serving.sessions import Session, SessionStore
+from serving.sessions import Session, SessionStore, owner
 
 MAX_SESSION_ID_LEN = 256
 
@@ -120,7 +120,7 @@ class ModelServiceBase:
     def submit(self, job, session: Session, context):
         """Run the job on the model worker, in the caller's fair share (serving/model_worker.py)."""
         return self.worker.submit(job, alive=self.caller_alive(context), key=session.session_id,
-                                  caller=caller_of(context))
+                                  caller=owner(session.session_id))  # the caller its store key names
 
     # -- RPCs shared by both services --------------------------------------------------------------
     def ReleaseSession(self, request, context):

@@ -47,7 +47,7 @@ class Session:
         del self.digests[length + 1:]
 
 
-def _caller(key) -> Hashable:
+def owner(key) -> Hashable:
     """Who holds a session: the caller part of a (caller, id) key; None for plain ids (one caller)."""
     return key[0] if isinstance(key, tuple) else None
 
@@ -145,7 +145,7 @@ class SessionStore:
             if prefix_len == 0:
                 if session is None or session.in_use == 0:
                     if session is None and len(self._sessions) >= self.max_sessions:
-                        self._evict_locked(need_slot=True, requester=_caller(session_id))
+                        self._evict_locked(need_slot=True, requester=owner(session_id))
                     session = Session(session_id, self.new_cache())
                     self._sessions[session_id] = session
                     self.created += 1
@@ -182,8 +182,8 @@ class SessionStore:
             counts: Counter = Counter()
             held: Counter = Counter()
             for key, session in self._sessions.items():
-                counts[_caller(key)] += 1
-                held[_caller(key)] += session.nbytes
+                counts[owner(key)] += 1
+                held[owner(key)] += session.nbytes
             callers = set(counts) | ({requester} if need_slot else set())
 
             def weight(caller) -> float:  # how far above its share (>= 1: at or above)
@@ -198,7 +198,7 @@ class SessionStore:
             for key, session in self._sessions.items():  # least recently used first: ties keep the oldest
                 if session.in_use:
                     continue
-                w = weight(_caller(key))
+                w = weight(owner(key))
                 if w >= 1.0 and w > heaviest:
                     victim, heaviest = key, w
             if victim is None:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from specdec_cli.local_stack import REPO_ROOT, local_stack
+from local_stack.processes import REPO_ROOT, local_stack
 from specdec_client import Client
 from specdec_client.results import GenerationResult
 from speculation.gamma_policy import expected_speedup
+from trace_analysis.breakdown import percentile
 
 
 @dataclass
@@ -42,14 +43,6 @@ class BenchSettings:
     modes: tuple[str, ...] = ("greedy", "temperature_1")
     orchestrator_args: tuple[str, ...] = ()
     tls: bool = False  # mTLS between client, orchestrator, draft and verify
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def _summary(rows: list[dict]) -> dict:

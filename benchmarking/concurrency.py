@@ -31,14 +31,14 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from benchmarking.bench import percentile
-from specdec_cli.local_stack import REPO_ROOT, local_stack
+from trace_analysis.breakdown import percentile
+from local_stack.processes import REPO_ROOT, local_stack
 from specdec_client import Client
-from telemetry.overhead import cpu_seconds
+from benchmarking.tracing_overhead import cpu_seconds
 
 
 def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (telemetry.overhead reads /proc); None where there is none."""
+    """User + system CPU time of a process (benchmarking.tracing_overhead reads /proc); None where there is none."""
     try:
         return cpu_seconds([pid])
     except OSError:

@@ -5,7 +5,7 @@
 In one process: the verify and draft services (the reference pair by default) and an orchestrator, all on
 localhost. A client generates through the orchestrator, alone and then while `--flood-threads` threads
 call VerifyService directly with `--flood-tokens`-token prefills from the other loopback address (IPv4
-against IPv6 or the other way: another caller to the model worker's fair queueing, serving/callers.py).
+against IPv6 or the other way: another caller to the model worker's fair queueing, service_common/callers.py).
 No prefill lane. For each chunk size (--prefill-chunk-tokens) it prints one line of JSON:
 
 - alone_ms / flooded_ms: median generation time, and slowdown = flooded / alone;

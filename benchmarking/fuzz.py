@@ -189,8 +189,8 @@ class SessionCall:
 
 
 def prefix_fingerprint(tokens: Sequence[int]) -> bytes:
-    """What names a cached prefix (DESIGN.md principle 9): serving/session_fingerprint.py's running hash."""
-    from serving.session_fingerprint import fingerprint
+    """What names a cached prefix (DESIGN.md principle 9): service_common/session_fingerprint.py's running hash."""
+    from service_common.session_fingerprint import fingerprint
 
     return fingerprint(tokens)
 
@@ -1220,8 +1220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-dir", type=Path, help="service logs (default: a temporary directory)")
     args = parser.parse_args(argv)
 
-    from specdec_cli.local_stack import local_stack
-    from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_TARGET
+    from local_stack.processes import local_stack
+    from local_stack.paths import DEFAULT_DRAFT, DEFAULT_TARGET
 
     options = Options(requests=args.requests or (10000 if args.long else 300),
                       seconds=args.seconds or (1200.0 if args.long else 60.0), seed=args.seed,

@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from serving.session_fingerprint import fingerprint
-from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, load_prompts
+from service_common.session_fingerprint import fingerprint
+from local_stack.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, load_prompts
 
 
 def _median_ms(run, repeats: int) -> float:
@@ -180,7 +180,7 @@ def bf16(prompts: int = 23, new_tokens: int = 40) -> dict:
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from specdec_cli.local_stack import local_stack
+    from local_stack.processes import local_stack
     from specdec_client import Client
 
     tokenizer = AutoTokenizer.from_pretrained(str(DEFAULT_TARGET))

@@ -117,7 +117,7 @@ def main() -> None:
         os.sched_setaffinity(0, {args.server_cpu})
         _serve(*args.serve)
         return
-    from specdec_cli.local_stack import free_port
+    from transport import free_port
 
     port, tcp_port = free_port(), free_port()
     server = subprocess.Popen([sys.executable, "-m", "benchmarking.rpc_floor", "--serve", str(port), str(tcp_port),

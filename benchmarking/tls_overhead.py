@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from specdec_cli.local_stack import local_stack
-from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, load_prompts
+from local_stack.processes import local_stack
+from local_stack.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, load_prompts
 from specdec_client import Client
 
 

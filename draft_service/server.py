@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from draft_service.servicer import DraftServicer
-from serving.grpc_server import RunningServer
+from service_common.server import RunningServer
 from serving.model_server import ModelServerSettings, start_model_server
-from specdec_api import draft_pb2, draft_pb2_grpc
+from specdec_api.method_paths import DRAFT_SERVICE
+from specdec_api import draft_pb2_grpc
 
-SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+SERVICE_NAME = DRAFT_SERVICE
 
 
 def start(settings: ModelServerSettings, interceptors=()) -> RunningServer:

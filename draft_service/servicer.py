@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 from draft_service.drafter import ProposeJob, propose_batch, split_job
-from serving.errors import InvalidArgument
-from serving.session_fingerprint import session_tag
+from service_common.errors import InvalidArgument
+from service_common.session_fingerprint import session_tag
 from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import draft_pb2, draft_pb2_grpc
 from speculation.sampling import seeded_generator

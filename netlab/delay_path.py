@@ -12,7 +12,6 @@ Knows addresses, namespaces and the relay, not what the services are.
 from __future__ import annotations
 
 import contextlib
-import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,14 +20,9 @@ from typing import Iterator
 
 from netlab.netns import NamespaceError, Topology, topology
 from netlab.relay_process import RelayProcess
+from transport import free_port
 
 SERVICE_PORT = 50051  # each service has a namespace of its own, so they can share a port number
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -68,7 +62,7 @@ def _netns_path(services: list[str], sockets: Path) -> Iterator[DelayPath]:
 
 @contextmanager
 def _loopback_path(services: list[str], sockets: Path, why: str) -> Iterator[DelayPath]:
-    ports = {s: _free_port() for s in services}
+    ports = {s: free_port() for s in services}
     routes = [("127.0.0.1:0", f"127.0.0.1:{ports[s]}") for s in services]
     with RelayProcess(routes, sockets / "relay.ctl") as relay:
         yield DelayPath("loopback", "relay", f"network namespaces unavailable ({why}); relay on loopback",

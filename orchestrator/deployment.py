@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import grpc
 from transformers import AutoTokenizer
 
-from serving.grpc_server import CHANNEL_OPTIONS
+from service_common.server import CHANNEL_OPTIONS
 from specdec_api import common_pb2, draft_pb2_grpc, verify_pb2_grpc
 from transport import TLSSettings, dial
 

@@ -19,7 +19,7 @@ import torch
 
 from orchestrator.service_clients import DraftSession, VerifySession
 from orchestrator.text_stream import TextStream
-from serving.session_fingerprint import session_tag
+from service_common.session_fingerprint import session_tag
 from specdec_api import common_pb2, orchestrator_pb2
 from speculation.rejection import RoundOutcome, greedy_accept, rejection_sample
 from speculation.sampling import Sampling, seeded_generator

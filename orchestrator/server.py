@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 
 from orchestrator.deployment import connect
 from orchestrator.servicer import OrchestratorServicer
-from serving.caller_limits import DEFAULT_MAX_WORKERS
-from serving.grpc_server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
-from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
+from service_common.caller_limits import DEFAULT_MAX_WORKERS
+from service_common.server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
+from specdec_api.method_paths import ORCHESTRATOR_SERVICE
+from specdec_api import orchestrator_pb2_grpc
 from transport import TLSSettings
 
-SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+SERVICE_NAME = ORCHESTRATOR_SERVICE
 
 
 @dataclass

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from serving.errors import ERROR_KIND_KEY, SESSION_LOST
-from serving.session_fingerprint import PrefixChain
+from service_common.errors import ERROR_KIND_KEY, SESSION_LOST
+from service_common.session_fingerprint import PrefixChain
 from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from telemetry.grpc_client import end_client_call, start_client_call
 

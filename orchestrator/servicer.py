@@ -13,8 +13,8 @@ from orchestrator.load_gamma import LoadAwareGamma, LoadModel
 from orchestrator.generation import Generation, GenerationSpec
 from orchestrator.service_clients import DraftSession, VerifySession, release
 from orchestrator.text_stream import TextStream
-from serving.errors import Downstream, InvalidArgument, OutOfRange
-from serving.session_fingerprint import session_tag
+from service_common.errors import Downstream, InvalidArgument, OutOfRange
+from service_common.session_fingerprint import session_tag
 from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
 from speculation.gamma_policy import AdaptiveGamma
 from speculation.sampling import Sampling

@@ -1,3 +1,3 @@
-"""What the draft and verify services share: model loading, the session store, the model worker that
-times and (later) batches forward passes, error-to-status translation, and the gRPC server scaffold.
+"""What the draft and verify services share: model loading, the session store and its KV caches, the
+lean runtime, and the model worker that times, queues fairly and batches forward passes.
 """

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serving.caller_limits import DEFAULT_MAX_WORKERS
-from serving.grpc_server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
+from service_common.caller_limits import DEFAULT_MAX_WORKERS
+from service_common.server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
 from serving.kv_cache import make_runner
 from serving.metrics import watch_sessions
 from serving.model_loading import load_model

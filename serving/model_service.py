@@ -9,8 +9,8 @@ from typing import Iterator, Sequence
 from speculation.sampling import Sampling
 from specdec_api import common_pb2
 
-from serving.callers import caller_of
-from serving.errors import InvalidArgument, OutOfRange
+from service_common.callers import caller_of
+from service_common.errors import InvalidArgument, OutOfRange
 from serving.model_loading import LoadedModel
 from serving.metrics import record_batch
 from serving.model_worker import PASS_TOKENS, ModelWorker, PrefillLane, Timed
@@ -105,7 +105,7 @@ class ModelServiceBase:
     def session(self, request, context) -> Iterator[Session]:
         """The session a Propose / Verify names, checked out for this call (serving/sessions.py: use).
 
-        Sessions are kept per caller (serving/callers.py: the TLS identity, else the peer's host): one
+        Sessions are kept per caller (service_common/callers.py: the TLS identity, else the peer's host): one
         caller's session id never reaches another caller's cache, whatever ids they send. Within a caller,
         the prefix fingerprint is what protects a session."""
         with self.store.use(self.store_key(context, request.session_id), request.prefix_len,

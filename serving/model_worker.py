@@ -9,7 +9,7 @@ builds passes from the queues, drops jobs whose caller has gone (cancelled, or p
 hands each pass to `run_batch(payloads) -> results` as one batch.
 
 Fair shares (start-time fair queueing by tokens). Each job names its caller (the servicers pass the TLS
-identity or the peer host, serving/callers.py; by default the session `key`). Every caller has a tag,
+identity or the peer host, service_common/callers.py; by default the session `key`). Every caller has a tag,
 the virtual time at which its next job starts: taking a job charges its caller the job's tokens
 (`tokens_of`, 1 a job without it), and a caller that was idle starts again at the worker's virtual time
 (the tag of the last pass started), neither in debt nor with credit. A pass is led by the caller with
@@ -88,7 +88,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-from serving.errors import ResourceExhausted, ServiceError
+from service_common.errors import ResourceExhausted, ServiceError
 
 import grpc
 

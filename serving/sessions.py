@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterator, Sequence
 
-from serving import session_fingerprint
-from serving.errors import InvalidArgument, ResourceExhausted, SessionLost
+from service_common import session_fingerprint
+from service_common.errors import InvalidArgument, ResourceExhausted, SessionLost
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     nbytes: int = 0
     in_use: int = 0
-    # digests[i]: the fingerprint of the first i tokens the cache holds (serving/session_fingerprint.py)
+    # digests[i]: the fingerprint of the first i tokens the cache holds (service_common/session_fingerprint.py)
     digests: list[bytes] = field(default_factory=lambda: [session_fingerprint.EMPTY])
 
     @property

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import typer
 
-from specdec_cli.local_stack import local_stack
-from specdec_cli.paths import load_prompts
+from local_stack.processes import local_stack
+from local_stack.paths import load_prompts
 from specdec_client import Client
 from specdec_client.results import GenerationResult
 

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET
+from local_stack.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -300,7 +300,7 @@ def bench(
 ):
     """target_only vs hf_assisted vs specdec on the reference pair: tokens/s, speedup, alpha, round split."""
     from benchmarking.bench import BenchSettings, add_leviathan_bound, plot, run_bench
-    from specdec_cli.paths import load_prompts
+    from local_stack.paths import load_prompts
 
     if concurrency:
         from benchmarking.concurrency import run_concurrency
@@ -411,7 +411,7 @@ def study(
     import signal
     import time
 
-    from specdec_cli.paths import load_prompts
+    from local_stack.paths import load_prompts
     from specdec_cli.study import StudyPlan, print_study, run_study
 
     # SIGTERM unwinds like Ctrl-C, so the namespaces and processes are cleaned up.

@@ -16,7 +16,7 @@ spinner per core at the idle scheduling class (SCHED_IDLE: it runs only when not
 core) keeps the cores from idling for the run, as latency benchmarks disable deep idle states; the
 output says so (`cores_held_awake`). It costs the machine's idle time, nothing the services wanted.
 
-Knows processes, levels and span files; the arithmetic is telemetry.breakdown's.
+Knows processes, levels and span files; the arithmetic is trace_analysis.breakdown's.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from pathlib import Path
 import grpc
 
 from netlab.delay_path import DelayPath, delay_path
-from specdec_cli.local_stack import free_port, stop_processes, wait_healthy
-from specdec_cli.paths import REPO_ROOT
-from telemetry.breakdown import PARTS, Round, rounds_from_spans, summarize
-from telemetry.span_reader import read_spans
+from local_stack.processes import stop_processes, wait_healthy
+from transport import free_port
+from local_stack.paths import REPO_ROOT
+from trace_analysis.breakdown import PARTS, Round, rounds_from_spans, summarize
+from trace_analysis.span_reader import read_spans
 
 SERVICES = ["draft", "verify"]
 CALIBRATION = "calibration"
@@ -165,8 +166,8 @@ def _level_result(level: Level, rounds: list[Round], calibration: dict, path: De
 
 def run_study(plan: StudyPlan) -> list[dict]:
     """One result per requested delay level (the calibration level is in each as stack_one_way_ms_p50)."""
-    from telemetry.chart import groups_chart
-    from telemetry.perfetto import write_trace_events
+    from trace_analysis.chart import groups_chart
+    from trace_analysis.perfetto import write_trace_events
 
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """`specdec trace-report FILE...`: the per-round breakdown of exported spans (median, p90, share of wall
 time), a PNG chart and a Chrome / Perfetto trace-event JSON with each round on a timeline.
 
-Knows where to find and how to print; the arithmetic is telemetry.breakdown's.
+Knows where to find and how to print; the arithmetic is trace_analysis.breakdown's.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from telemetry.breakdown import PARTS, Round, rounds_from_spans, summarize
-from telemetry.span_reader import read_spans
+from trace_analysis.breakdown import PARTS, Round, rounds_from_spans, summarize
+from trace_analysis.span_reader import read_spans
 
 
 def format_summary(summary: dict) -> str:
@@ -38,8 +38,8 @@ def load_rounds(files: list[Path], trace_id: str | None = None) -> list[Round]:
 def trace_report(files: list[Path], png: Path | None, perfetto: Path | None, as_json: bool,
                  trace_id: str | None = None) -> dict:
     """Print the report; returns the summary with the written paths. Raises ValueError without round spans."""
-    from telemetry.chart import rounds_chart
-    from telemetry.perfetto import write_trace_events
+    from trace_analysis.chart import rounds_chart
+    from trace_analysis.perfetto import write_trace_events
 
     rounds = load_rounds(files, trace_id)
     if not rounds:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import draft_service.server as draft_server
 import orchestrator.server as orchestrator_server
 import verify_service.server as verify_server
-from serving.grpc_server import RunningServer
+from service_common.server import RunningServer
 from serving.model_server import ModelServerSettings
 from specdec_client import Client
 from tests.tiny_models import build_llama, build_tokenizer

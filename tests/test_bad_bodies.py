@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from serving.grpc_server import start_server
+from service_common.server import start_server
 from tests.conftest import PROMPTS
 
 GARBAGE = b"\xff\xff\xff"  # a truncated varint where a field's tag should be: no message parses it
@@ -68,7 +68,7 @@ def test_a_flood_of_undecodable_bodies_logs_one_short_line_a_second(stacks, capl
     for _ in range(40):
         assert _raw_call(port, "/specdec.v1.VerifyService/Verify", False).code() == grpc.StatusCode.INVALID_ARGUMENT
     elapsed = time.monotonic() - started
-    reports = [r for r in caplog.records if r.name == "serving.errors"]
+    reports = [r for r in caplog.records if r.name == "service_common.errors"]
     assert 1 <= len(reports) <= elapsed + 1
     assert all("\n" not in r.getMessage() and len(r.getMessage()) < 400 for r in reports)
     assert "/specdec.v1.VerifyService/Verify" in reports[0].getMessage()

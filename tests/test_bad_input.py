@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from serving.session_fingerprint import fingerprint
+from service_common.session_fingerprint import fingerprint
 from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from specdec_client import InvalidArgument, OutOfRange
 from tests.conftest import PROMPTS

@@ -1,4 +1,4 @@
-"""Calls in flight per caller (serving/caller_limits.py), on a real server with a small test service: the
+"""Calls in flight per caller (service_common/caller_limits.py), on a real server with a small test service: the
 call beyond the limit is refused RESOURCE_EXHAUSTED at once, unparsed, while another caller is served; a
 stream holds its slot until it ends, is cancelled or fails; health and reflection are exempt; on the
 orchestrator's public API the API key is the caller. Two loopback addresses (127.0.0.1 and [::1]) are two
@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from typer.testing import CliRunner
 
 from orchestrator.server import OrchestratorSettings
-from serving.caller_limits import DEFAULT_MAX_WORKERS, CallerSlots, default_max_calls_per_caller
-from serving.grpc_server import start_server
+from service_common.caller_limits import DEFAULT_MAX_WORKERS, CallerSlots, default_max_calls_per_caller
+from service_common.server import start_server
 from serving.model_server import ModelServerSettings
 from transport.api_keys import bearer_metadata
 

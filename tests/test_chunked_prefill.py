@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from serving.model_worker import CallerGone, ModelWorker
-from serving.session_fingerprint import fingerprint
+from service_common.session_fingerprint import fingerprint
 from specdec_api import verify_pb2, verify_pb2_grpc
 from tests.conftest import PROMPTS, start_stack
 

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from orchestrator.deployment import IncompatibleModels, connect
-from specdec_cli.local_stack import free_port, wait_healthy
+from local_stack.processes import wait_healthy
+from transport import free_port
 from tests.conftest import PROMPTS
 
 ENV = {**os.environ, "GRPC_VERBOSITY": "ERROR"}

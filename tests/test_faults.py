@@ -8,7 +8,7 @@ import grpc
 
 import verify_service.server as verify_server
 from draft_service.servicer import DraftServicer
-from serving.grpc_server import start_server
+from service_common.server import start_server
 from serving.model_loading import load_model
 from serving.model_server import ModelServerSettings, start_model_server
 from serving.kv_cache import ModelRunner
@@ -169,7 +169,7 @@ class FullVerify(VerifyServicer):
     """Session memory that is always full, as a verify replica under more sessions than its budget."""
 
     def Verify(self, request, context):
-        from serving.errors import ResourceExhausted
+        from service_common.errors import ResourceExhausted
 
         raise ResourceExhausted("session memory is full (test): retry later or raise --session-memory-mb")
 
@@ -216,7 +216,7 @@ class BusyVerify(VerifyServicer):
     refusals = 3
 
     def Verify(self, request, context):
-        from serving.errors import ResourceExhausted
+        from service_common.errors import ResourceExhausted
 
         if BusyVerify.refusals > 0:
             BusyVerify.refusals -= 1

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 
-from serving.session_fingerprint import fingerprint
+from service_common.session_fingerprint import fingerprint
 from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from specdec_client import InvalidArgument, OutOfRange
 from speculation.sampling import MIN_SAMPLED_TEMPERATURE, Sampling, logits_to_probs

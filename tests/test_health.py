@@ -7,7 +7,7 @@ import threading
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.grpc_server import start_server
+from service_common.server import start_server
 
 
 def test_stopping_while_watch_streams_end_does_not_hang():

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serving.errors import ResourceExhausted
+from service_common.errors import ResourceExhausted
 from serving.model_worker import CallerGone, ModelWorker
 from serving.sessions import SessionStore
 from tests.conftest import PROMPTS, start_stack

@@ -58,7 +58,7 @@ def test_the_request_equals_the_sdks_encoding():
 
 
 def test_the_exporter_delivers_to_a_collector():
-    from telemetry.otlp_sink import otlp_sink_process
+    from benchmarking.otlp_sink import otlp_sink_process
 
     report = []
     with otlp_sink_process(report=report) as endpoint:

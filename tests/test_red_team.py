@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import verify_service.server as verify_server
 from serving.model_server import ModelServerSettings
-from serving.session_fingerprint import fingerprint
+from service_common.session_fingerprint import fingerprint
 from specdec_api import common_pb2, orchestrator_pb2, orchestrator_pb2_grpc, verify_pb2, verify_pb2_grpc
 from specdec_client import Client
 from tests.conftest import PROMPTS, start_stack

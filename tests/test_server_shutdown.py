@@ -13,12 +13,12 @@ import time
 
 import grpc
 
-from specdec_cli.local_stack import REPO_ROOT, wait_healthy
+from local_stack.processes import REPO_ROOT, wait_healthy
 
 SERVER = textwrap.dedent("""
     import sys, threading
     import grpc
-    from serving.grpc_server import start_server
+    from service_common.server import start_server
 
     def add(servicer, server):
         def stuck(request, context):

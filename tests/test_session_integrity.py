@@ -15,9 +15,9 @@ import torch
 import draft_service.server as draft_server
 import orchestrator.server as orchestrator_server
 import verify_service.server as verify_server
-from serving.errors import ResourceExhausted, SessionLost
+from service_common.errors import ResourceExhausted, SessionLost
 from serving.model_server import ModelServerSettings
-from serving.session_fingerprint import EMPTY, PrefixChain, extend, fingerprint, session_tag
+from service_common.session_fingerprint import EMPTY, PrefixChain, extend, fingerprint, session_tag
 from serving.sessions import SessionStore
 from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from tests.conftest import PROMPTS, Stack

@@ -11,7 +11,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 
 from telemetry.lean_tracer import lean_tracer
 from telemetry.span_file import JsonlSpanExporter, span_record
-from telemetry.span_reader import read_spans
+from trace_analysis.span_reader import read_spans
 
 
 def _spans():

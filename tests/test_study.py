@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 
-from specdec_cli.paths import REPO_ROOT
+from local_stack.paths import REPO_ROOT
 from tests.conftest import PROMPTS
 
 DELAYS_MS = (0.0, 2.0, 10.0)

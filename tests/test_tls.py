@@ -20,7 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specdec_api import common_pb2, draft_pb2, orchestrator_pb2, verify_pb2, verify_pb2_grpc
 from specdec_client import Client, ResourceExhausted
-from specdec_cli.local_stack import free_port, wait_healthy
+from local_stack.processes import wait_healthy
+from transport import free_port
 from tests.conftest import PROMPTS, start_stack
 from transport import ManagedChannel, TLSSettings, dial
 from transport.throwaway_ca import Identity, ThrowawayCA

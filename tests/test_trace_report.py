@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import SpanKind, set_span_in_context
 
 from specdec_cli.trace_report import trace_report
-from telemetry.breakdown import DRAFT_METHOD, VERIFY_METHOD
+from trace_analysis.breakdown import DRAFT_METHOD, VERIFY_METHOD
 from telemetry.span_file import JsonlSpanExporter
 
 MS = 1_000_000

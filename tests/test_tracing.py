@@ -17,11 +17,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from specdec_cli.local_stack import free_port, local_stack
-from specdec_cli.paths import REPO_ROOT
+from local_stack.processes import local_stack
+from transport import free_port
+from local_stack.paths import REPO_ROOT
 from specdec_client import Client
 from telemetry.span_file import span_record
-from telemetry.span_reader import read_spans
+from trace_analysis.span_reader import read_spans
 from telemetry.tracing import traced_channel
 
 PROPOSE = "/specdec.v1.DraftService/Propose"

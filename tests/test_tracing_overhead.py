@@ -1,9 +1,9 @@
-"""telemetry.overhead's statistics: the bootstrap interval it reports around the per-prompt median."""
+"""benchmarking.tracing_overhead's statistics: the bootstrap interval it reports around the per-prompt median."""
 
 import random
 import statistics
 
-from telemetry.overhead import median_ci95
+from benchmarking.tracing_overhead import median_ci95
 
 
 def test_the_median_interval_holds_the_median_and_narrows_with_more_generations():
@@ -25,7 +25,7 @@ def test_the_otlp_sink_counts_what_an_otlp_exporter_sends_it():
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
     from telemetry.lean_tracer import lean_tracer
-    from telemetry.otlp_sink import otlp_sink_process
+    from benchmarking.otlp_sink import otlp_sink_process
 
     report = []
     with otlp_sink_process(report=report) as endpoint:

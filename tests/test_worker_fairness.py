@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from serving.callers import caller_of, peer_host
-from serving.errors import ResourceExhausted
+from service_common.callers import caller_of, peer_host
+from service_common.errors import ResourceExhausted
 from serving.model_worker import ModelWorker, PrefillLane
 
 

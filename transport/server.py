@@ -7,12 +7,21 @@ draining server reports NOT_SERVING on both.
 
 from __future__ import annotations
 
+import socket
 from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from transport.tls import TLSSettings, server_credentials
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS's choice), for a process that must be told its port up front:
+    it can be taken before that process binds it, so callers that can bind port 0 themselves should."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def listen(server: grpc.Server, host: str, port: int, tls: TLSSettings | None = None) -> int:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from serving.grpc_server import RunningServer
+from service_common.server import RunningServer
 from serving.model_server import ModelServerSettings, start_model_server
-from specdec_api import verify_pb2, verify_pb2_grpc
+from specdec_api.method_paths import VERIFY_SERVICE
+from specdec_api import verify_pb2_grpc
 from verify_service.servicer import VerifyServicer
 
-SERVICE_NAME = verify_pb2.DESCRIPTOR.services_by_name["VerifyService"].full_name
+SERVICE_NAME = VERIFY_SERVICE
 
 
 def start(settings: ModelServerSettings, interceptors=()) -> RunningServer:

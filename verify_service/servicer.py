@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from serving.errors import InvalidArgument
-from serving.session_fingerprint import session_tag
+from service_common.errors import InvalidArgument
+from service_common.session_fingerprint import session_tag
 from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
 from specdec_api import verify_pb2, verify_pb2_grpc
 from speculation.wire import encode_probs

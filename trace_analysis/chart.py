@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from telemetry.breakdown import PARTS, Round
+from trace_analysis.breakdown import PARTS, Round
 
 COLORS = dict(zip(PARTS, ("#1f77b4", "#aec7e8", "#c5dbee", "#ff7f0e", "#2ca02c", "#98df8a", "#c9ecc4",
                           "#ffbb78", "#9467bd", "#7f7f7f")))

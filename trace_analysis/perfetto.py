@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from telemetry.breakdown import Call, Round
+from trace_analysis.breakdown import Call, Round
 
 # Network has a track per side: an overlapped round's draft and verify legs would otherwise collide.
 TRACKS = {"round": 1, "draft": 2, "network (draft)": 3, "verify": 4, "network (verify)": 5, "orchestrator": 6}

@@ -4,7 +4,7 @@ OTLP/gRPC to a counting sink in a process of its own) and on with 10% of generat
 taking turns between them; and the per-round cost of the tracing calls the orchestrator makes while
 tracing is off.
 
-    python -m telemetry.overhead --target models/target --draft models/draft --repeats 3
+    python -m benchmarking.tracing_overhead --target models/target --draft models/draft --repeats 3
 
 Knows how to start a stack and time generations, not what the spans hold.
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import grpc
 
-from specdec_cli.local_stack import local_stack
-from specdec_cli.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, load_prompts
+from local_stack.processes import local_stack
+from local_stack.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, load_prompts
 
 
 # mode -> the share of generations traced (None: tracing off in every process).
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as sink:
         endpoint = None
         if args.exporter == "otlp":
-            from telemetry.otlp_sink import otlp_sink_process
+            from benchmarking.otlp_sink import otlp_sink_process
 
             endpoint = sink.enter_context(otlp_sink_process())
         result = compare(args.target, args.draft, prompts, args.max_new_tokens, args.num_draft_tokens, args.repeats,

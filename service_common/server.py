@@ -16,9 +16,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving.caller_limits import DEFAULT_MAX_WORKERS, CallerLimitInterceptor, default_max_calls_per_caller
-from serving.errors import StatusInterceptor
-from serving.health import HealthServicer
+from service_common.caller_limits import DEFAULT_MAX_WORKERS, CallerLimitInterceptor, default_max_calls_per_caller
+from service_common.errors import StatusInterceptor
+from service_common.health import HealthServicer
 from telemetry.tracing import server_interceptors
 from transport import ApiKeyInterceptor, ApiKeys, TLSSettings, listen, serve_health
 
@@ -114,7 +114,7 @@ def start_server(
 
     `max_workers` handler threads (gRPC starts them as calls need them); one caller may have at most
     `max_calls_per_caller` calls in flight (None: half of `max_workers`; 0: no limit), so that no caller
-    can hold every thread (serving/caller_limits.py). `caller_by_api_key`: with `api_key_file`, the API
+    can hold every thread (service_common/caller_limits.py). `caller_by_api_key`: with `api_key_file`, the API
     key is the caller (the orchestrator's public API)."""
     if max_workers < 1:
         raise ValueError(f"--max-workers must be at least 1, got {max_workers}")

@@ -11,7 +11,7 @@ a call beyond `max_calls_per_caller`: the refusal holds a thread for microsecond
 parsed (the handler it sees reads raw bytes; an admitted call's bytes are parsed after the check). With
 the limit below the pool's size, no single caller can take the whole pool.
 
-The caller (serving/callers.py): the names on a client certificate, else the peer host (an IPv6 peer by
+The caller (service_common/callers.py): the names on a client certificate, else the peer host (an IPv6 peer by
 its /64). On the orchestrator's public API with API keys on, the API key comes first (as its SHA-256):
 a key is a client, whichever address it calls from. Without a key file the key is not checked, so any
 string would do and it is not used (a client could otherwise pose as any number of callers).
@@ -31,7 +31,7 @@ from collections import defaultdict
 
 import grpc
 
-from serving.callers import caller_of
+from service_common.callers import caller_of
 from transport.api_keys import OPEN_SERVICES, presented_key
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class CallerLimitInterceptor(grpc.ServerInterceptor):
 
 
 def _parse(deserialize, body, method: str, context: grpc.ServicerContext):
-    """The request from its bytes. The servers' deserializers (serving/errors.py) never raise; a bare
+    """The request from its bytes. The servers' deserializers (service_common/errors.py) never raise; a bare
     one that does means a body that does not parse, the caller's error."""
     try:
         return deserialize(body)

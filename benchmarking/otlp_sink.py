@@ -2,7 +2,7 @@
 counts the spans it receives and keeps nothing, run as its own process so that its work is not counted
 as the stack's.
 
-    python -m telemetry.otlp_sink --port 4317
+    python -m benchmarking.otlp_sink --port 4317
 
 Knows the OTLP trace service, not what the spans mean.
 """
@@ -56,10 +56,10 @@ def serve(port: int) -> None:
 def otlp_sink_process(timeout_s: float = 30.0, report: list | None = None) -> Iterator[str]:
     """A sink in a child process on a free loopback port; yields its endpoint (http://127.0.0.1:PORT).
     When it has stopped, `report` (if given) gets its last line ("received N spans")."""
-    from specdec_cli.local_stack import free_port
+    from transport import free_port
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "telemetry.otlp_sink", "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "benchmarking.otlp_sink", "--port", str(port)],
                                stdout=subprocess.PIPE, text=True)
     try:
         ready = threading.Event()

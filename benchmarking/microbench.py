@@ -264,11 +264,12 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from telemetry.grpc_server import TracingServerInterceptor
+    from telemetry.client_spans import traced_channel
     from telemetry.lean_tracer import lean_tracer
     from telemetry.otlp_encoding import encode_request
+    from telemetry.server_spans import TracingServerInterceptor
     from telemetry.span_file import JsonlSpanExporter
-    from telemetry.tracing import install_provider, traced_channel
+    from telemetry.tracing import install_provider
 
     class Discard(SpanExporter):
         def export(self, batch):

@@ -38,7 +38,7 @@ def _client(target: str, draft: str, ratio: float | None, trace_dir: Path, otlp_
     to JSONL files, or over OTLP/gRPC to `otlp_endpoint`, `ratio` of the generations sampled at the client
     (the services follow its decision)."""
     from specdec_client import Client
-    from telemetry.tracing import traced_channel
+    from telemetry.client_spans import traced_channel
 
     env, provider = {}, None
     if ratio is not None:

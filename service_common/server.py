@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from service_common.caller_limits import DEFAULT_MAX_WORKERS, CallerLimitInterceptor, default_max_calls_per_caller
 from service_common.errors import StatusInterceptor
 from service_common.health import HealthServicer
-from telemetry.tracing import server_interceptors
+from telemetry.server_spans import server_interceptors
 from transport import ApiKeyInterceptor, ApiKeys, TLSSettings, listen, serve_health
 
 log = logging.getLogger(__name__)

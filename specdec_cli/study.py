@@ -96,7 +96,7 @@ def _drive(plan: StudyPlan, orchestrator: str, path: DelayPath, levels: list[Lev
     """Generations take turns between the levels (the order rotating), so a background load that comes and
     goes weighs on every level alike; the delay changes between generations, with nothing in flight."""
     from specdec_client import Client
-    from telemetry.tracing import traced_channel
+    from telemetry.client_spans import traced_channel
 
     tracer = provider.get_tracer("specdec.study")
     channel = traced_channel(grpc.insecure_channel(orchestrator), tracer_provider=provider)

@@ -1,6 +1,6 @@
-"""Tracing setup for one process: the global TracerProvider, its exporters, and the gRPC interceptors that
-carry W3C tracecontext in call metadata (OpenTelemetry's propagator, in telemetry.grpc_server's and
-telemetry.grpc_client's interceptors).
+"""Tracing setup for one process: the global TracerProvider, its exporters, and the tracer spans are made with.
+The gRPC spans that carry W3C tracecontext between processes are telemetry.client_spans' and
+telemetry.server_spans', which build on this module (never the other way round).
 
 Exporters come from the standard environment variables: OTEL_TRACES_EXPORTER=otlp|console|none (a comma
 list), OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT and OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL=grpc|http/protobuf
@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 
-import grpc
 from opentelemetry import trace
 
 from telemetry.lean_tracer import lean_tracer
@@ -118,7 +117,7 @@ def install_provider(provider) -> None:
     if trace.get_tracer_provider() is not provider:
         raise RuntimeError("another TracerProvider is already installed in this process")
     _provider = provider
-    _tracer = lean_tracer(provider, "specdec")
+    _tracer = tracer_for(provider, "specdec")
 
 
 def tracing_enabled() -> bool:
@@ -129,26 +128,14 @@ def get_tracer() -> trace.Tracer:
     return _tracer
 
 
-def server_interceptors() -> list:
-    """A SERVER span per call (not health checks) as the child of the caller's span; none while tracing is off."""
-    if _provider is None:
-        return []
-    from telemetry.grpc_server import TracingServerInterceptor
-
-    return [TracingServerInterceptor(lean_tracer(_provider, "specdec.grpc"))]
+def installed_provider():
+    """The SDK TracerProvider this process traces with; None while tracing is off."""
+    return _provider
 
 
-def traced_channel(channel: grpc.Channel, tracer_provider=None) -> grpc.Channel:
-    """The channel with a CLIENT span per call and tracecontext in its metadata; unchanged while tracing is off.
-
-    `tracer_provider` traces this one channel with a provider of its own (a client that keeps its spans
-    in memory) whether or not the process-wide tracing is on."""
-    if tracer_provider is None and _provider is None:
-        return channel
-    from telemetry.grpc_client import TracingClientInterceptor
-
-    tracer = lean_tracer(tracer_provider if tracer_provider is not None else _provider, "specdec.grpc")
-    return grpc.intercept_channel(channel, TracingClientInterceptor(tracer))
+def tracer_for(provider, name: str) -> trace.Tracer:
+    """The tracer this project makes spans with over `provider` (an SDK TracerProvider)."""
+    return lean_tracer(provider, name)
 
 
 def shutdown_tracing() -> None:

@@ -21,9 +21,9 @@ from local_stack.processes import local_stack
 from transport import free_port
 from local_stack.paths import REPO_ROOT
 from specdec_client import Client
+from telemetry.client_spans import traced_channel
 from telemetry.span_file import span_record
 from trace_analysis.span_reader import read_spans
-from telemetry.tracing import traced_channel
 
 PROPOSE = "/specdec.v1.DraftService/Propose"
 VERIFY = "/specdec.v1.VerifyService/Verify"
@@ -42,8 +42,10 @@ def test_without_an_exporter_tracing_installs_nothing():
     out = _python("""
 import json, grpc
 from opentelemetry import trace
-from telemetry.tracing import configure_tracing, get_tracer, server_interceptors, traced_channel, tracing_enabled
+from telemetry.client_spans import traced_channel
 from telemetry.metrics import configure_metrics
+from telemetry.server_spans import server_interceptors
+from telemetry.tracing import configure_tracing, get_tracer, tracing_enabled
 channel = grpc.insecure_channel("localhost:1")
 print(json.dumps({"configured": configure_tracing("svc"), "enabled": tracing_enabled(),
                   "interceptors": len(server_interceptors()), "same_channel": traced_channel(channel) is channel,
@@ -233,7 +235,7 @@ def test_the_server_interceptor_continues_the_callers_trace_and_records_failures
 
     from opentelemetry.trace import StatusCode
 
-    from telemetry.grpc_server import TracingServerInterceptor
+    from telemetry.server_spans import TracingServerInterceptor
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -14,7 +14,7 @@ from typing import List, Optional
 
 import typer
 
-from local_stack.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET
+from local_stack.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, REPO_ROOT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -27,6 +27,21 @@ class Role(str, Enum):
 
 def _env(name: str) -> str:
     return "SPECDEC_" + name.upper().replace("-", "_")
+
+
+def _from_checkout(command: str, package: str) -> None:
+    """Make a development package (benchmarking, reference_pair, netlab) importable for `command`, or exit
+    with what to do. The wheel leaves them out (a deployment needs none of them), so the console script's
+    path finder does not know them even in an editable install; they load from the source checkout
+    instead, whose root goes on sys.path. An installed wheel has no checkout beside it: say so."""
+    if (REPO_ROOT / package / "__init__.py").is_file():
+        if str(REPO_ROOT) not in sys.path:
+            sys.path.append(str(REPO_ROOT))  # last: the checkout's top-level folders shadow nothing installed
+        return
+    typer.echo(f"specdec: `specdec {command}` runs from a source checkout: it needs the `{package}` package, which "
+               "the installed wheel leaves out. Get a checkout with `git clone <the specdec repository> specdec && "
+               f"cd specdec && ./setup.sh`, then run `.venv/bin/specdec {command}` there.", err=True)
+    raise typer.Exit(2)
 
 
 @app.command()
@@ -299,6 +314,7 @@ def bench(
                                                   "(a throwaway CA in a temporary directory; needs trustme)"),
 ):
     """target_only vs hf_assisted vs specdec on the reference pair: tokens/s, speedup, alpha, round split."""
+    _from_checkout("bench", "benchmarking")
     from benchmarking.bench import BenchSettings, add_leviathan_bound, plot, run_bench
     from local_stack.paths import load_prompts
 
@@ -359,14 +375,18 @@ def pair_report(
     """Measure a pair: cost ratio c, greedy and temperature-1 acceptance, Leviathan's predicted speedup.
 
     The protocol runs on one core with one thread: `taskset -c 1 specdec pair-report`."""
+    _from_checkout("pair-report", "reference_pair")
     from reference_pair.evaluate import evaluate
 
     typer.echo(json.dumps(evaluate(target, draft, str(prompts), new_tokens, context), indent=2))
 
 
-@app.command("train-pair", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# add_help_option=False: --help goes on to train-pair's own parser, which knows its flags (typer's would list none).
+@app.command("train-pair", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_pair(ctx: typer.Context):
     """Train the reference tokenizer, target and distilled draft (`specdec train-pair --help`)."""
+    _from_checkout("train-pair", "reference_pair")
     from reference_pair.cli import main
 
     main(list(ctx.args))
@@ -411,6 +431,7 @@ def study(
     import signal
     import time
 
+    _from_checkout("study", "netlab")
     from local_stack.paths import load_prompts
     from specdec_cli.study import StudyPlan, print_study, run_study
 

@@ -1,0 +1,146 @@
+"""The wheel holds the product and nothing else: no benchmarking, reference_pair, netlab, tests or protos. The
+development commands (`specdec bench`, `pair-report`, `train-pair`, `study`) still run through the console
+script of an editable install, from the checkout, and without a checkout they say how to get one; the
+product commands run from the wheel alone."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PRODUCT = {"specdec_api", "speculation", "serving", "draft_service", "verify_service", "orchestrator",
+           "specdec_client", "specdec_cli", "telemetry", "transport", "service_common", "local_stack",
+           "trace_analysis"}
+DEVELOPMENT = {"benchmarking", "reference_pair", "netlab"}
+# Where the wheel's code may name a development package: the commands that need one (deferred imports),
+# and the study module, which only `specdec study` imports.
+MAY_IMPORT_DEVELOPMENT = {"specdec_cli/main.py", "specdec_cli/study.py"}
+
+
+def _clean_env() -> dict[str, str]:
+    """No PYTHONPATH: the checkout must be found by the code under test, not by the caller's environment."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The project built as a wheel from a copy of its sources. A copy, because a build in place writes
+    build/ and *.egg-info into the checkout, and a stale build/lib would put old packages in the wheel."""
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for folder in REPO.iterdir():  # every top-level package, the ones to leave out too, and protos/
+        if (folder / "__init__.py").is_file() or folder.name == "protos":
+            shutil.copytree(folder, source / folder.name, ignore=ignore)
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                           "-q", "-w", str(work / "dist"), str(source)],
+                          capture_output=True, text=True, timeout=120, env=_clean_env())
+    assert done.returncode == 0, f"building the wheel failed:\n{done.stdout}\n{done.stderr}"
+    [built] = (work / "dist").glob("specdec-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def unpacked(wheel, tmp_path_factory) -> Path:
+    """The wheel's files as pip would install them (a pure-Python wheel is a zip of site-packages' layout)."""
+    site = tmp_path_factory.mktemp("site")
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    return site
+
+
+def _from_wheel(site: Path, *args: str) -> subprocess.CompletedProcess:
+    """`specdec ARGS` with the wheel's code and no checkout: isolated mode (no current directory or
+    PYTHONPATH on sys.path), the wheel's folder first."""
+    code = (f"import sys; sys.path.insert(0, {str(site)!r}); sys.argv[0] = 'specdec'; "
+            "from specdec_cli.main import app; app()")
+    return subprocess.run([sys.executable, "-I", "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          cwd=site, env=_clean_env())
+
+
+def test_the_wheel_holds_the_product_packages_and_nothing_else(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        [entry_points] = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+        scripts = archive.read(entry_points).decode()
+    top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert top_level == PRODUCT, (f"left out: {sorted(PRODUCT - top_level)}; "
+                                  f"should not be there: {sorted(top_level - PRODUCT)}")
+    assert "specdec = specdec_cli.main:app" in scripts
+
+
+def test_the_wheel_names_development_packages_only_where_the_development_commands_need_them(unpacked):
+    found = {}
+    for path in unpacked.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] in DEVELOPMENT | {"tests"}:
+                    found.setdefault(path.relative_to(unpacked).as_posix(), set()).add(name)
+    assert set(found) <= MAY_IMPORT_DEVELOPMENT, found
+
+
+def test_the_product_modules_import_from_the_wheel_alone(unpacked):
+    """What serve, generate, demo and trace-report load, loaded from the wheel with no checkout to fall back on."""
+    modules = ["specdec_cli.main", "specdec_cli.demo", "specdec_cli.trace_report", "specdec_client",
+               "orchestrator.server", "draft_service.server", "verify_service.server", "telemetry.tracing",
+               "telemetry.metrics"]
+    code = (f"import sys; sys.path.insert(0, {str(unpacked)!r}); import importlib\n"
+            f"for name in {modules!r}:\n"
+            f"    module = importlib.import_module(name)\n"
+            f"    assert module.__file__.startswith({str(unpacked)!r}), (name, module.__file__)\n"
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(DEVELOPMENT)!r})))")
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=unpacked, env=_clean_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"development packages imported: {done.stdout}"
+
+
+def test_a_product_command_runs_from_the_wheel(unpacked, tmp_path):
+    done = _from_wheel(unpacked, "trace-report", str(tmp_path / "no-such-spans.jsonl"))
+    assert done.returncode == 1 and "no-such-spans.jsonl" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["bench"], ["pair-report"], ["train-pair"], ["study", "--delay-ms", "0"]])
+def test_a_development_command_without_a_checkout_says_how_to_get_one(unpacked, command):
+    done = _from_wheel(unpacked, *command)
+    assert done.returncode == 2, done.stderr
+    assert f"`specdec {command[0]}` runs from a source checkout" in done.stderr
+    assert "git clone" in done.stderr and "./setup.sh" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _console_script() -> Path:
+    script = Path(sys.executable).parent / "specdec"
+    assert script.is_file(), f"no console script at {script}: run ./setup.sh (it installs the project editable)"
+    return script
+
+
+def test_development_commands_run_from_the_checkout_through_the_console_script(tmp_path):
+    """The console script's sys.path is the venv's, not the checkout (whose packages the editable install
+    maps only as far as the wheel goes): `specdec` puts the checkout on the path for these commands."""
+    bench = subprocess.run([str(_console_script()), "bench", "--help"], capture_output=True, text=True,
+                           timeout=60, cwd=tmp_path, env=_clean_env())
+    assert bench.returncode == 0 and "--concurrency" in bench.stdout, bench.stderr
+    # --help reaches reference_pair.cli's own parser: the package was imported from the checkout.
+    train = subprocess.run([str(_console_script()), "train-pair", "--help"], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path, env=_clean_env())
+    assert train.returncode == 0, train.stderr
+    assert "usage: specdec train-pair" in train.stdout and "--target-steps" in train.stdout

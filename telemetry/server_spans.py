@@ -7,8 +7,9 @@ per call (it wraps the servicer context, parses the peer address and sets a doze
 most of what tracing cost a speculative round of ~3 calls. This one does what a latency study needs and
 no more: the span (named after the full method, as the instrumentation names it), the RPC semantic
 conventions' rpc.system / rpc.service / rpc.method / rpc.grpc.status_code, an error status when the
-handler fails, and the span made current so that the handler's own spans (queue_wait, forward) nest
-under it. Health checks are not traced (Kubernetes probes them every few seconds).
+handler fails, and the span made current so that the handler can put its queue and compute times on it
+(serving/model_service.py) and any span it makes nests under it. Health checks are not traced
+(Kubernetes probes them every few seconds).
 
 Knows gRPC calls and spans, not what the calls carry.
 """

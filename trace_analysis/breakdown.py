@@ -2,17 +2,19 @@
 their median, p90 and share of the wall time over many rounds.
 
 A round's calls are its Propose / Verify client spans (observed = their duration). Each call's server-side
-split comes from the service's own spans when they are among the files (server span = server-reported
-time, `forward` = compute, `queue_wait` = queue), else from the round's attributes (specdec.<side>.observed /
-server / compute / queue ms, scaled to the call when a side made several calls). Without client spans the
-attributes alone describe one call per side. Per call, network = client-observed - server-reported (no
-clock sync between hosts), server other = server-reported - queue - compute.
+split comes from the service's SERVER span when it is among the files (its duration = server-reported
+time; its specdec.compute_ms and specdec.queue_ms attributes), else from the round's attributes
+(specdec.<side>.observed / server / compute / queue ms, scaled to the call when a side made several
+calls). Without client spans the attributes alone describe one call per side. Per call, network =
+client-observed - server-reported (no clock sync between hosts), server other = server-reported minus
+queue and compute.
 
 The critical path: verify calls are on it; a draft call is on it only where it does not overlap a verify
 call (an overlapped round drafts the next round while the target verifies), so its parts are scaled by
-that share. Accept is the round's "accept" child; orchestrator = specdec.round_ms - the calls on the
-path - accept. A round's wall time is its span's own start..end, measured apart from the attributes, so
-`covers_wall_fraction` shows whether the parts account for it.
+that share. Accept is the round's specdec.accept_ms attribute (or, in traces from before it, its "accept"
+child span); orchestrator = specdec.round_ms - the calls on the path - accept. A round's wall time is its
+span's own start..end, measured apart from the attributes, so `covers_wall_fraction` shows whether the
+parts account for it.
 
 Knows span names and attributes, not how they were measured.
 """
@@ -24,12 +26,12 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from specdec_api.method_paths import PROPOSE, VERIFY
+
 PARTS = ("draft compute", "draft queue", "draft server other", "draft network",
          "verify compute", "verify queue", "verify server other", "verify network",
          "accept", "orchestrator")
-DRAFT_METHOD = "/specdec.v1.DraftService/Propose"
-VERIFY_METHOD = "/specdec.v1.VerifyService/Verify"
-SIDES = {DRAFT_METHOD: "draft", VERIFY_METHOD: "verify"}
+SIDES = {PROPOSE: "draft", VERIFY: "verify"}
 
 
 def _ms(span: dict) -> float:
@@ -65,7 +67,7 @@ class Round:
     attributes: dict
     calls: list[Call]
     accept_ms: float
-    accept_span: tuple[int, int] | None = None
+    accept_start_ns: int | None = None  # where the accept step began, when the spans tell
     parts: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -101,9 +103,9 @@ def _from_spans(client: dict, children: dict[str, list[dict]], attributes: dict)
     side = SIDES[client["name"]]
     server = next((s for s in children.get(client["span_id"], ()) if s.get("kind") == "SERVER"), None)
     if server is not None:
-        steps = {s["name"]: s for s in children.get(server["span_id"], ())}
-        call = Call(side, _ms(client), _ms(server), _ms(steps["forward"]) if "forward" in steps else 0.0,
-                    _ms(steps["queue_wait"]) if "queue_wait" in steps else 0.0)
+        reported = server.get("attributes", {})
+        call = Call(side, _ms(client), _ms(server), float(reported.get("specdec.compute_ms", 0.0)),
+                    float(reported.get("specdec.queue_ms", 0.0)))
     else:
         call = _from_attributes(attributes, side, _ms(client)) or Call(side, _ms(client), 0.0, 0.0, 0.0)
     call.start_ns, call.end_ns = client["start_time_unix_nano"], client["end_time_unix_nano"]
@@ -138,6 +140,16 @@ def _split(r: Round) -> dict[str, float]:
     return parts
 
 
+def _accept(attributes: dict, kids: list[dict], calls: list[Call]) -> tuple[float, int | None]:
+    """The accept step's ms and start: the round's specdec.accept_ms, which begins as the last call ends
+    (accept waits for every call of the round), or the "accept" child span older orchestrators emit."""
+    span = next((k for k in kids if k["name"] == "accept"), None)
+    if span is not None:
+        return _ms(span), span["start_time_unix_nano"]
+    ends = [c.end_ns for c in calls if c.end_ns is not None]
+    return float(attributes.get("specdec.accept_ms", 0.0)), max(ends) if ends else None
+
+
 def rounds_from_spans(spans: list[dict]) -> list[Round]:
     """Every "round" span with its calls and accept step, in start order."""
     children: dict[str, list[dict]] = defaultdict(list)
@@ -156,10 +168,8 @@ def rounds_from_spans(spans: list[dict]) -> list[Round]:
         else:
             calls = [c for c in (_from_attributes(attributes, side) for side in ("draft", "verify")) if c]
         _mark_critical_path(calls, bool(attributes.get("specdec.overlapped", False)))
-        accept = next((k for k in kids if k["name"] == "accept"), None)
         r = Round(span["trace_id"], span["span_id"], span["start_time_unix_nano"], span["end_time_unix_nano"],
-                  attributes, calls, _ms(accept) if accept else 0.0,
-                  (accept["start_time_unix_nano"], accept["end_time_unix_nano"]) if accept else None)
+                  attributes, calls, *_accept(attributes, kids, calls))
         r.parts = _split(r)
         rounds.append(r)
     rounds.sort(key=lambda r: r.start_ns)

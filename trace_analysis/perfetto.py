@@ -4,7 +4,9 @@ the round, draft, verify, the network legs of each, and the orchestrator (open i
 The orchestrator's clock places each round and each call (its client span when there is one, else the calls
 laid end to end from the round's start); overlapping calls of one side share its track, nested. Server-side pieces have no comparable clock, so they are placed by
 duration alone: the network time of a call split evenly into a request leg at its start and a response leg
-at its end, the server's time between them, queue wait then forward pass at its start.
+at its end, the server's time between them, queue wait then forward pass at its start (the durations the
+service reports on its SERVER span). The accept step starts where the round's last call ended: it waits
+for every call of the round, and only its duration is recorded (specdec.accept_ms).
 
 Knows Round objects and the trace-event format, not how spans were gathered.
 """
@@ -66,9 +68,9 @@ def trace_events(rounds: list[Round]) -> dict:
             call_start = call.start_ns / 1000 if call.start_ns is not None else cursor
             events.extend(_call_events(call, call_start, pid))
             cursor = call_start + call.observed_ms * 1000
-        if r.accept_span is not None:
-            events.append(_slice("accept", pid, "orchestrator", r.accept_span[0] / 1000,
-                                 (r.accept_span[1] - r.accept_span[0]) / 1000))
+        if r.accept_ms:
+            accept_us = r.accept_start_ns / 1000 if r.accept_start_ns is not None else cursor
+            events.append(_slice("accept", pid, "orchestrator", accept_us, r.accept_ms * 1000))
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 

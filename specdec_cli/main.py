@@ -10,7 +10,6 @@ import logging
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -47,7 +46,7 @@ def _from_checkout(command: str, package: str) -> None:
 @app.command()
 def serve(
     role: Role = typer.Argument(..., help="which service this process runs"),
-    model: Optional[str] = typer.Option(None, envvar=_env("model"), help="draft/verify: HF name or local path"),
+    model: str | None = typer.Option(None, envvar=_env("model"), help="draft/verify: HF name or local path"),
     port: int = typer.Option(50051, envvar=_env("port")),
     host: str = typer.Option("[::]", envvar=_env("host")),
     device: str = typer.Option("cpu", envvar=_env("device"), help="cpu, cuda, cuda:1, ..."),
@@ -63,12 +62,12 @@ def serve(
         help="auto | lean | hf. auto (default): the lean Llama forward where the architecture allows "
              "(pre-transposed, fused projections: ~40% cheaper draft steps, 10-20% cheaper verify), else the "
              "model's own HF forward"),
-    draft: Optional[str] = typer.Option(None, envvar=_env("draft"), help="orchestrator: draft HOST:PORT"),
-    verify: Optional[str] = typer.Option(None, envvar=_env("verify"), help="orchestrator: verify HOST:PORT"),
-    tokenizer: Optional[str] = typer.Option(None, envvar=_env("tokenizer"),
+    draft: str | None = typer.Option(None, envvar=_env("draft"), help="orchestrator: draft HOST:PORT"),
+    verify: str | None = typer.Option(None, envvar=_env("verify"), help="orchestrator: verify HOST:PORT"),
+    tokenizer: str | None = typer.Option(None, envvar=_env("tokenizer"),
                                             help="orchestrator: default is the target's model path"),
     num_draft_tokens: int = typer.Option(4, envvar=_env("num_draft_tokens"), help="orchestrator: default gamma"),
-    adaptive_cost_ratio: Optional[float] = typer.Option(
+    adaptive_cost_ratio: float | None = typer.Option(
         None, envvar=_env("adaptive_cost_ratio"),
         help="orchestrator: adapt gamma per session from measured acceptance at this draft/target cost ratio"),
     gamma_policy: str = typer.Option(
@@ -91,18 +90,18 @@ def serve(
                                       help="draft/verify: hold a pass open up to this long for sessions expected back from their previous pass (0: batch what is queued)"),
     max_queue: int = typer.Option(256, envvar=_env("max_queue"),
                                   help="draft/verify: queued requests before RESOURCE_EXHAUSTED"),
-    prefill_cpus: Optional[str] = typer.Option(
+    prefill_cpus: str | None = typer.Option(
         None, envvar=_env("prefill_cpus"),
         help="draft/verify: run prefills (calls feeding >= --prefill-min-tokens) on a second thread pinned to these "
              "CPUs (a list like 0 or 0,2-3), beside the batched rounds; lean runtime only"),
     prefill_min_tokens: int = typer.Option(64, envvar=_env("prefill_min_tokens"),
                                            help="draft/verify: with --prefill-cpus, the tokens that make a call a prefill"),
-    prefill_chunk_tokens: Optional[int] = typer.Option(
+    prefill_chunk_tokens: int | None = typer.Option(
         None, envvar=_env("prefill_chunk_tokens"), show_default="128 on cpu, 512 on an accelerator",
         help="draft/verify: feed calls longer than this in chunks of this many tokens, letting other callers' "
              "rounds run between them, so a round waits for at most one chunk of someone's long prefill "
              "(0: never chunk)"),
-    max_queue_per_caller: Optional[int] = typer.Option(
+    max_queue_per_caller: int | None = typer.Option(
         None, envvar=_env("max_queue_per_caller"), show_default="half of --max-queue",
         help="draft/verify: requests one caller (TLS identity, else peer host) may have waiting before "
              "RESOURCE_EXHAUSTED"),
@@ -110,42 +109,42 @@ def serve(
         256, envvar=_env("pass_tokens"),
         help="draft/verify: a forward pass shared by several callers, or of several prefills, stops at this many "
              "tokens (a lone caller's rounds still batch up to --max-batch)"),
-    max_concurrent_rpcs: Optional[int] = typer.Option(None, envvar=_env("max_concurrent_rpcs"),
+    max_concurrent_rpcs: int | None = typer.Option(None, envvar=_env("max_concurrent_rpcs"),
                                                       help="refuse calls beyond this with RESOURCE_EXHAUSTED"),
     max_workers: int = typer.Option(
         256, envvar=_env("max_workers"),
         help="gRPC handler threads (started as calls need them): each call in flight holds one, a Generate "
              "stream until it ends"),
-    max_calls_per_caller: Optional[int] = typer.Option(
+    max_calls_per_caller: int | None = typer.Option(
         None, envvar=_env("max_calls_per_caller"), show_default="half of --max-workers",
         help="calls one caller may have in flight (orchestrator: by API key when --api-key-file is set, else "
              "client certificate, else peer host; draft/verify: certificate, else peer host, IPv6 by /64); "
              "beyond it RESOURCE_EXHAUSTED at once, so no caller can hold every handler thread (0: no limit)"),
-    metrics_port: Optional[int] = typer.Option(None, envvar=_env("metrics_port"),
+    metrics_port: int | None = typer.Option(None, envvar=_env("metrics_port"),
                                                help="serve Prometheus metrics on this port (bound to --host)"),
-    tls_cert: Optional[str] = typer.Option(
+    tls_cert: str | None = typer.Option(
         None, envvar=_env("tls_cert"),
         help="PEM certificate chain: with --tls-key, serve TLS; the orchestrator also presents it to draft/verify "
              "(re-read when the file changes)"),
-    tls_key: Optional[str] = typer.Option(None, envvar=_env("tls_key"), help="PEM private key of --tls-cert"),
-    tls_ca: Optional[str] = typer.Option(
+    tls_key: str | None = typer.Option(None, envvar=_env("tls_key"), help="PEM private key of --tls-cert"),
+    tls_ca: str | None = typer.Option(
         None, envvar=_env("tls_ca"),
         help="PEM CA bundle: with --tls-require-client-cert, callers' certificates must be signed by it; the "
              "orchestrator also verifies draft/verify with it"),
     tls_require_client_cert: bool = typer.Option(
         False, "--tls-require-client-cert", envvar=_env("tls_require_client_cert"),
         help="mTLS: refuse callers without a certificate signed by --tls-ca"),
-    tls_server_name: Optional[str] = typer.Option(
+    tls_server_name: str | None = typer.Option(
         None, envvar=_env("tls_server_name"),
         help="orchestrator: the name to check on draft/verify certificates (default: the host of --draft/--verify)"),
-    api_key_file: Optional[str] = typer.Option(
+    api_key_file: str | None = typer.Option(
         None, envvar=_env("api_key_file"),
         help="callers must send 'authorization: Bearer <key>' with a key from this file (one per line, '#' "
              "comments; re-read when it changes); health and reflection stay open"),
-    service_api_key_file: Optional[str] = typer.Option(
+    service_api_key_file: str | None = typer.Option(
         None, envvar=_env("service_api_key_file"),
         help="orchestrator: send the first key in this file to draft/verify (their --api-key-file)"),
-    health_port: Optional[int] = typer.Option(
+    health_port: int | None = typer.Option(
         None, envvar=_env("health_port"),
         help="also serve gRPC health alone, in plaintext, on this port (for Kubernetes probes when TLS is on)"),
     max_request_mb: float = typer.Option(
@@ -191,7 +190,7 @@ def serve(
                 adaptive_cost_ratio=adaptive_cost_ratio, rpc_timeout_s=rpc_timeout_s,
                 draft_timeout_s=draft_timeout_s, gamma_policy=gamma_policy, overlap=overlap,
                 draft_confidence=draft_confidence, service_api_key_file=service_api_key_file, **security))
-        except Exception as error:  # startup refusals are for a person to read, not a traceback
+        except Exception as error:  # noqa: BLE001 - startup refusals are for a person to read, not a traceback
             typer.echo(f"specdec: orchestrator refused to start: {error}", err=True)
             raise typer.Exit(2)
     else:
@@ -229,20 +228,20 @@ def generate(
     prompt: str = typer.Argument(..., help="prompt text"),
     server: str = typer.Option("localhost:50051", envvar=_env("server"), help="orchestrator HOST:PORT"),
     max_new_tokens: int = typer.Option(128),
-    temperature: Optional[float] = typer.Option(None, help="0 (default) = greedy"),
-    top_k: Optional[int] = typer.Option(None),
-    top_p: Optional[float] = typer.Option(None),
-    seed: Optional[int] = typer.Option(None),
-    num_draft_tokens: Optional[int] = typer.Option(None, help="gamma (default: the server's)"),
-    stop: List[str] = typer.Option([], help="stop string; repeatable"),
+    temperature: float | None = typer.Option(None, help="0 (default) = greedy"),
+    top_k: int | None = typer.Option(None),
+    top_p: float | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    num_draft_tokens: int | None = typer.Option(None, help="gamma (default: the server's)"),
+    stop: list[str] = typer.Option([], help="stop string; repeatable"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object: text, token_ids, stats"),
     timeout: float = typer.Option(300.0, help="seconds for the whole call"),
-    api_key: Optional[str] = typer.Option(None, envvar="SPECDEC_API_KEY",
+    api_key: str | None = typer.Option(None, envvar="SPECDEC_API_KEY",
                                           help="sent as 'authorization: Bearer <key>' (env SPECDEC_API_KEY)"),
-    tls_ca: Optional[str] = typer.Option(None, help="PEM CA that signed the orchestrator's certificate: use TLS"),
-    tls_cert: Optional[str] = typer.Option(None, help="PEM client certificate, for an orchestrator that requires one"),
-    tls_key: Optional[str] = typer.Option(None, help="PEM private key of --tls-cert"),
-    tls_server_name: Optional[str] = typer.Option(None, help="name to check on the orchestrator's certificate"),
+    tls_ca: str | None = typer.Option(None, help="PEM CA that signed the orchestrator's certificate: use TLS"),
+    tls_cert: str | None = typer.Option(None, help="PEM client certificate, for an orchestrator that requires one"),
+    tls_key: str | None = typer.Option(None, help="PEM private key of --tls-cert"),
+    tls_server_name: str | None = typer.Option(None, help="name to check on the orchestrator's certificate"),
 ):
     """Generate from a running orchestrator, streaming the text (or one JSON object with --json)."""
     from specdec_client import Client, SpecDecError
@@ -302,10 +301,10 @@ def bench(
     greedy_only: bool = typer.Option(False, help="skip the temperature-1 runs"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     png: Path = typer.Option(Path("bench.png"), help="chart of the results"),
-    concurrency: Optional[str] = typer.Option(
+    concurrency: str | None = typer.Option(
         None, help="e.g. 1,4,16,32: aggregate tokens/s at each level of concurrent streams vs batched target-only"),
     gamma_policy: str = typer.Option("load", help="with --concurrency: the orchestrator's --gamma-policy (load | fixed)"),
-    workload: Optional[int] = typer.Option(
+    workload: int | None = typer.Option(
         None, help="with --concurrency: prompts every level serves (default: the largest level)"),
     repeats: int = typer.Option(1, min=1, help="with --concurrency: runs per level (ours and target-only in turn); medians reported"),
     prefill_lane: bool = typer.Option(True, help="with --concurrency and pinned: the verify prefills on core 0 "
@@ -394,11 +393,11 @@ def train_pair(ctx: typer.Context):
 
 @app.command("trace-report")
 def trace_report_command(
-    files: List[Path] = typer.Argument(..., help="span files (JSONL from SPECDEC_TRACE_FILE, or a collector's "
+    files: list[Path] = typer.Argument(..., help="span files (JSONL from SPECDEC_TRACE_FILE, or a collector's "
                                                  "OTLP/JSON) or directories of them"),
-    png: Optional[Path] = typer.Option(None, help="chart path (default: FILE.breakdown.png)"),
-    perfetto: Optional[Path] = typer.Option(None, help="trace-event JSON path (default: FILE.perfetto.json)"),
-    trace: Optional[str] = typer.Option(None, help="only this trace id (or its prefix)"),
+    png: Path | None = typer.Option(None, help="chart path (default: FILE.breakdown.png)"),
+    perfetto: Path | None = typer.Option(None, help="trace-event JSON path (default: FILE.perfetto.json)"),
+    trace: str | None = typer.Option(None, help="only this trace id (or its prefix)"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ):
     """Per-round breakdown of exported spans (median, p90, share of wall), a PNG chart and a Perfetto timeline."""
@@ -413,7 +412,7 @@ def trace_report_command(
 
 @app.command()
 def study(
-    delay_ms: List[float] = typer.Option(..., help="one-way delay on each service link; repeatable"),
+    delay_ms: list[float] = typer.Option(..., help="one-way delay on each service link; repeatable"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per delay level, one per line"),
     target: str = typer.Option(str(DEFAULT_TARGET)),
     draft: str = typer.Option(str(DEFAULT_DRAFT)),
@@ -422,7 +421,7 @@ def study(
     max_new_tokens: int = typer.Option(48),
     num_draft_tokens: int = typer.Option(4),
     isolation: str = typer.Option("auto", help="auto | netns | loopback"),
-    out: Optional[Path] = typer.Option(None, help="run directory (default: runs/study-TIMESTAMP)"),
+    out: Path | None = typer.Option(None, help="run directory (default: runs/study-TIMESTAMP)"),
     hold_cores_awake: bool = typer.Option(
         True, help="a lowest-priority spinner per core during the run, so idle-core wake-up latency is not "
                    "measured as network time"),

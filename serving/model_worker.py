@@ -194,6 +194,10 @@ def parse_cpus(text: str) -> frozenset[int]:
 
 @dataclass
 class WorkerStats:
+    """Counters, written under the worker's `_count` lock by whichever thread runs or drops a job (main,
+    prefill lane, an inline caller). Each is counted before the job's caller is woken, so a caller that has its
+    result (or error) reads counters that include its job. Read while jobs run, two counters may be from
+    different moments (no snapshot is taken)."""
     batches: int = 0
     jobs: int = 0
     dropped: int = 0
@@ -229,11 +233,15 @@ class ModelWorker:
             raise ValueError("chunked prefill needs the worker to know each job's token count (tokens_of) and "
                              "how to split a job (split)")
         self.chunk_tokens, self.split = chunk_tokens, split
-        self.on_batch = on_batch  # (batch size, queue wait ms of its oldest job): metrics hook
+        # (batch size, queue wait ms of its oldest job): metrics hook. Called by the main thread, the prefill lane
+        # and inline callers, possibly at once, so it must be thread-safe (metric instruments are).
+        self.on_batch = on_batch
         self.stats = WorkerStats()
+        # Locks, taken in this order when nested: _forward, then _queue, then _count. _away_lock nests in none.
         self._forward = threading.Lock()  # one main forward pass at a time, inline or on the worker
         self._count = threading.Lock()  # the stats counters (two lanes and inline callers update them)
-        # The queues, under one condition: callers' jobs and tags, the virtual clock, what waits.
+        # The queues, under one condition: callers' jobs and tags, the virtual clock, what waits, the lane's job.
+        # Every read and write of _callers, _clock, _waiting, _arrivals and _on_lane holds it.
         self._queue = threading.Condition()
         self._callers: dict[Hashable, _Caller] = {}
         self._clock = 0.0  # virtual time: the tag of the last pass started
@@ -256,11 +264,11 @@ class ModelWorker:
         caller = key if caller is None else caller
         job = _Job(None, Future(), 0, 0, alive, key, caller, 1, False, 0)
         self._next_chunk(job, payload)
-        if (job.rest is None and self._waiting == 0 and self._main_may_take(job)
-                and self._forward.acquire(blocking=False)):
+        # `self._waiting == 0` unlocked is only a hint, to leave `_forward` alone while jobs are queued (the worker
+        # wants it then); _may_run_inline decides under the lock.
+        if job.rest is None and self._waiting == 0 and self._forward.acquire(blocking=False):
             try:
-                # Still nobody waiting, and nobody else expected soon: run here, a batch of one.
-                if self._waiting == 0 and not self._others_expected(key):
+                if self._may_run_inline(job):
                     return self._run_inline(job)
             finally:
                 self._forward.release()
@@ -276,6 +284,17 @@ class ModelWorker:
             self._queue.notify_all()
         self._arrived(key)  # after the enqueue: a batch that stops waiting for this key finds its job queued
         return job.future.result()
+
+    def _may_run_inline(self, job: _Job) -> bool:
+        """Whether the calling thread may run its job now, as a batch of one (it holds `_forward`): nothing is
+        waiting for the worker, the main thread may take the job (a prefill only as `_lane_callers` says), and
+        no other session is expected back soon. The queue state is read under its lock like everywhere else:
+        unlocked, the lane could clear `_on_lane` between `_lane_callers`' None check and its `.caller`. A job
+        queued just after the check waits for this one's pass, as it would for any pass already running."""
+        with self._queue:
+            if self._waiting or not self._main_may_take(job):
+                return False
+        return not self._others_expected(job.key)
 
     def _next_chunk(self, job: _Job, payload: Any) -> None:
         """Make `payload` the job's next pass: all of it, or its first chunk with the remainder kept as

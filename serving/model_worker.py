@@ -562,7 +562,8 @@ class ModelWorker:
             if lane.cpus is not None:
                 os.sched_setaffinity(0, lane.cpus)  # 0: this thread (Linux)
         except OSError as error:
-            log.warning("prefill lane: could not pin to CPUs %s (%s); it runs where the process may", sorted(lane.cpus), error)
+            log.warning("prefill lane: could not pin to CPUs %s (%s); it runs where the process may",
+                        sorted(lane.cpus), error)
         while True:
             with self._queue:
                 batch = self._lead("prefill")

@@ -10,7 +10,9 @@ tracing is OFF unless one of them asks for an exporter: then nothing is installe
 stays its no-op self, so tracing off costs nothing.
 
 Spans are made by telemetry.lean_tracer over the installed SDK provider (its sampler, ids and processors,
-with far less work per span than the SDK's own Tracer). Knows nothing about rounds, models or what the
+with far less work per span than the SDK's own Tracer), and OTLP/gRPC requests encoded by
+telemetry.otlp_encoding; SPECDEC_TRACER=sdk makes them with the SDK's own Tracer and exporter instead, so
+that benchmarking.tracing_overhead can weigh the two. Knows nothing about rounds, models or what the
 spans mean; callers make their own spans with get_tracer().
 """
 
@@ -26,6 +28,7 @@ from telemetry.lean_tracer import lean_tracer
 log = logging.getLogger(__name__)
 
 TRACE_FILE_ENV = "SPECDEC_TRACE_FILE"
+TRACER_ENV = "SPECDEC_TRACER"  # "sdk": the SDK's Tracer and OTLP exporter; else the lean ones
 
 _provider = None  # the SDK TracerProvider this process installed or adopted; None while tracing is off
 _tracer = trace.get_tracer("specdec")
@@ -66,6 +69,8 @@ def span_processors_from_env(service_name: str) -> list:
         if name == "otlp":
             if otlp_protocol("TRACES").startswith("http"):
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            elif _stock_sdk():
+                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
             else:  # the SDK's gRPC exporter with a cheaper encoding of the same request
                 from telemetry.otlp_encoding import FastOTLPSpanExporter as OTLPSpanExporter
             processors.append(BatchSpanProcessor(OTLPSpanExporter()))
@@ -133,9 +138,13 @@ def installed_provider():
     return _provider
 
 
+def _stock_sdk() -> bool:
+    return os.environ.get(TRACER_ENV, "").strip().lower() == "sdk"
+
+
 def tracer_for(provider, name: str) -> trace.Tracer:
     """The tracer this project makes spans with over `provider` (an SDK TracerProvider)."""
-    return lean_tracer(provider, name)
+    return provider.get_tracer(name) if _stock_sdk() else lean_tracer(provider, name)
 
 
 def shutdown_tracing() -> None:

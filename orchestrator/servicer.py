@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 from opentelemetry import trace
 
 from orchestrator.deployment import Deployment
 from orchestrator.load_gamma import LoadAwareGamma, LoadModel
 from orchestrator.generation import Generation, GenerationSpec
-from orchestrator.service_clients import DraftSession, VerifySession, release
+from orchestrator.service_clients import DraftSession, VerifyFailed, VerifySession
 from orchestrator.text_stream import TextStream
+from service_common.caller_limits import DEFAULT_MAX_WORKERS
 from service_common.errors import Downstream, InvalidArgument, OutOfRange
 from service_common.session_fingerprint import session_tag
 from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
@@ -30,14 +31,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def __init__(self, deployment: Deployment, default_gamma: int = 4, max_gamma: int = 16,
                  rpc_timeout_s: float = 30.0, adaptive_cost_ratio: float | None = None,
                  draft_timeout_s: float = 5.0, gamma_policy: str = "fixed", overlap: bool = True,
-                 draft_confidence: float = 0.0):
+                 draft_confidence: float = 0.0, max_workers: int = DEFAULT_MAX_WORKERS):
         self.deployment = deployment
         self.default_gamma = default_gamma
         self.max_gamma = min(max_gamma, deployment.verify_info.max_draft_tokens or max_gamma,
                              deployment.draft_info.max_draft_tokens if deployment.draft_info else max_gamma)
         self.rpc_timeout_s = rpc_timeout_s
         self.draft_timeout_s = draft_timeout_s
-        self.overlap = overlap
+        # Verify calls run here while a handler thread drafts ahead (the overlap): one per handler thread.
+        self.verify_pool = ThreadPoolExecutor(max_workers, thread_name_prefix="verify-call") if overlap else None
         self.draft_confidence = draft_confidence
         if gamma_policy not in ("fixed", "load"):
             raise ValueError(f"--gamma-policy must be fixed or load, got {gamma_policy!r}")
@@ -115,12 +117,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         # the client sent, and kept out of spans and logs (they carry session_tag, a one-way name).
         session_id = secrets.token_hex(16)
         d = self.deployment
-        draft = DraftSession(d.draft_stub, session_id, self.draft_timeout_s) if d.draft_stub else None
-        if draft is not None:
-            draft.min_confidence = self.draft_confidence
-            if spec.draft_vocab_size > spec.target_vocab_size:
-                draft.vocab_limit = spec.target_vocab_size
-        verify = VerifySession(d.verify_stub, session_id, self.rpc_timeout_s)
+        draft = None
+        if d.draft_stub is not None:
+            vocab_limit = spec.target_vocab_size if spec.draft_vocab_size > spec.target_vocab_size else 0
+            draft = DraftSession(d.draft_stub, session_id, self.draft_timeout_s, spec.sampling, self.draft_confidence,
+                                 vocab_limit)
+        verify = VerifySession(d.verify_stub, session_id, self.rpc_timeout_s, spec.sampling)
         policy = None
         if spec.adaptive and self.load_model is not None:
             policy = LoadAwareGamma(self.load_model, max_gamma=spec.max_gamma, gamma=spec.gamma)
@@ -133,7 +135,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
             "specdec.temperature": spec.sampling.temperature, "specdec.gamma": spec.gamma})
         generation = Generation(spec, draft, verify, TextStream(d.tokenizer, spec.stop), policy,
                                 is_active=context.is_active, trace_context=trace.set_span_in_context(span),
-                                load_model=self.load_model, overlap=self.overlap)
+                                load_model=self.load_model, verify_pool=self.verify_pool)
         if self.load_model is not None:
             self.load_model.enter()
         try:
@@ -148,15 +150,20 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     span.set_attributes({"specdec.new_tokens": stats.new_tokens, "specdec.rounds": stats.rounds,
                                          "specdec.acceptance_rate": stats.acceptance_rate})
                 yield chunk
-        except grpc.RpcError as error:  # the verify service's status, not UNKNOWN (draft errors never get here)
-            raise Downstream("verify", error) from error
+        except VerifyFailed as failure:  # the client gets the verify service's status, not UNKNOWN
+            raise Downstream("verify", failure.error) from failure
         finally:
             if self.load_model is not None:
                 self.load_model.leave()
             span.end()
-            release(d.verify_stub, session_id)
-            if d.draft_stub is not None:
-                release(d.draft_stub, session_id)
+            verify.release()
+            if draft is not None:
+                draft.release()
+
+    def close(self) -> None:
+        """After the server stopped: its generations are over, so the verify pool's threads may end."""
+        if self.verify_pool is not None:
+            self.verify_pool.shutdown()
 
     def GetInfo(self, request, context):
         d = self.deployment

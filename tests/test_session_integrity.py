@@ -296,11 +296,11 @@ def test_a_client_whose_chain_went_stale_recovers_with_one_reprefill(stacks):
     client = VerifySession(stub, "stale-chain", timeout_s=30)
     client.chain = PrefixChain(window=2)
     first = list(range(10, 30))
-    reply, base = client.verify(first, [], common_pb2.SamplingParams())
-    client.advance(base, reply.cached_len, 0)
+    reply = client.verify(first, [])
+    client.advance(reply.base, reply.cached_len, 0)
     assert client.synced_len == 20
     departed = [7] + first[1:]  # differs far behind the window: the chain's fingerprint is stale
-    reply, base = client.verify(departed + [5], [], common_pb2.SamplingParams())
+    reply = client.verify(departed + [5], [])
     assert client.reprefills == 1 and reply.cached_len == 21
     fresh = stub.Verify(verify_pb2.VerifyRequest(session_id="stale-fresh", append_tokens=departed + [5]), timeout=30)
     assert list(reply.argmax_token_ids) == list(fresh.argmax_token_ids)

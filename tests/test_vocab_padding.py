@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from orchestrator.generation import over_target_ids
+from orchestrator.acceptance import over_target_ids
 from speculation.rejection import rejection_sample
 from tests.conftest import PROMPTS, start_stack
 from tests.test_rejection_sampler import chi_square_p

@@ -68,14 +68,14 @@ class DraftAhead:
         self.verify_pool = verify_pool  # runs verify calls while this thread drafts ahead; None: no overlap
         self._prepared: Drafts | None = None  # drafted ahead by the last round, its guess right
 
-    def draft(self, committed: list[int], gamma: int, round_index: int, timing: RoundDraft) -> Drafts:
+    def draft(self, committed: list[int], gamma: int, round_index: int, draft_time: RoundDraft) -> Drafts:
         """Step 1: gamma tokens (with draft_probs when sampling) in one call, or those drafted ahead during the
         last round's verify; none while the fallback says so or when the call fails."""
         prepared, self._prepared = self._prepared, None
         if gamma <= 0 or not self.fallback.allows(round_index):
             return NO_DRAFTS
         if prepared is not None:
-            timing.prepared = True
+            draft_time.prepared = True
             return prepared.first(gamma)
         seed = draw_seed(self.generator)
         try:
@@ -83,11 +83,11 @@ class DraftAhead:
         except DraftFailed as failure:
             self.fallback.failed(failure, round_index)
             return NO_DRAFTS
-        timing.add_critical(proposal.call, len(proposal.token_ids))
+        draft_time.add_critical(proposal.call, len(proposal.token_ids))
         return Drafts(proposal.token_ids, proposal.draft_probs, proposal.base, proposal.cached_len)
 
     def beside_verify(self, verify: Callable[[], Scored], committed: list[int], drafts: Drafts, round_index: int,
-                      timing: RoundDraft) -> tuple[Scored, DraftedAhead | None]:
+                      draft_time: RoundDraft) -> tuple[Scored, DraftedAhead | None]:
         """Steps 2 and 2b: the verify call on the pool while this thread drafts ahead. Only what the
         draft-ahead call outlasted the verify by is on the round's critical path."""
         started = time.perf_counter()
@@ -95,7 +95,7 @@ class DraftAhead:
         ahead, call = self._draft_ahead(committed, drafts, round_index)
         scored = verifying.result()
         if call is not None:
-            timing.add_overlapped(call, (time.perf_counter() - started) * 1000, scored.call.observed_ms)
+            draft_time.add_overlapped(call, (time.perf_counter() - started) * 1000, scored.call.observed_ms)
         return scored, ahead
 
     def _draft_ahead(self, committed: list[int], drafts: Drafts, round_index: int):

@@ -84,13 +84,13 @@ class Generation:
 
     def _round(self) -> RoundEvent:
         with get_tracer().start_as_current_span("round", context=self.trace_context) as span:
-            started, timing = time.perf_counter(), RoundDraft()
+            started, draft_time = time.perf_counter(), RoundDraft()
             # 1. Draft: gamma tokens (and draft_probs when sampling) in one call, or those drafted ahead
             #    during the last round's verify.
-            drafts = self._draft(self._gamma(), timing)
+            drafts = self._draft(self._gamma(), draft_time)
             # 2. Verify: one target forward over the uncached committed tokens and the drafts.
             #    2b. Overlap: meanwhile the draft drafts ahead, as if every draft will be accepted.
-            scored, ahead = self._verify(drafts, timing)
+            scored, ahead = self._verify(drafts, draft_time)
             # 3. Accept: greedy prefix match, or rejection sampling with the generation's RNG.
             accept_started = time.perf_counter()
             outcome = accept(drafts, scored, self.generator, ahead)
@@ -106,7 +106,7 @@ class Generation:
             if self.gamma_policy is not None:
                 self.gamma_policy.update(drafts.gamma, outcome.accepted)
             round_ms = (time.perf_counter() - started) * 1000
-            measured = RoundMeasures(drafts.gamma, outcome, len(new_tokens), timing, scored.call, accept_ms, round_ms)
+            measured = RoundMeasures(drafts.gamma, outcome, len(new_tokens), draft_time, scored.call, accept_ms, round_ms)
             return RoundEvent(new_tokens, text, self.finish_reason, self.report.round(span, measured))
 
     def _gamma(self) -> int:
@@ -117,16 +117,16 @@ class Generation:
         room = spec.max_context - len(self.committed) - 1
         return max(0, min(gamma, remaining - 1, room))
 
-    def _draft(self, gamma: int, timing: RoundDraft) -> Drafts:
+    def _draft(self, gamma: int, draft_time: RoundDraft) -> Drafts:
         if self.drafter is None:
             return NO_DRAFTS
-        return self.drafter.draft(self.committed, gamma, self.report.counters.rounds, timing)
+        return self.drafter.draft(self.committed, gamma, self.report.counters.rounds, draft_time)
 
-    def _verify(self, drafts: Drafts, timing: RoundDraft):
+    def _verify(self, drafts: Drafts, draft_time: RoundDraft):
         verify = functools.partial(self.verify.verify, self.committed, drafts.token_ids)
         if self.drafter is None or self.drafter.verify_pool is None or not self._room_to_draft_ahead(drafts.gamma):
             return verify(), None
-        return self.drafter.beside_verify(verify, self.committed, drafts, self.report.counters.rounds, timing)
+        return self.drafter.beside_verify(verify, self.committed, drafts, self.report.counters.rounds, draft_time)
 
     def _room_to_draft_ahead(self, gamma: int) -> bool:
         """Drafting ahead pays only if every draft and the bonus may be committed and the next round may draft."""

@@ -51,7 +51,7 @@ def start(settings: OrchestratorSettings, interceptors=()) -> RunningServer:
     servicer = OrchestratorServicer(deployment, settings.num_draft_tokens, settings.max_draft_tokens,
                                     settings.rpc_timeout_s, settings.adaptive_cost_ratio,
                                     settings.draft_timeout_s, settings.gamma_policy, settings.overlap,
-                                    settings.draft_confidence)
+                                    settings.draft_confidence, settings.max_workers)
     try:
         running = start_server([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer)],
                                [SERVICE_NAME], settings.port, settings.host, settings.max_workers, interceptors,
@@ -59,7 +59,9 @@ def start(settings: OrchestratorSettings, interceptors=()) -> RunningServer:
                                health_port=settings.health_port, max_request_mb=settings.max_request_mb,
                                max_calls_per_caller=settings.max_calls_per_caller, caller_by_api_key=True)
     except BaseException:
+        servicer.close()
         deployment.close()
         raise
     running.servicer = servicer
+    running.on_stop += [servicer.close, deployment.close]  # the verify pool's threads, the service channels
     return running

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import grpc
@@ -50,6 +50,7 @@ class RunningServer:
     health_server: grpc.Server | None = None  # the plaintext health port, when there is one
     health_port: int | None = None
     caller_limit: CallerLimitInterceptor | None = None  # calls in flight per caller (its .slots)
+    on_stop: list[Callable[[], None]] = field(default_factory=list)  # after the calls drained, in order
 
     def stop(self, grace: float | None = 5.0) -> None:
         for name in (*self.service_names, ""):
@@ -57,6 +58,8 @@ class RunningServer:
         self.server.stop(grace).wait()
         if self.health_server is not None:
             self.health_server.stop(None).wait()
+        for release in self.on_stop:
+            release()
 
     def wait_for_termination(self, exit_deadline_s: float = 15.0) -> None:
         """Block until SIGTERM / SIGINT, then drain in-flight calls and stop.

@@ -15,7 +15,7 @@ LAYERS: list[set[str]] = [
     {"transport", "telemetry", "trace_analysis", "specdec_client"},  # how processes talk, observe; the SDK
     {"service_common"},  # what the orchestrator and the model services share
     {"serving", "orchestrator"},  # the model services' machinery; the round loop
-    {"draft_service", "verify_service"},  # the two model services
+    {"draft_service", "verify_service", "openai_api"},  # the two model services; the OpenAI HTTP front
     {"local_stack", "reference_pair", "netlab"},  # local processes and the shipped pair; training it; delays
     {"benchmarking"},  # measurements
     {"specdec_cli"},  # the console script

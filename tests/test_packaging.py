@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 PRODUCT = {"specdec_api", "speculation", "serving", "draft_service", "verify_service", "orchestrator",
            "specdec_client", "specdec_cli", "telemetry", "transport", "service_common", "local_stack",
-           "trace_analysis"}
+           "trace_analysis", "openai_api"}
 DEVELOPMENT = {"benchmarking", "reference_pair", "netlab"}
 # Where the wheel's code may name a development package: the commands that need one (deferred imports),
 # and the study module, which only `specdec study` imports.

@@ -253,8 +253,8 @@ def _process_seconds(run) -> float:
 
 
 def spans(count: int = 5000, calls: int = 1500) -> dict:
-    """CPU per span (the SDK's tracer, the lean tracer, the lean tracer into the JSONL file), per exported span
-    (JSONL, OTLP encoding) and per unary call untraced vs traced (client and server span, JSONL)."""
+    """CPU per span (the SDK's tracer, alone and into the JSONL file), per exported span (JSONL, OTLP
+    encoding) and per unary call untraced vs traced (client and server span, JSONL)."""
     import tempfile
     from concurrent import futures
 
@@ -265,8 +265,6 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from telemetry.client_spans import traced_channel
-    from telemetry.lean_tracer import lean_tracer
-    from telemetry.otlp_encoding import encode_request
     from telemetry.server_spans import TracingServerInterceptor
     from telemetry.span_file import JsonlSpanExporter
     from telemetry.tracing import install_provider
@@ -285,21 +283,18 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
         provider.force_flush()
         return round((time.process_time() - started) / count * 1e6, 1)
 
-    sdk, batch, jsonl = TracerProvider(), TracerProvider(), TracerProvider()
+    sdk, jsonl = TracerProvider(), TracerProvider()
     queue = {"max_queue_size": count + 1}  # every span exported, none dropped
     sdk.add_span_processor(BatchSpanProcessor(Discard(), **queue))
-    batch.add_span_processor(BatchSpanProcessor(Discard(), **queue))
     jsonl.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(f"{directory}/spans.jsonl"), **queue))
-    # sdk: the SDK's own Tracer; lean: the tracer the services use (telemetry.lean_tracer), both with a
-    # batch processor that discards; lean_jsonl: the lean tracer into the local span file.
+    # sdk: the SDK's Tracer with a batch processor that discards; sdk_jsonl: into the local span file.
     out["span_us"] = {"sdk": per_span_us(sdk.get_tracer("bench"), sdk),
-                      "lean": per_span_us(lean_tracer(batch, "bench"), batch),
-                      "lean_jsonl": per_span_us(lean_tracer(jsonl, "bench"), jsonl)}
+                      "sdk_jsonl": per_span_us(jsonl.get_tracer("bench"), jsonl)}
     # What each exporter spends on a batch of 512 finished spans, per span: the JSONL file's export and the
-    # OTLP encoding (the SDK's encode_spans, or telemetry.otlp_encoding's, and the serialisation; no network).
+    # OTLP encoding (the SDK's encode_spans and the serialisation; no network).
     memory_provider, memory = TracerProvider(), InMemorySpanExporter()
     memory_provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = lean_tracer(memory_provider, "bench")
+    tracer = memory_provider.get_tracer("bench")
     for _ in range(512):
         tracer.start_span("round", attributes=attributes).end()
     finished, exporter = memory.get_finished_spans(), JsonlSpanExporter(f"{directory}/export.jsonl")
@@ -309,14 +304,13 @@ def spans(count: int = 5000, calls: int = 1500) -> dict:
         return round(best / len(finished) * 1e6, 1)
 
     out["export_us"] = {"jsonl": per_exported_span_us(lambda: exporter.export(finished)),
-                        "otlp_encode": per_exported_span_us(lambda: encode_spans(finished).SerializeToString()),
-                        "otlp_encode_fast": per_exported_span_us(lambda: encode_request(finished).SerializeToString())}
+                        "otlp_encode": per_exported_span_us(lambda: encode_spans(finished).SerializeToString())}
 
     install_provider(jsonl)
 
     def per_call_us(traced: bool) -> float:
         server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=(
-            [TracingServerInterceptor(lean_tracer(jsonl, "bench"))] if traced else []))
+            [TracingServerInterceptor(jsonl.get_tracer("bench"))] if traced else []))
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(lambda request, context: request)}),))
         port = server.add_insecure_port("localhost:0")

@@ -2,12 +2,9 @@
 on (spans to the local JSONL file from all three processes and the client, or with `--exporter otlp` over
 OTLP/gRPC to a counting sink in a process of its own) and on with 10% of generations sampled, generations
 taking turns between them; and the per-round cost of the tracing calls the orchestrator makes while
-tracing is off. Modes `stock` and `lean` trace every generation as `on` does, the services making their
-spans and OTLP requests with the SDK's own Tracer and exporter (SPECDEC_TRACER=sdk) or with
-telemetry.lean_tracer and telemetry.otlp_encoding.
+tracing is off.
 
     python -m benchmarking.tracing_overhead --target models/target --draft models/draft --repeats 3
-    python -m benchmarking.tracing_overhead --modes off,stock,lean --exporter otlp --repeats 20
 
 Knows how to start a stack and time generations, not what the spans hold.
 """
@@ -32,19 +29,14 @@ from local_stack.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, lo
 
 
 # mode -> the share of generations traced (None: tracing off in every process).
-MODES = {"off": None, "on": 1.0, "sampled": 0.1, "stock": 1.0, "lean": 1.0}  # sampled: 10% traced
-# mode -> SPECDEC_TRACER in the stack's processes; other modes: the default (lean).
-TRACERS = {"stock": "sdk", "lean": "lean"}
-DEFAULT_MODES = ("off", "on", "sampled")
+MODES = {"off": None, "on": 1.0, "sampled": 0.1}  # sampled: on, 10% of generations traced
 
 
 @contextmanager
-def _client(target: str, draft: str, ratio: float | None, trace_dir: Path, otlp_endpoint: str | None = None,
-            tracer: str | None = None):
+def _client(target: str, draft: str, ratio: float | None, trace_dir: Path, otlp_endpoint: str | None = None):
     """A stack, a client to it and the stack's pids; traced: spans from all three processes and the client
     to JSONL files, or over OTLP/gRPC to `otlp_endpoint`, `ratio` of the generations sampled at the client
-    (the services follow its decision), made as SPECDEC_TRACER=`tracer` says. The client's own span (one
-    per generation) always comes from the default tracer."""
+    (the services follow its decision)."""
     from specdec_client import Client
     from telemetry.client_spans import traced_channel
 
@@ -55,8 +47,6 @@ def _client(target: str, draft: str, ratio: float | None, trace_dir: Path, otlp_
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
         env = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(ratio)}
-        if tracer is not None:
-            env["SPECDEC_TRACER"] = tracer
         if otlp_endpoint is None:
             from telemetry.span_file import JsonlSpanExporter
 
@@ -65,11 +55,8 @@ def _client(target: str, draft: str, ratio: float | None, trace_dir: Path, otlp_
         else:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            from telemetry.otlp_encoding import FastOTLPSpanExporter
-
             env.update(OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint, OTEL_EXPORTER_OTLP_PROTOCOL="grpc")
-            exporter_class = OTLPSpanExporter if tracer == "sdk" else FastOTLPSpanExporter  # as the services
-            exporter = exporter_class(endpoint=otlp_endpoint, insecure=True)
+            exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)  # as the services
         provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
         provider.add_span_processor(BatchSpanProcessor(exporter))
     with local_stack(target, draft, env_extra=env) as stack:
@@ -92,7 +79,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, gamma: int, repeats: int,
-            modes: list[str] = DEFAULT_MODES, otlp_endpoint: str | None = None) -> dict:
+            modes: list[str] = tuple(MODES), otlp_endpoint: str | None = None) -> dict:
     """All stacks up at once, each prompt generated on each in turn (the order rotating), so a background
     load that comes and goes weighs on every mode alike; each generation still runs alone.
 
@@ -100,67 +87,50 @@ def compare(target: str, draft: str, prompts: list[str], max_new_tokens: int, ga
     on a shared machine wall time swings with other people's work, CPU time much less."""
     modes = ["off", *(m for m in modes if m != "off")]
     totals = {mode: {"tokens": 0, "wall_s": 0.0, "cpu_s": 0.0} for mode in modes}
-    rates: dict[str, list[float]] = {mode: [] for mode in modes}  # per turn: the same prompt on every stack
-    cpu: dict[str, list[float]] = {mode: [] for mode in modes}
+    ratios: dict[str, list[float]] = {mode: [] for mode in modes if mode != "off"}
+    cpu_ratios: dict[str, list[float]] = {mode: [] for mode in ratios}
+    turns: list[dict] = []  # tokens/s of each generation, by mode, in the order run
     with tempfile.TemporaryDirectory() as trace_dir, contextlib.ExitStack() as stacks:
-        clients = {mode: stacks.enter_context(_client(target, draft, MODES[mode], Path(trace_dir), otlp_endpoint,
-                                                      TRACERS.get(mode)))
+        clients = {mode: stacks.enter_context(_client(target, draft, MODES[mode], Path(trace_dir), otlp_endpoint))
                    for mode in modes}
         for client, _ in clients.values():
             client.generate(prompts[0], max_new_tokens, num_draft_tokens=gamma)  # warm-up
         order = list(modes)
         for turn, prompt in enumerate(prompts * repeats):
+            rates, cpu = {}, {}
             for mode in order[turn % len(order):] + order[:turn % len(order)]:
                 client, pids = clients[mode]
                 cpu_before, client_before = cpu_seconds(pids), time.process_time()
                 started = time.perf_counter()
                 tokens = len(client.generate(prompt, max_new_tokens, num_draft_tokens=gamma).token_ids)
                 elapsed = time.perf_counter() - started
-                spent = cpu_seconds(pids) - cpu_before + time.process_time() - client_before
                 total = totals[mode]
                 total["tokens"] += tokens
                 total["wall_s"] += elapsed
-                total["cpu_s"] += spent
-                rates[mode].append(tokens / elapsed)
-                cpu[mode].append(spent)
-    turns = [{mode: round(rates[mode][turn], 2) for mode in modes} for turn in range(len(rates["off"]))]
+                cpu[mode] = cpu_seconds(pids) - cpu_before + time.process_time() - client_before
+                total["cpu_s"] += cpu[mode]
+                rates[mode] = tokens / elapsed
+            for mode in ratios:
+                ratios[mode].append(rates[mode] / rates["off"])
+                cpu_ratios[mode].append(cpu[mode] / cpu["off"])  # same prompt, same tokens
+            turns.append({mode: round(rate, 2) for mode, rate in rates.items()})
     result = {"generations_per_mode": len(prompts) * repeats, "max_new_tokens": max_new_tokens, "modes": {},
               "turns": turns}
     off = totals["off"]
     for mode, total in totals.items():
         entry = {"tokens_per_s": total["tokens"] / total["wall_s"],
                  "cpu_ms_per_token": 1000 * total["cpu_s"] / total["tokens"]}
-        if mode != "off":
-            ratios = _per_turn(rates[mode], rates["off"])
-            cpu_ratios = _per_turn(cpu[mode], cpu["off"])  # same prompt, same tokens
-            q1, _, q3 = statistics.quantiles(ratios, n=4)
+        if mode in ratios:
+            q1, _, q3 = statistics.quantiles(ratios[mode], n=4)
             entry.update(overhead=1 - entry["tokens_per_s"] / (off["tokens"] / off["wall_s"]),
-                         overhead_per_prompt_median=1 - statistics.median(ratios),
-                         overhead_per_prompt_median_ci95=[1 - high for high in reversed(median_ci95(ratios))],
+                         overhead_per_prompt_median=1 - statistics.median(ratios[mode]),
+                         overhead_per_prompt_median_ci95=[1 - high for high in reversed(median_ci95(ratios[mode]))],
                          overhead_per_prompt_iqr=[1 - q3, 1 - q1],
                          cpu_overhead=entry["cpu_ms_per_token"] / (1000 * off["cpu_s"] / off["tokens"]) - 1,
-                         cpu_overhead_per_prompt_median=statistics.median(cpu_ratios) - 1,
-                         cpu_overhead_per_prompt_median_ci95=[r - 1 for r in median_ci95(cpu_ratios)])
+                         cpu_overhead_per_prompt_median=statistics.median(cpu_ratios[mode]) - 1,
+                         cpu_overhead_per_prompt_median_ci95=[r - 1 for r in median_ci95(cpu_ratios[mode])])
         result["modes"][mode] = entry
-    if "stock" in modes and "lean" in modes:
-        result["lean_vs_stock"] = lean_vs_stock(rates, cpu)
     return result
-
-
-def _per_turn(values: list[float], baseline: list[float]) -> list[float]:
-    return [value / base for value, base in zip(values, baseline)]
-
-
-def lean_vs_stock(rates: dict[str, list[float]], cpu: dict[str, list[float]]) -> dict:
-    """What the lean tracer and encoder gain over the SDK's own, paired per turn (the same prompt on both
-    stacks, one after the other): tokens/s lean / stock - 1 and CPU per token 1 - lean / stock, medians
-    with their 95% bootstrap intervals. Pairing the two directly is tighter than subtracting their
-    overheads over "off", which carry the noise of the "off" generations twice."""
-    speed, spent = _per_turn(rates["lean"], rates["stock"]), _per_turn(cpu["lean"], cpu["stock"])
-    return {"tokens_per_s_gain_median": statistics.median(speed) - 1,
-            "tokens_per_s_gain_median_ci95": [r - 1 for r in median_ci95(speed)],
-            "cpu_per_token_saving_median": 1 - statistics.median(spent),
-            "cpu_per_token_saving_median_ci95": [1 - high for high in reversed(median_ci95(spent))]}
 
 
 def median_ci95(values: list[float], resamples: int = 2000) -> list[float]:
@@ -195,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="passes over the prompts")
-    parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
     parser.add_argument("--exporter", choices=("jsonl", "otlp"), default="jsonl",
                         help="jsonl: the local span files; otlp: OTLP/gRPC to a counting sink in its own process")
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ from opentelemetry.propagate import inject
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from telemetry.rpc_spans import end_rpc_span, rpc_attributes
-from telemetry.tracing import get_tracer, installed_provider, tracer_for, tracing_enabled
+from telemetry.tracing import get_tracer, installed_provider, tracing_enabled
 
 
 def _open_client_span(tracer: trace.Tracer, method: str):
@@ -81,7 +81,7 @@ def traced_channel(channel: grpc.Channel, tracer_provider=None) -> grpc.Channel:
     provider = tracer_provider if tracer_provider is not None else installed_provider()
     if provider is None:
         return channel
-    return grpc.intercept_channel(channel, TracingClientInterceptor(tracer_for(provider, "specdec.grpc")))
+    return grpc.intercept_channel(channel, TracingClientInterceptor(provider.get_tracer("specdec.grpc")))
 
 
 def start_client_call(method: str):

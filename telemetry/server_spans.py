@@ -23,7 +23,7 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind
 
 from telemetry.rpc_spans import end_rpc_span, rpc_attributes
-from telemetry.tracing import installed_provider, tracer_for
+from telemetry.tracing import installed_provider
 
 _UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -31,7 +31,7 @@ _UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 def server_interceptors() -> list:
     """A SERVER span per call (not health checks) as the child of the caller's span; none while tracing is off."""
     provider = installed_provider()
-    return [] if provider is None else [TracingServerInterceptor(tracer_for(provider, "specdec.grpc"))]
+    return [] if provider is None else [TracingServerInterceptor(provider.get_tracer("specdec.grpc"))]
 
 
 class TracingServerInterceptor(grpc.ServerInterceptor):

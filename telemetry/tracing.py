@@ -9,11 +9,10 @@ local JSONL file (`{service}` and `{pid}` in PATH are filled in). Unlike the SDK
 tracing is OFF unless one of them asks for an exporter: then nothing is installed and the OpenTelemetry API
 stays its no-op self, so tracing off costs nothing.
 
-Spans are made by telemetry.lean_tracer over the installed SDK provider (its sampler, ids and processors,
-with far less work per span than the SDK's own Tracer), and OTLP/gRPC requests encoded by
-telemetry.otlp_encoding; SPECDEC_TRACER=sdk makes them with the SDK's own Tracer and exporter instead, so
-that benchmarking.tracing_overhead can weigh the two. Knows nothing about rounds, models or what the
-spans mean; callers make their own spans with get_tracer().
+Spans are the SDK's own, made by its Tracer and exported by its exporters: hand-written replacements
+for both saved ~2 % of CPU per token, too little to bind the project to one SDK version's internals
+(docs/benchmarks.md, tracing overhead). Knows nothing about rounds, models or what the spans mean;
+callers make their own spans with get_tracer().
 """
 
 from __future__ import annotations
@@ -23,12 +22,9 @@ import os
 
 from opentelemetry import trace
 
-from telemetry.lean_tracer import lean_tracer
-
 log = logging.getLogger(__name__)
 
 TRACE_FILE_ENV = "SPECDEC_TRACE_FILE"
-TRACER_ENV = "SPECDEC_TRACER"  # "sdk": the SDK's Tracer and OTLP exporter; else the lean ones
 
 _provider = None  # the SDK TracerProvider this process installed or adopted; None while tracing is off
 _tracer = trace.get_tracer("specdec")
@@ -69,10 +65,8 @@ def span_processors_from_env(service_name: str) -> list:
         if name == "otlp":
             if otlp_protocol("TRACES").startswith("http"):
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-            elif _stock_sdk():
+            else:
                 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            else:  # the SDK's gRPC exporter with a cheaper encoding of the same request
-                from telemetry.otlp_encoding import FastOTLPSpanExporter as OTLPSpanExporter
             processors.append(BatchSpanProcessor(OTLPSpanExporter()))
         elif name == "console":
             # Printed as each span ends, so it interleaves with the logs it explains.
@@ -122,7 +116,7 @@ def install_provider(provider) -> None:
     if trace.get_tracer_provider() is not provider:
         raise RuntimeError("another TracerProvider is already installed in this process")
     _provider = provider
-    _tracer = tracer_for(provider, "specdec")
+    _tracer = provider.get_tracer("specdec")
 
 
 def tracing_enabled() -> bool:
@@ -136,15 +130,6 @@ def get_tracer() -> trace.Tracer:
 def installed_provider():
     """The SDK TracerProvider this process traces with; None while tracing is off."""
     return _provider
-
-
-def _stock_sdk() -> bool:
-    return os.environ.get(TRACER_ENV, "").strip().lower() == "sdk"
-
-
-def tracer_for(provider, name: str) -> trace.Tracer:
-    """The tracer this project makes spans with over `provider` (an SDK TracerProvider)."""
-    return provider.get_tracer(name) if _stock_sdk() else lean_tracer(provider, name)
 
 
 def shutdown_tracing() -> None:

@@ -7,7 +7,7 @@ import time
 from draft_service.drafter import ProposeJob, propose_batch, split_job
 from service_common.errors import InvalidArgument
 from service_common.session_fingerprint import session_tag
-from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
+from serving.model_service import ModelServiceBase, encode_to_message, annotate_server_span, timing
 from specdec_api import draft_pb2, draft_pb2_grpc
 from speculation.sampling import seeded_generator
 from speculation.wire import encode_probs
@@ -49,7 +49,7 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
             done = self.submit(job, session, context)
             session.record(append + done.result.token_ids)  # the cache holds all but the last proposal
             cached_len = session.length
-        record_worker_spans(done, **{"specdec.session": session_tag(request.session_id), "specdec.tokens": self.tokens_of(job)})
+        annotate_server_span(done, **{"specdec.session": session_tag(request.session_id), "specdec.tokens": self.tokens_of(job)})
         reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)
         if done.result.draft_probs is not None:
             encode_to_message(encode_probs(done.result.draft_probs), reply.draft_probs)

@@ -150,9 +150,6 @@ def annotate_server_span(done: Timed, **attributes) -> None:
     trace.get_current_span().set_attributes(attributes)
 
 
-record_worker_spans = annotate_server_span  # the draft and verify servicers' name for it, until they import the new one
-
-
 def timing(started_ns: int, done: Timed) -> common_pb2.ServerTiming:
     return common_pb2.ServerTiming(queue_us=done.queue_us, compute_us=done.compute_us, batch_size=done.batch_size,
                                    batch_tokens=done.batch_tokens, prefill_lane=done.lane == "prefill",

@@ -6,7 +6,7 @@ import time
 
 from service_common.errors import InvalidArgument
 from service_common.session_fingerprint import session_tag
-from serving.model_service import ModelServiceBase, encode_to_message, record_worker_spans, timing
+from serving.model_service import ModelServiceBase, encode_to_message, annotate_server_span, timing
 from specdec_api import verify_pb2, verify_pb2_grpc
 from speculation.wire import encode_probs
 from verify_service.verifier import ScoreJob, forward_batch, score, split_job
@@ -39,7 +39,7 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
             session.record(job.tokens)
             cached_len = session.length
         scores = score(done.result, sampling)
-        record_worker_spans(done, **{"specdec.session": session_tag(request.session_id), "specdec.tokens": self.tokens_of(job)})
+        annotate_server_span(done, **{"specdec.session": session_tag(request.session_id), "specdec.tokens": self.tokens_of(job)})
         reply = verify_pb2.VerifyResponse(argmax_token_ids=scores.argmax_token_ids, cached_len=cached_len)
         if scores.target_probs is not None:
             encode_to_message(encode_probs(scores.target_probs), reply.target_probs)

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -80,7 +79,6 @@ def test_serve_exposes_health_and_reflection_and_stops_on_sigterm(tiny):
 
 
 def test_orchestrator_refuses_a_draft_with_another_vocabulary(tiny):
-    from tests.conftest import start_stack
 
     import draft_service.server as draft_server
     import verify_service.server as verify_server

@@ -7,7 +7,6 @@ import threading
 import grpc
 
 import verify_service.server as verify_server
-from draft_service.servicer import DraftServicer
 from service_common.server import start_server
 from serving.model_loading import load_model
 from serving.model_server import ModelServerSettings, start_model_server

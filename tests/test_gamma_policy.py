@@ -44,7 +44,9 @@ def test_verify_cost_model_tells_per_session_from_per_token_cost():
     (tokens proportional to sessions) cannot separate them, and the fit says so by one slope."""
     from speculation.gamma_policy import VerifyCostModel
 
-    truth = lambda sessions, tokens: 12.0 + 1.3 * sessions + 0.73 * tokens  # the reference target's pass
+    def truth(sessions, tokens):  # the reference target's pass
+        return 12.0 + 1.3 * sessions + 0.73 * tokens
+
     model = VerifyCostModel()
     for sessions, gammas in ((1, [4]), (4, [1, 2, 4, 4]), (16, [1] * 8 + [4] * 8), (32, [2] * 32), (8, [0] * 8),
                              (16, [4] * 16), (2, [6, 1])):

@@ -12,7 +12,7 @@ from tests.conftest import PROMPTS
 MAX_NEW = 24
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(model_id: int, prompt: str, max_new: int, stop: tuple[str, ...] = ()):
     model, tokenizer = _REFS[model_id]
     inputs = tokenizer(prompt, return_tensors="pt")

@@ -195,7 +195,7 @@ def _attacked_stack(tiny, attacker: Attacker) -> Stack:
 
 @pytest.fixture(scope="module")
 def reference(target_model, tokenizer):
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def generate(prompt: str) -> list[int]:
         inputs = tokenizer(prompt, return_tensors="pt")
         with torch.inference_mode():

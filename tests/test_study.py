@@ -31,7 +31,7 @@ def _run_study(tiny, tmp_path_factory) -> list[dict]:
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [r["injected_one_way_ms"] for r in results] == list(DELAYS_MS)
     if results[0]["isolation"] != "netns":
-        warnings.warn(f"latency study ran WITHOUT network namespaces: {results[0]['isolation_note']}")
+        warnings.warn(f"latency study ran WITHOUT network namespaces: {results[0]['isolation_note']}", stacklevel=2)
     return results
 
 

@@ -78,7 +78,7 @@ def read_spans(paths: Iterable[str | Path]) -> list[dict]:
             except json.JSONDecodeError:
                 if number == len(lines):
                     continue
-                raise ValueError(f"{path}:{number}: not a JSON span record")
+                raise ValueError(f"{path}:{number}: not a JSON span record") from None
             if "resourceSpans" in message:
                 spans.extend(_from_otlp(message))
             else:

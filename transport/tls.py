@@ -124,12 +124,12 @@ def validate_pem(contents: dict[str, bytes]) -> None:
             try:
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
             except ssl.SSLError as error:
-                raise ValueError(f"the private key does not match the certificate, or one is not PEM ({error})")
+                raise ValueError(f"the private key does not match the certificate, or one is not PEM ({error})") from error
     if contents.get("ca"):
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=contents["ca"].decode("ascii"))
         except (ssl.SSLError, UnicodeDecodeError) as error:
-            raise ValueError(f"the CA bundle is not PEM certificates ({error})")
+            raise ValueError(f"the CA bundle is not PEM certificates ({error})") from error
 
 
 def watch(tls: TLSSettings) -> WatchedFiles:

@@ -1,7 +1,10 @@
-"""Generates the Python stubs in specdec_api/ from the .proto files beside this script.
+"""Generates the Python stubs in client_sdk/specdec_api/ from the .proto files beside this script.
 
-    python protos/build_stubs.py            # write specdec_api/*_pb2*.py
-    python protos/build_stubs.py --out DIR  # write elsewhere (the staleness test compares the two)
+    python protos/build_stubs.py            # write client_sdk/specdec_api/*_pb2*.py
+    python protos/build_stubs.py --out DIR  # write DIR/specdec_api/ (the staleness test compares the two)
+
+The stubs of every proto go to the client distribution (client_sdk/), which the servers depend on too:
+protoc names modules by proto path, so they are all `specdec_api.*`, one package in one distribution.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
+STUBS_ROOT = REPO_ROOT / "client_sdk"  # the distribution whose specdec_api/ package holds the stubs
 
 
 def build(out: Path) -> list[Path]:
@@ -30,6 +34,6 @@ def build(out: Path) -> list[Path]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT)
+    parser.add_argument("--out", type=Path, default=STUBS_ROOT)
     written = build(parser.parse_args().out)
     print("\n".join(str(p) for p in written), file=sys.stderr)

@@ -33,6 +33,6 @@ def test_ruff_reads_the_project_and_skips_only_generated_code():
     done = _ruff("--show-files")
     assert done.returncode == 0, done.stderr
     checked = {Path(line).resolve().relative_to(REPO).as_posix() for line in done.stdout.splitlines() if line.strip()}
-    assert {"specdec_cli/main.py", "serving/model_worker.py", "specdec_api/method_paths.py",
+    assert {"specdec_cli/main.py", "serving/model_worker.py", "client_sdk/specdec_api/method_paths.py",
             "tests/test_lint.py"} <= checked
     assert not [path for path in checked if "_pb2" in path or path.startswith(".venv/")]

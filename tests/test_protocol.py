@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from protos.build_stubs import REPO_ROOT, build
+from protos.build_stubs import STUBS_ROOT, build
 from speculation.sampling import Sampling, logits_to_probs
 from speculation.wire import decode_probs, encode_probs
 
 
 def test_committed_stubs_are_not_stale(tmp_path):
     fresh = build(tmp_path)
-    committed = REPO_ROOT / "specdec_api"
+    committed = STUBS_ROOT / "specdec_api"
     assert fresh, "protoc produced nothing"
     for path in fresh:
         twin = committed / path.name

@@ -57,7 +57,7 @@ def _summary(rows: list[dict]) -> dict:
 class BaselineWorker:
     """A long-lived benchmarking.hf_baselines process (pinned like the target), one prompt at a time."""
 
-    def __init__(self, system: str, settings: "BenchSettings"):
+    def __init__(self, system: str, settings: BenchSettings):
         command = [sys.executable, "-m", "benchmarking.hf_baselines", "--serve", "--system", system,
                    "--target", settings.target, "--draft", settings.draft, "--threads", "1"]
         if settings.pinned:

@@ -26,15 +26,15 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from tqdm import tqdm
 
-from trace_analysis.breakdown import percentile
+from benchmarking.tracing_overhead import cpu_seconds
 from local_stack.processes import REPO_ROOT, local_stack
 from specdec_client import Client
-from benchmarking.tracing_overhead import cpu_seconds
+from trace_analysis.breakdown import percentile
 
 
 def _cpu_seconds(pid: int) -> float | None:

@@ -51,9 +51,9 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import grpc
 from google.protobuf import text_format
@@ -1220,8 +1220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log-dir", type=Path, help="service logs (default: a temporary directory)")
     args = parser.parse_args(argv)
 
-    from local_stack.processes import local_stack
     from local_stack.paths import DEFAULT_DRAFT, DEFAULT_TARGET
+    from local_stack.processes import local_stack
 
     options = Options(requests=args.requests or (10000 if args.long else 300),
                       seconds=args.seconds or (1200.0 if args.long else 60.0), seed=args.seed,

@@ -12,7 +12,7 @@ class Address:
     path: str = ""  # set for a Unix socket
 
     @classmethod
-    def parse(cls, text: str) -> "Address":
+    def parse(cls, text: str) -> Address:
         if text.startswith("unix:"):
             return cls(path=text[len("unix:"):])
         host, sep, port = text.rpartition(":")

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from netlab.netns import NamespaceError, Topology, topology
 from netlab.relay_process import RelayProcess

@@ -115,7 +115,7 @@ class RelayProcess:
                 self.process.wait()
         self.process.stdout.close()
 
-    def __enter__(self) -> "RelayProcess":
+    def __enter__(self) -> RelayProcess:
         return self
 
     def __exit__(self, *exc) -> None:

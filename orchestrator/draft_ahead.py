@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextvars
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
@@ -42,7 +42,7 @@ class Drafts:
     def gamma(self) -> int:
         return len(self.token_ids)
 
-    def first(self, gamma: int) -> "Drafts":
+    def first(self, gamma: int) -> Drafts:
         rows = self.draft_probs[:gamma] if self.draft_probs is not None else None
         return replace(self, token_ids=self.token_ids[:gamma], draft_probs=rows)
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from orchestrator.acceptance import accept
 from orchestrator.draft_ahead import NO_DRAFTS, DraftAhead, Drafts

@@ -144,7 +144,7 @@ class StatusInterceptor(grpc.ServerInterceptor):
                                     stream_stream=lambda requests, context: inner_ss(checked(requests, context), context))
         return handler
 
-    def _refuse(self, method: str, request: "_Undecodable", context: grpc.ServicerContext) -> None:
+    def _refuse(self, method: str, request: _Undecodable, context: grpc.ServicerContext) -> None:
         suppressed = self._bad_body_log.ready()
         if suppressed is not None:
             more = f" ({suppressed} more since the last report)" if suppressed else ""

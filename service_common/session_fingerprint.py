@@ -19,7 +19,7 @@ Knows nothing about gRPC or caches.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 DIGEST_BYTES = 16
 EMPTY = bytes(DIGEST_BYTES)

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 from opentelemetry import trace
 
-from speculation.sampling import Sampling
-from specdec_api import common_pb2
-
 from service_common.callers import caller_of
 from service_common.errors import InvalidArgument, OutOfRange
-from serving.model_loading import LoadedModel
 from serving.metrics import record_batch
+from serving.model_loading import LoadedModel
 from serving.model_worker import PASS_TOKENS, ModelWorker, PrefillLane, Timed
-from telemetry.tracing import tracing_enabled
 from serving.sessions import Session, SessionStore, owner
+from specdec_api import common_pb2
+from speculation.sampling import Sampling
+from telemetry.tracing import tracing_enabled
 
 MAX_SESSION_ID_LEN = 256
 

@@ -84,14 +84,14 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
-
-from service_common.errors import ResourceExhausted, ServiceError
+from typing import Any
 
 import grpc
 
+from service_common.errors import ResourceExhausted, ServiceError
 
 log = logging.getLogger(__name__)
 

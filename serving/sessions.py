@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterator, Sequence
 
 from service_common import session_fingerprint
 from service_common.errors import InvalidArgument, ResourceExhausted, SessionLost

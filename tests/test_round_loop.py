@@ -17,8 +17,16 @@ import torch
 
 from orchestrator.draft_fallback import DRAFT_RETRY_AFTER_ROUNDS
 from orchestrator.generation import Generation, GenerationSpec, RoundEvent
-from orchestrator.service_clients import (CallRecord, DraftOutage, DraftRefused, DraftSession, Proposal, Scored,
-                                          VerifyFailed, VerifySession)
+from orchestrator.service_clients import (
+    CallRecord,
+    DraftOutage,
+    DraftRefused,
+    DraftSession,
+    Proposal,
+    Scored,
+    VerifyFailed,
+    VerifySession,
+)
 from orchestrator.text_stream import TextStream
 from specdec_api import orchestrator_pb2
 from speculation.sampling import Sampling, coupled_sample, logits_to_probs, sample, seeded_generator
@@ -37,7 +45,7 @@ class ToyModel:
     """Next-token logits from a seeded table indexed by (context length mod PERIOD, last two tokens); `like`
     another model, its table plus `noise` times this one's."""
 
-    def __init__(self, seed: int, like: "ToyModel | None" = None, noise: float = 1.0):
+    def __init__(self, seed: int, like: ToyModel | None = None, noise: float = 1.0):
         table = torch.randn(PERIOD, VOCAB, VOCAB, VOCAB, generator=torch.Generator().manual_seed(seed)) * 2.0
         self.table = table if like is None else like.table + noise * table
 

@@ -24,7 +24,7 @@ class Chunk:
     round: dict | None = None  # the measured split of the round that produced this chunk
 
     @classmethod
-    def from_message(cls, message: orchestrator_pb2.GenerateChunk) -> "Chunk":
+    def from_message(cls, message: orchestrator_pb2.GenerateChunk) -> Chunk:
         stats = None
         if message.HasField("stats"):
             stats = MessageToDict(message.stats, preserving_proto_field_name=True,

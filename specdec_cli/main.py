@@ -22,6 +22,7 @@ class Role(str, Enum):
     draft = "draft"
     verify = "verify"
     orchestrator = "orchestrator"
+    openai = "openai"
 
 
 def _env(name: str) -> str:
@@ -47,7 +48,7 @@ def _from_checkout(command: str, package: str) -> None:
 def serve(
     role: Role = typer.Argument(..., help="which service this process runs"),
     model: str | None = typer.Option(None, envvar=_env("model"), help="draft/verify: HF name or local path"),
-    port: int = typer.Option(50051, envvar=_env("port")),
+    port: int | None = typer.Option(None, envvar=_env("port"), help="default 50051; openai: 8000"),
     host: str = typer.Option("[::]", envvar=_env("host")),
     device: str = typer.Option("cpu", envvar=_env("device"), help="cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", envvar=_env("dtype"), help="auto, float32, bfloat16, float16"),
@@ -144,6 +145,13 @@ def serve(
     service_api_key_file: str | None = typer.Option(
         None, envvar=_env("service_api_key_file"),
         help="orchestrator: send the first key in this file to draft/verify (their --api-key-file)"),
+    orchestrator: str | None = typer.Option(None, envvar=_env("orchestrator"), help="openai: the orchestrator HOST:PORT"),
+    model_name: str | None = typer.Option(
+        None, envvar=_env("model_name"), help="openai: the model name /v1/models lists and requests must name "
+                                              "(default: the target model the orchestrator reports)"),
+    orchestrator_api_key_file: str | None = typer.Option(
+        None, envvar=_env("orchestrator_api_key_file"),
+        help="openai: send the first key in this file to the orchestrator (its --api-key-file)"),
     health_port: int | None = typer.Option(
         None, envvar=_env("health_port"),
         help="also serve gRPC health alone, in plaintext, on this port (for Kubernetes probes when TLS is on)"),
@@ -152,19 +160,26 @@ def serve(
         help="larger requests are refused with RESOURCE_EXHAUSTED before they are parsed"),
     log_level: str = typer.Option("INFO", envvar=_env("log_level")),
 ):
-    """Run one service: `draft`, `verify` (both need --model) or `orchestrator` (needs --verify).
+    """Run one service: `draft`, `verify` (both need --model), `orchestrator` (needs --verify) or `openai`, the
+    OpenAI-compatible HTTP API in front of an orchestrator (needs --orchestrator; --tokenizer, --api-key-file,
+    --host and --port are its own, and --tls-ca / --tls-cert / --tls-key / --tls-server-name are how it dials
+    the orchestrator, as `specdec generate` takes them).
 
     Tracing and metrics exporters follow the standard OTEL_* variables; SPECDEC_TRACE_FILE writes spans
     to a local JSONL file instead (see `specdec trace-report`)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from telemetry.metrics import configure_metrics, shutdown_metrics
     from telemetry.tracing import configure_tracing, shutdown_tracing
-
     from transport import TLSSettings
 
     tls = TLSSettings(cert=tls_cert, key=tls_key, ca=tls_ca, require_client_cert=tls_require_client_cert,
                       server_name=tls_server_name)
     problems = tls.problems()
+    if role is Role.openai:
+        _serve_openai(problems, orchestrator, port, host, tokenizer, model_name, api_key_file, orchestrator_api_key_file,
+                      tls_ca, tls_cert, tls_key, tls_server_name, tls_require_client_cert, log_level)
+        return
+    port = 50051 if port is None else port
     if service_api_key_file and role is not Role.orchestrator:
         problems.append("--service-api-key-file is the orchestrator's (the key it sends to draft and verify)")
     if max_workers < 1:
@@ -221,6 +236,31 @@ def serve(
     running.wait_for_termination()
     shutdown_tracing()
     shutdown_metrics()
+
+
+def _serve_openai(problems: list[str], orchestrator, port, host, tokenizer, model_name, api_key_file,
+                  orchestrator_api_key_file, tls_ca, tls_cert, tls_key, tls_server_name, tls_require_client_cert,
+                  log_level) -> None:
+    """`serve openai`: the HTTP front, in the foreground until SIGTERM."""
+    from openai_api.server import OpenAISettings
+    from openai_api.server import serve as serve_http
+
+    if not orchestrator:
+        problems.append("`serve openai` needs --orchestrator HOST:PORT")
+    if tls_require_client_cert:
+        problems.append("--tls-require-client-cert is not for `serve openai` (its TLS flags dial the orchestrator)")
+    if problems:
+        typer.echo(f"specdec: openai refused to start: {'; '.join(problems)}", err=True)
+        raise typer.Exit(2)
+    settings = OpenAISettings(
+        orchestrator=orchestrator, port=8000 if port is None else port, host=host, tokenizer=tokenizer,
+        model_name=model_name, api_key_file=api_key_file, orchestrator_api_key_file=orchestrator_api_key_file,
+        tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name, log_level=log_level)
+    try:
+        serve_http(settings)
+    except Exception as error:  # noqa: BLE001 - startup refusals are for a person to read, not a traceback
+        typer.echo(f"specdec: openai refused to start: {error}", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -214,7 +214,7 @@ class Envelope:
     model: str
 
     @classmethod
-    def new(cls, chat: bool, streamed: bool, model: str) -> "Envelope":
+    def new(cls, chat: bool, streamed: bool, model: str) -> Envelope:
         if chat:
             return cls(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion.chunk" if streamed else "chat.completion",
                        int(time.time()), model)

@@ -90,7 +90,7 @@ class TokenizerFiles:
     adds_bos: bool = False  # `tokenizer(text)` puts the BOS id in front of the text's own ids
 
     @classmethod
-    def load(cls, name: str) -> "TokenizerFiles":
+    def load(cls, name: str) -> TokenizerFiles:
         directory = locate(name)
         if directory is None:
             return cls(name, None, no_template_reason=(

@@ -1,7 +1,6 @@
 """The wire contracts: committed stubs match the .proto files, and probability matrices round-trip."""
 
 import filecmp
-from pathlib import Path
 
 import pytest
 import torch

@@ -96,3 +96,18 @@ def test_an_api_key_over_plaintext_to_another_host_is_warned_about():
     assert [str(w.message) for w in caught] == [
         "sending an API key to specdec.example:50051 over plaintext: anyone on the path can read it; pass "
         "root_certificates= (or tls=True) to use TLS"]
+
+
+def test_a_chunks_round_timing_holds_every_field_as_protobuf_json_would_with_int64_as_int():
+    from google.protobuf.json_format import MessageToDict
+
+    from specdec_api import orchestrator_pb2
+    from specdec_client.results import Chunk
+
+    message = orchestrator_pb2.GenerateChunk(text="x")
+    message.round.num_draft_tokens, message.round.round_ms, message.round.bytes = 4, 12.5, 1 << 40
+    expected = MessageToDict(message.round, preserving_proto_field_name=True,
+                             always_print_fields_with_no_presence=True)
+    expected["bytes"] = int(expected["bytes"])  # JSON's int64 is a string
+    assert Chunk.from_message(message).round == expected
+    assert Chunk.from_message(orchestrator_pb2.GenerateChunk(text="x")).round is None

@@ -29,12 +29,15 @@ class Chunk:
         if message.HasField("stats"):
             stats = MessageToDict(message.stats, preserving_proto_field_name=True,
                                   always_print_fields_with_no_presence=True)
-        round_timing = None
-        if message.HasField("round"):
-            round_timing = MessageToDict(message.round, preserving_proto_field_name=True,
-                                         always_print_fields_with_no_presence=True)
+        round_timing = _scalar_fields(message.round) if message.HasField("round") else None
         return cls(list(message.token_ids), message.text, FINISH_REASONS.get(message.finish_reason), stats,
                    round_timing)
+
+
+def _scalar_fields(message) -> dict:
+    """A message of scalar fields as a dict, every field present: what MessageToDict gives for one chunk a
+    round, at a fraction of its cost (it was ~18 % of an HTTP front's CPU), and with int64 as int."""
+    return {field.name: getattr(message, field.name) for field in message.DESCRIPTOR.fields}
 
 
 @dataclass

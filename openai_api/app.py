@@ -42,6 +42,7 @@ from transport.api_keys import ApiKeys, presented_key
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/healthz")  # probes carry no key
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # the gRPC API's default message limit
 CLIENT_GONE = 499  # nginx's "client closed request": only logs see it
 
 
@@ -75,13 +76,63 @@ class RequireApiKey:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         key = presented_key((name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"])
-        if key is not None and self.keys.accepts(key):
+        if sum(name == b"authorization" for name, _ in scope["headers"]) > 1:
+            key = ""  # two keys: which one counts would be a guess; refuse both
+        if key and self.keys.accepts(key):
             return await self.app(scope, receive, send)
         message = ("this server requires an API key: send the header 'Authorization: Bearer <key>' (openai client: "
                    "OpenAI(api_key=...))" if key is None else
+                   "send one Authorization header, not several" if key == "" else
                    "API key not accepted: it is not in the server's --api-key-file")
         error = ApiError(401, message, None, "invalid_api_key")
         await JSONResponse(error.body(), 401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+class LimitRequestSize:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 before it is held in memory,
+    from its Content-Length when it has one, else while it arrives (chunked). A body under the limit is
+    read here and handed on as it came."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def refuse(self, scope, receive, send):
+        mb = self.max_bytes / (1 << 20)
+        error = ApiError(413, f"request body too large: this server accepts at most {mb:g} MB "
+                              "(its operator sets --max-request-mb)", None, "request_too_large")
+        await JSONResponse(error.body(), 413, headers={"Connection": "close"})(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    too_large = int(value) > self.max_bytes
+                except ValueError:
+                    too_large = False  # the HTTP layer refuses a malformed length
+                if too_large:
+                    return await self.refuse(scope, receive, send)
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                parts = [message]
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                return await self.refuse(scope, receive, send)
+            parts.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                parts = [{"type": "http.request", "body": b"".join(parts), "more_body": False}]
+                break
+        replay = iter(parts)
+
+        async def replayed():
+            return next(replay, None) or await receive()
+
+        return await self.app(scope, replayed, send)
 
 
 def sse(payload: dict | str) -> str:
@@ -168,7 +219,8 @@ async def sse_events(stream: AsyncIterator[Chunk], first: Chunk, envelope: Envel
             yield "".join(ready) + sse(ApiError(500, f"internal error: {type(error).__name__}").body())
 
 
-def create_app(served: Served, make_client: Callable[[], AsyncClient], api_keys: ApiKeys | None = None) -> FastAPI:
+def create_app(served: Served, make_client: Callable[[], AsyncClient], api_keys: ApiKeys | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.client = make_client()  # inside the server's event loop, as grpc.aio needs
@@ -179,7 +231,8 @@ def create_app(served: Served, make_client: Callable[[], AsyncClient], api_keys:
 
     app = FastAPI(title="specdec OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    if api_keys is not None:
+    app.add_middleware(LimitRequestSize, max_bytes=max_request_bytes)
+    if api_keys is not None:  # added last, so it runs first: no body is read for a caller without a key
         app.add_middleware(RequireApiKey, keys=api_keys)
 
     @app.exception_handler(ApiError)

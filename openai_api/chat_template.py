@@ -112,5 +112,7 @@ class ChatTemplate:
                                         add_generation_prompt=add_generation_prompt, **self.special_tokens)
         except jinja2.exceptions.TemplateError as error:
             raise ChatTemplateError(str(error)) from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as error:
+        except RecursionError:
+            raise ChatTemplateError("the template recursed too deeply") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, MemoryError) as error:
             raise ChatTemplateError(f"{type(error).__name__}: {error}") from None

@@ -14,6 +14,7 @@ them `user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`, `tool_c
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from openai_api.errors import bad_request
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's, when a request has none
 UINT64 = 1 << 64
+INT32 = 1 << 31  # the gRPC API's max_new_tokens, top_k and token ids are int32
 
 
 class StreamOptions(BaseModel):
@@ -115,11 +117,17 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
 
 def sampling_options(request: _Common) -> dict:
     """The SDK's keyword arguments for what the request asks (not max_new_tokens)."""
-    options = {"temperature": DEFAULT_TEMPERATURE if request.temperature is None else request.temperature,
-               "stop": stop_strings(request.stop)}
+    temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise bad_request(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature}", "temperature")
+    options = {"temperature": temperature, "stop": stop_strings(request.stop)}
     if request.top_p is not None:
+        if not (math.isfinite(request.top_p) and 0 < request.top_p <= 1):
+            raise bad_request(f"top_p must be in (0, 1], got {request.top_p}", "top_p")
         options["top_p"] = request.top_p
     if request.top_k is not None:
+        if not 0 <= request.top_k < INT32:
+            raise bad_request(f"top_k must be >= 0 (0: no top-k) and below 2**31, got {request.top_k}", "top_k")
         options["top_k"] = request.top_k
     if request.seed is not None:
         if not -(1 << 63) <= request.seed < UINT64:
@@ -134,6 +142,8 @@ def requested_max_tokens(request: _Common) -> int | None:
         value, name = request.max_completion_tokens, "max_completion_tokens"
     if value is not None and value < 1:
         raise bad_request(f"{name} must be at least 1, got {value}", name)
+    if value is not None and value >= INT32:
+        raise bad_request(f"{name} is too large: {value} (the prompt plus it must fit the model's context)", name)
     return value
 
 
@@ -147,6 +157,9 @@ def completion_prompt(request: CompletionRequest) -> str | list[int]:
                           f"{len(prompt)}: send one request each", "prompt")
     if not prompt:
         raise bad_request("prompt is empty", "prompt")
+    if isinstance(prompt, list) and not all(0 <= t < INT32 for t in prompt):
+        bad = next(t for t in prompt if not 0 <= t < INT32)
+        raise bad_request(f"prompt: token id {bad} is not in the model's vocabulary", "prompt")
     return prompt
 
 
@@ -160,6 +173,11 @@ def message_dicts(request: ChatCompletionRequest) -> list[dict]:
         if not isinstance(message.get("role"), str):
             raise bad_request(f"messages[{i}] has no role", f"messages.{i}.role")
         content = message.get("content")
+        if content is None and message["role"] != "assistant":
+            raise bad_request(f"messages[{i}] ({message['role']}) has no content", f"messages.{i}.content")
+        if not isinstance(content, (str, list, type(None))):
+            raise bad_request(f"messages[{i}].content must be a string or a list of text parts, got "
+                              f"{type(content).__name__}", f"messages.{i}.content")
         if isinstance(content, list):
             texts = []
             for part in content:

@@ -44,6 +44,7 @@ class OpenAISettings:
     timeout_s: float = 600.0  # each generation's deadline
     startup_timeout_s: float = 60.0  # how long to wait for the orchestrator at startup
     log_level: str = "info"
+    max_request_mb: float = 4.0  # a larger request body is refused with 413 before it is read
 
     def client_kwargs(self) -> dict:
         api_key = None
@@ -87,7 +88,7 @@ def build_app(settings: OpenAISettings):
     keys = ApiKeys(settings.api_key_file) if settings.api_key_file else None
     client_kwargs = settings.client_kwargs()
     return create_app(served, lambda: AsyncClient(settings.orchestrator, timeout=settings.timeout_s, **client_kwargs),
-                      keys)
+                      keys, max_request_bytes=int(settings.max_request_mb * (1 << 20)))
 
 
 class _Server(uvicorn.Server):

@@ -157,7 +157,7 @@ def serve(
         help="also serve gRPC health alone, in plaintext, on this port (for Kubernetes probes when TLS is on)"),
     max_request_mb: float = typer.Option(
         4.0, envvar=_env("max_request_mb"),
-        help="larger requests are refused with RESOURCE_EXHAUSTED before they are parsed"),
+        help="larger requests are refused before they are parsed (RESOURCE_EXHAUSTED; `serve openai`: HTTP 413)"),
     log_level: str = typer.Option("INFO", envvar=_env("log_level")),
 ):
     """Run one service: `draft`, `verify` (both need --model), `orchestrator` (needs --verify) or `openai`, the
@@ -177,7 +177,7 @@ def serve(
     problems = tls.problems()
     if role is Role.openai:
         _serve_openai(problems, orchestrator, port, host, tokenizer, model_name, api_key_file, orchestrator_api_key_file,
-                      tls_ca, tls_cert, tls_key, tls_server_name, tls_require_client_cert, log_level)
+                      tls_ca, tls_cert, tls_key, tls_server_name, tls_require_client_cert, log_level, max_request_mb)
         return
     port = 50051 if port is None else port
     if service_api_key_file and role is not Role.orchestrator:
@@ -240,7 +240,7 @@ def serve(
 
 def _serve_openai(problems: list[str], orchestrator, port, host, tokenizer, model_name, api_key_file,
                   orchestrator_api_key_file, tls_ca, tls_cert, tls_key, tls_server_name, tls_require_client_cert,
-                  log_level) -> None:
+                  log_level, max_request_mb) -> None:
     """`serve openai`: the HTTP front, in the foreground until SIGTERM."""
     from openai_api.server import OpenAISettings
     from openai_api.server import serve as serve_http
@@ -255,7 +255,8 @@ def _serve_openai(problems: list[str], orchestrator, port, host, tokenizer, mode
     settings = OpenAISettings(
         orchestrator=orchestrator, port=8000 if port is None else port, host=host, tokenizer=tokenizer,
         model_name=model_name, api_key_file=api_key_file, orchestrator_api_key_file=orchestrator_api_key_file,
-        tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name, log_level=log_level)
+        tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name, log_level=log_level,
+        max_request_mb=max_request_mb)
     try:
         serve_http(settings)
     except Exception as error:  # noqa: BLE001 - startup refusals are for a person to read, not a traceback

@@ -386,7 +386,7 @@ def test_serve_openai_serves_from_the_cli_and_stops_on_sigterm(stack, chat_token
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "specdec_cli", "serve", "openai", "--orchestrator", stack.address,
                                 "--host", "127.0.0.1", "--port", str(port), "--tokenizer", chat_tokenizer,
-                                "--model-name", "tiny-chat"], env=env, stdout=subprocess.PIPE,
+                                "--model-name", "tiny-chat", "--max-request-mb", "0.05"], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -402,6 +402,10 @@ def test_serve_openai_serves_from_the_cli_and_stops_on_sigterm(stack, chat_token
             assert chat.usage.completion_tokens == 5
             with pytest.raises(openai.NotFoundError, match="does not exist"):
                 c.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=5)
+            # --max-request-mb reaches the front: 0.05 MiB, so a 60 kB prompt is refused before it is read.
+            with pytest.raises(openai.APIStatusError, match="max-request-mb") as refused_body:
+                c.completions.create(model="tiny-chat", prompt="x" * 60_000, max_tokens=5)
+            assert refused_body.value.status_code == 413
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
     finally:

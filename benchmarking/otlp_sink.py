@@ -56,11 +56,13 @@ def serve(port: int) -> None:
 def otlp_sink_process(timeout_s: float = 30.0, report: list | None = None) -> Iterator[str]:
     """A sink in a child process on a free loopback port; yields its endpoint (http://127.0.0.1:PORT).
     When it has stopped, `report` (if given) gets its last line ("received N spans")."""
+    from local_stack.paths import REPO_ROOT
     from transport import free_port
 
     port = free_port()
+    # From the checkout's root: benchmarking/ is not installed, so `-m` finds it only there.
     process = subprocess.Popen([sys.executable, "-m", "benchmarking.otlp_sink", "--port", str(port)],
-                               stdout=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     try:
         ready = threading.Event()
         threading.Thread(target=lambda: process.stdout.readline() and ready.set(), daemon=True).start()

@@ -117,11 +117,13 @@ def main() -> None:
         os.sched_setaffinity(0, {args.server_cpu})
         _serve(*args.serve)
         return
+    from local_stack.paths import REPO_ROOT
     from transport import free_port
 
     port, tcp_port = free_port(), free_port()
+    # From the checkout's root: benchmarking/ is not installed, so `-m` finds it only there.
     server = subprocess.Popen([sys.executable, "-m", "benchmarking.rpc_floor", "--serve", str(port), str(tcp_port),
-                               "--server-cpu", str(args.server_cpu)])
+                               "--server-cpu", str(args.server_cpu)], cwd=REPO_ROOT)
     try:
         os.sched_setaffinity(0, {args.client_cpu})
         _wait_listening(tcp_port)

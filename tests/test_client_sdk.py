@@ -54,6 +54,19 @@ def test_info_describes_the_deployment(stacks, tiny):
     assert info.target_model == str(tiny.target) and info.draft_model == str(tiny.draft)
     assert info.vocab_size > 0 and info.max_context == 256 and info.default_num_draft_tokens == 4
 
+    async def async_info():
+        async with AsyncClient(stacks("different").address) as client:
+            return await client.info()
+
+    assert asyncio.run(async_info()) == info
+    with pytest.raises(Unavailable):
+        asyncio.run(_async_info_of_nothing())
+
+
+async def _async_info_of_nothing():
+    async with AsyncClient("127.0.0.1:1", timeout=1.0) as client:
+        return await client.info()
+
 
 def test_unauthenticated_and_cancelled_are_typed_and_exported():
     import grpc

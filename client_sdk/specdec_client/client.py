@@ -167,6 +167,14 @@ class AsyncClient:
             result.add(chunk)
         return result
 
+    async def info(self, timeout: float | None = None) -> orchestrator_pb2.OrchestratorInfo:
+        try:
+            return await self._stub.GetInfo(orchestrator_pb2.GetInfoRequest(),
+                                            timeout=timeout if timeout is not None else self.timeout,
+                                            metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+
     async def close(self) -> None:
         await self._channel.close()
 

@@ -37,12 +37,13 @@ from openai_api.protocol import (
 )
 from openai_api.tokenizer_files import TokenizerFiles
 from specdec_client import AsyncClient, Chunk, SpecDecError
+from service_common.server import DEFAULT_MAX_REQUEST_MB
 from transport.api_keys import ApiKeys, presented_key
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = ("/health", "/healthz")  # probes carry no key
-DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # the gRPC API's default message limit
+DEFAULT_MAX_REQUEST_BYTES = int(DEFAULT_MAX_REQUEST_MB * (1 << 20))  # the gRPC API's default, in bytes
 CLIENT_GONE = 499  # nginx's "client closed request": only logs see it
 
 

@@ -19,6 +19,7 @@ import uvicorn
 from openai_api.app import Served, create_app
 from openai_api.chat_template import ChatTemplate
 from openai_api.tokenizer_files import TokenizerFiles
+from service_common.server import DEFAULT_MAX_REQUEST_MB
 from specdec_client import AsyncClient, Client, Unavailable
 from transport.api_keys import ApiKeys, read_key_file
 
@@ -44,7 +45,7 @@ class OpenAISettings:
     timeout_s: float = 600.0  # each generation's deadline
     startup_timeout_s: float = 60.0  # how long to wait for the orchestrator at startup
     log_level: str = "info"
-    max_request_mb: float = 4.0  # a larger request body is refused with 413 before it is read
+    max_request_mb: float = DEFAULT_MAX_REQUEST_MB  # a larger request body is refused with 413 before it is read
 
     def client_kwargs(self) -> dict:
         api_key = None

@@ -16,9 +16,12 @@ import grpc
 
 log = logging.getLogger(__name__)
 
-# Trailing metadata key set on FAILED_PRECONDITION when the service does not hold the session.
+# Trailing metadata key saying what kind of refusal a status is: session-lost on FAILED_PRECONDITION
+# (the service does not hold the session: re-send the prefix), draining on UNAVAILABLE (the replica is
+# shutting down and takes no new session: start it on another replica).
 ERROR_KIND_KEY = "specdec-error"
 SESSION_LOST = "session-lost"
+DRAINING = "draining"
 
 
 class ServiceError(Exception):
@@ -48,6 +51,10 @@ class ResourceExhausted(ServiceError):
 
 class Unavailable(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class Draining(Unavailable):
+    kind = DRAINING
 
 
 class Downstream(ServiceError):

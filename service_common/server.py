@@ -1,4 +1,4 @@
-"""Create, register (plus health and reflection), bind, start, wait, stop gracefully on SIGTERM.
+"""Create, register (plus health and reflection), bind, start, wait, drain and stop gracefully on SIGTERM.
 
 Binding, TLS, API keys and the plaintext health port are transport/'s: every role listens through it."""
 
@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -51,30 +52,61 @@ class RunningServer:
     health_port: int | None = None
     caller_limit: CallerLimitInterceptor | None = None  # calls in flight per caller (its .slots)
     on_stop: list[Callable[[], None]] = field(default_factory=list)  # after the calls drained, in order
+    on_drain: list[Callable[[], None]] = field(default_factory=list)  # told it is draining, in order
+    busy: Callable[[], bool] | None = None  # whether work it holds is still going on (None: never busy)
+    _cut_drain: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def drain(self, timeout_s: float, poll_s: float = 0.1) -> bool:
+        """Stop taking new work while work in flight goes on: health turns NOT_SERVING for every service
+        name and "" (main port and plaintext health port: they share one health servicer), so probes fail
+        and Kubernetes routes no more to this pod; the on_drain hooks are told (the role refuses new
+        sessions); then it waits while `busy()` says work remains, up to `timeout_s`. The server keeps
+        serving calls throughout: stopping is `stop`'s. True when the work ended before the timeout."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        for hook in self.on_drain:
+            hook()
+        deadline = time.monotonic() + timeout_s
+        while self.busy is not None and self.busy():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("drain: work still in flight after %.0f s; stopping anyway", timeout_s)
+                return False
+            if self._cut_drain.wait(min(poll_s, left)):
+                log.warning("drain cut short by a second signal")
+                return False
+        return True
 
     def stop(self, grace: float | None = 5.0) -> None:
-        for name in (*self.service_names, ""):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(grace).wait()
         if self.health_server is not None:
             self.health_server.stop(None).wait()
         for release in self.on_stop:
             release()
 
-    def wait_for_termination(self, exit_deadline_s: float = 15.0) -> None:
-        """Block until SIGTERM / SIGINT, then drain in-flight calls and stop.
+    def _set_health(self, status) -> None:
+        for name in (*self.service_names, ""):
+            self.health.set(name, status)
+
+    def wait_for_termination(self, exit_deadline_s: float = 15.0, drain_timeout_s: float = 20.0) -> None:
+        """Block until SIGTERM / SIGINT, then drain (up to `drain_timeout_s`), then stop: in-flight calls
+        get a short grace, then the on_stop hooks run. A second signal cuts the drain short.
 
         The wait is a loop of short waits: Python runs signal handlers only in the main thread, between
         bytecodes, so a main thread parked in one untimed lock wait may never run them. Once stopping,
-        a watchdog ends the process `exit_deadline_s` later if the drain, the exporters' flush or the
-        interpreter's exit (which joins the server's worker threads) is still not done: a service
-        being stopped must stop. Before the loop, a draft service sent SIGTERM right after it came up
-        twice in ~20 test runs never stopped: py-spy showed its main thread still in the untimed
-        Event.wait, the handler never run (the signal had gone to one of the other threads)."""
+        a watchdog ends the process if the drain overruns `drain_timeout_s` + `exit_deadline_s`, or the
+        stop, the exporters' flush or the interpreter's exit (which joins the server's worker threads) is
+        not done `exit_deadline_s` after the drain: a service being stopped must stop. Before the loop,
+        a draft service sent SIGTERM right after it came up twice in ~20 test runs never stopped: py-spy
+        showed its main thread still in the untimed Event.wait, the handler never run (the signal had
+        gone to one of the other threads)."""
         stopped = threading.Event()
 
         def on_signal(signum, _frame):
-            log.info("signal %s: draining and stopping", signum)
+            if stopped.is_set():
+                self._cut_drain.set()
+                return
+            log.info("signal %s: draining (up to %.0f s), then stopping", signum, drain_timeout_s)
             stopped.set()
 
         if threading.current_thread() is threading.main_thread():
@@ -82,14 +114,22 @@ class RunningServer:
             signal.signal(signal.SIGINT, on_signal)
         while not stopped.wait(0.5):
             pass
-        watchdog = threading.Timer(exit_deadline_s, _exit_stuck, args=(exit_deadline_s,))
-        watchdog.daemon = True
-        watchdog.start()
+        watchdog = _watchdog(drain_timeout_s + exit_deadline_s, "after the signal")  # a hook or busy() that hangs
+        self.drain(drain_timeout_s)
+        watchdog.cancel()
+        _watchdog(exit_deadline_s, "after the drain")
         self.stop()
 
 
-def _exit_stuck(after_s: float) -> None:
-    log.error("still not stopped %.0f s after the signal: exiting now", after_s)
+def _watchdog(after_s: float, since: str) -> threading.Timer:
+    timer = threading.Timer(after_s, _exit_stuck, args=(after_s, since))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _exit_stuck(after_s: float, since: str) -> None:
+    log.error("still not stopped %.0f s %s: exiting now", after_s, since)
     for handler in logging.getLogger().handlers:
         handler.flush()
     os._exit(1)

@@ -53,5 +53,5 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
         reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)
         if done.result.draft_probs is not None:
             encode_to_message(encode_probs(done.result.draft_probs), reply.draft_probs)
-        reply.timing.CopyFrom(timing(started, done))
+        reply.timing.CopyFrom(timing(started, done, self.load()))
         return reply

@@ -1,4 +1,5 @@
-"""What the draft and verify servicers share: request checks, session use on the worker, info, release."""
+"""What the draft and verify servicers share: request checks, session use on the worker, info, release,
+the replica's load report and draining (no new sessions while those held finish)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class ModelServiceBase:
         self.runner = runner
         self.store = store
         self.max_draft_tokens = max_draft_tokens
+        self.draining = False  # shutting down: sessions held are served, new ones refused (start_draining)
         self.worker = ModelWorker(self.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                   max_queue=max_queue, on_batch=record_batch, tokens_of=self.tokens_of,
                                   prefill_lane=prefill_lane, chunk_tokens=chunk_tokens, split=self.split,
@@ -110,7 +112,7 @@ class ModelServiceBase:
         caller's session id never reaches another caller's cache, whatever ids they send. Within a caller,
         the prefix fingerprint is what protects a session."""
         with self.store.use(self.store_key(context, request.session_id), request.prefix_len,
-                            request.prefix_fingerprint) as session:
+                            request.prefix_fingerprint, new_sessions=not self.draining) as session:
             yield session
 
     @staticmethod
@@ -122,6 +124,24 @@ class ModelServiceBase:
         """Run the job on the model worker, in the caller's fair share (serving/model_worker.py)."""
         return self.worker.submit(job, alive=self.caller_alive(context), key=session.session_id,
                                   caller=owner(session.session_id))  # the caller its store key names
+
+    # -- load and draining ------------------------------------------------------------------------
+    def start_draining(self) -> None:
+        """From now on a call that would start a session here is refused (Draining, before any model work);
+        calls for sessions the store holds go on, so generations in flight end on this replica. Releasing
+        the sessions is what ends the drain (the server's busy())."""
+        self.draining = True
+
+    def busy(self) -> bool:
+        """Sessions are still held: a drain waits for them to be released (or to time out)."""
+        return self.store.stats().live_sessions > 0
+
+    def load(self) -> common_pb2.ReplicaLoad:
+        """The replica's load now, as every reply reports it (orchestrators route new sessions by it)."""
+        stats = self.store.stats()
+        return common_pb2.ReplicaLoad(queued=self.worker.queued(), live_sessions=stats.live_sessions,
+                                      memory_used=min(1.0, stats.bytes_used / max(1, self.store.max_bytes)),
+                                      draining=self.draining)
 
     # -- RPCs shared by both services --------------------------------------------------------------
     def ReleaseSession(self, request, context):
@@ -135,7 +155,7 @@ class ModelServiceBase:
             model=loaded.name_or_path, vocab_size=loaded.vocab_size, max_context=loaded.max_context,
             eos_token_ids=loaded.eos_token_ids, tokenizer_fingerprint=loaded.tokenizer_fingerprint,
             device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
-            num_parameters=loaded.num_parameters, max_draft_tokens=self.max_draft_tokens)
+            num_parameters=loaded.num_parameters, max_draft_tokens=self.max_draft_tokens, load=self.load())
 
 
 def annotate_server_span(done: Timed, **attributes) -> None:
@@ -149,10 +169,10 @@ def annotate_server_span(done: Timed, **attributes) -> None:
     trace.get_current_span().set_attributes(attributes)
 
 
-def timing(started_ns: int, done: Timed) -> common_pb2.ServerTiming:
+def timing(started_ns: int, done: Timed, load: common_pb2.ReplicaLoad | None = None) -> common_pb2.ServerTiming:
     return common_pb2.ServerTiming(queue_us=done.queue_us, compute_us=done.compute_us, batch_size=done.batch_size,
                                    batch_tokens=done.batch_tokens, prefill_lane=done.lane == "prefill",
-                                   total_us=(time.perf_counter_ns() - started_ns) // 1000)
+                                   total_us=(time.perf_counter_ns() - started_ns) // 1000, load=load)
 
 
 def encode_to_message(encoded, message: common_pb2.ProbMatrix) -> None:

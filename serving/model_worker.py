@@ -285,6 +285,11 @@ class ModelWorker:
         self._arrived(key)  # after the enqueue: a batch that stops waiting for this key finds its job queued
         return job.future.result()
 
+    def queued(self) -> int:
+        """Jobs waiting for the worker, all callers (the replica's reported load). Read without the lock: a
+        gauge for a load report, one int, not worth a lock taken on every reply."""
+        return self._waiting
+
     def _may_run_inline(self, job: _Job) -> bool:
         """Whether the calling thread may run its job now, as a batch of one (it holds `_forward`): nothing is
         waiting for the worker, the main thread may take the job (a prefill only as `_lane_callers` says), and

@@ -43,5 +43,5 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
         reply = verify_pb2.VerifyResponse(argmax_token_ids=scores.argmax_token_ids, cached_len=cached_len)
         if scores.target_probs is not None:
             encode_to_message(encode_probs(scores.target_probs), reply.target_probs)
-        reply.timing.CopyFrom(timing(started, done))
+        reply.timing.CopyFrom(timing(started, done, self.load()))
         return reply

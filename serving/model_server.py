@@ -112,4 +112,6 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
                            max_calls_per_caller=settings.max_calls_per_caller)
     watch_sessions(service_name, store)
     running.servicer = servicer
+    running.on_drain.append(servicer.start_draining)  # SIGTERM: no new sessions, those held go on
+    running.busy = servicer.busy  # the drain waits until every session is released
     return running

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from service_common import session_fingerprint
-from service_common.errors import InvalidArgument, ResourceExhausted, SessionLost
+from service_common.errors import Draining, InvalidArgument, ResourceExhausted, SessionLost
 
 
 @dataclass
@@ -94,8 +94,12 @@ class SessionStore:
             self._sessions.clear()
 
     @contextmanager
-    def use(self, session_id, prefix_len: int, fingerprint: bytes = b"") -> Iterator[Session]:
+    def use(self, session_id, prefix_len: int, fingerprint: bytes = b"", new_sessions: bool = True) -> Iterator[Session]:
         """The session (an id, or a (caller, id) pair) cropped to prefix_len, locked for the caller. prefix_len 0 starts it anew.
+
+        `new_sessions` False (a draining replica): a session the store does not hold is refused with
+        Draining, whatever prefix_len, so its caller starts it on another replica rather than here; one it
+        holds is served as ever.
 
         The cache is served only if its first prefix_len tokens have `fingerprint`: whatever else
         happened to it (another caller overwrote, cropped or re-filled it) is a miss, SessionLost, and the
@@ -107,7 +111,7 @@ class SessionStore:
             raise InvalidArgument("session_id is required")
         if prefix_len < 0:
             raise InvalidArgument(f"prefix_len must be >= 0, got {prefix_len}")
-        session = self._checkout(session_id, prefix_len)
+        session = self._checkout(session_id, prefix_len, new_sessions)
         try:
             with session.lock:
                 if prefix_len > session.length:
@@ -138,10 +142,13 @@ class SessionStore:
                 session.last_used = time.monotonic()
             self._enforce_budget()
 
-    def _checkout(self, session_id: str, prefix_len: int) -> Session:
+    def _checkout(self, session_id: str, prefix_len: int, new_sessions: bool = True) -> Session:
         with self._lock:
             self._expire_locked()
             session = self._sessions.get(session_id)
+            if session is None and not new_sessions:
+                raise Draining("this replica is shutting down and takes no new sessions; start the session on "
+                               "another replica")
             if prefix_len == 0:
                 if session is None or session.in_use == 0:
                     if session is None and len(self._sessions) >= self.max_sessions:

@@ -330,7 +330,7 @@ def measure_level(client, work: Sequence[str], streams: int, max_new_tokens: int
 
 
 def live(verify_replicas: Sequence[int] = (1, 2), streams: Sequence[int] = (8, 32), draft_replicas: int = 2,
-         max_new_tokens: int = 32, generations: int = 64, pinned: bool = True, log_dir=None) -> dict:
+         max_new_tokens: int = 32, generations: int = 96, pinned: bool = True, log_dir=None) -> dict:
     prompts = load_prompts(DEFAULT_PROMPTS)
     work = [prompts[i % len(prompts)] for i in range(generations)]
     pinned = pinned and sys.platform.startswith("linux") and (os.cpu_count() or 1) > VERIFY_CPU
@@ -403,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run.add_argument("--draft-replicas", type=int, default=2)
     run.add_argument("--streams", type=int, nargs="+", default=[8, 32])
     run.add_argument("--max-new-tokens", type=int, default=32)
-    run.add_argument("--generations", type=int, default=64, help="generations per configuration")
+    run.add_argument("--generations", type=int, default=96, help="generations per configuration")
     run.add_argument("--no-pinned", action="store_true")
     run.add_argument("--out", help="write the JSON report here too")
     for sub in (sim, run):

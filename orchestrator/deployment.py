@@ -1,14 +1,17 @@
-"""The orchestrator's view of its services: channels, stubs, model info, the tokenizer, and the
-startup checks that draft and target can be paired."""
+"""The orchestrator's view of its services: a replica set per role (orchestrator/replicas.py), model
+info, the tokenizer, and the startup checks that draft and target can be paired and that the replicas of
+a role agree."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import grpc
 from transformers import AutoTokenizer
 
+from orchestrator.replicas import IncompatibleReplica, ReplicaSet, parse_targets
 from service_common.server import CHANNEL_OPTIONS
 from specdec_api import common_pb2, draft_pb2_grpc, verify_pb2_grpc
 from transport import TLSSettings, dial
@@ -22,17 +25,23 @@ class IncompatibleModels(RuntimeError):
 
 @dataclass
 class Deployment:
-    verify_stub: verify_pb2_grpc.VerifyServiceStub
-    draft_stub: draft_pb2_grpc.DraftServiceStub | None
-    verify_info: common_pb2.ModelInfo
-    draft_info: common_pb2.ModelInfo | None
+    verify: ReplicaSet
+    draft: ReplicaSet | None
+    verify_info: common_pb2.ModelInfo  # what every verify replica serves (the first one's info)
+    draft_info: common_pb2.ModelInfo | None  # the first draft replica's; all have its vocabulary
     tokenizer: object
     tokenizer_name: str
-    channels: list[grpc.Channel]
+
+    @property
+    def channels(self) -> list[grpc.Channel]:
+        """Every replica's channel now (replicas come and go with dns:/// names)."""
+        sets = [self.verify] + ([self.draft] if self.draft else [])
+        return [r.channel for s in sets for r in s._replicas.values() if r.channel is not None]
 
     def close(self) -> None:
-        for channel in self.channels:
-            channel.close()
+        for replicas in (self.verify, self.draft):
+            if replicas is not None:
+                replicas.close()
 
 
 def check_pair(draft: common_pb2.ModelInfo, target: common_pb2.ModelInfo) -> None:
@@ -60,50 +69,93 @@ def check_pair(draft: common_pb2.ModelInfo, target: common_pb2.ModelInfo) -> Non
                  target.vocab_size)
 
 
+def same_target(info: common_pb2.ModelInfo, reference: common_pb2.ModelInfo | None) -> None:
+    """Every verify replica serves the same target: a generation's tokens must not depend on which replica
+    scored them. IncompatibleReplica names the first difference."""
+    if reference is None:
+        return
+    for name in ("model", "vocab_size", "max_context", "tokenizer_fingerprint", "num_parameters"):
+        mine, theirs = getattr(info, name), getattr(reference, name)
+        if mine != theirs:
+            raise IncompatibleReplica(f"it serves {name} {mine!r} where the other verify replicas serve {theirs!r}; "
+                                      "every verify replica must host the same target model")
+    if list(info.eos_token_ids) != list(reference.eos_token_ids):
+        raise IncompatibleReplica(f"its EOS ids {list(info.eos_token_ids)} differ from the other verify "
+                                  f"replicas' {list(reference.eos_token_ids)}")
+    if info.dtype != reference.dtype:
+        log.warning("verify replicas differ in dtype (%s vs %s): greedy output may differ by replica in rare "
+                    "near-ties", info.dtype, reference.dtype)
+
+
+def pairable_draft(target: common_pb2.ModelInfo):
+    """The check a draft replica passes: it pairs with the target (check_pair) and has the first draft
+    replica's vocabulary. Draft replicas may host different models (a heterogeneous pool): the draft only
+    proposes, so which one proposed changes speed, never tokens."""
+    def check(info: common_pb2.ModelInfo, reference: common_pb2.ModelInfo | None) -> None:
+        check_pair(info, target)
+        if reference is not None and info.vocab_size != reference.vocab_size:
+            raise IncompatibleReplica(f"it has {info.vocab_size} logits per token where the other draft "
+                                      f"replicas have {reference.vocab_size}")
+    return check
+
+
 def _channel(address: str, tls: TLSSettings | None = None, api_key_file: str | None = None) -> grpc.Channel:
     # No tracing interceptor: the calls on the hot path open their CLIENT spans themselves
     # (service_clients.py). TLS (our certificate as the client identity) and the service key, when
-    # configured, come from transport.dial, which follows their files as they rotate.
-    return dial(address, tls, CHANNEL_OPTIONS, api_key_file)
+    # configured, come from transport.dial, which follows their files as they rotate. A replica that went
+    # away is retried within 2 s of coming back, not gRPC's default of up to 2 minutes.
+    options = [*CHANNEL_OPTIONS, ("grpc.initial_reconnect_backoff_ms", 250),
+               ("grpc.max_reconnect_backoff_ms", 2000), ("grpc.min_reconnect_backoff_ms", 250)]
+    return dial(address, tls, options, api_key_file)
 
 
-def _model_info(stub, role: str, address: str, timeout_s: float, tls: TLSSettings | None) -> common_pb2.ModelInfo:
-    """The service's ModelInfo, waiting for it to come up; a refusal as one line an operator can act on."""
-    try:
-        return stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=timeout_s, wait_for_ready=True)
-    except grpc.RpcError as error:
-        hint = ""
-        if error.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
-            hint = (" (with TLS, a handshake the service refuses looks like this: check that --tls-ca signed its "
-                    "certificate, that it trusts our --tls-cert, and --tls-server-name)" if tls and tls.dials_tls
-                    else " (is it up? if it serves TLS, give the orchestrator --tls-ca, --tls-cert and --tls-key)")
-        elif error.code() == grpc.StatusCode.UNAUTHENTICATED:
-            hint = " (give the orchestrator --service-api-key-file with a key from the service's --api-key-file)"
-        raise ConnectionError(f"{role} service at {address}: {error.code().name}: {error.details()}{hint}") from None
+def _hint(code: grpc.StatusCode | None, tls: TLSSettings | None) -> str:
+    """What an operator should check when a service does not answer at startup."""
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE, None):
+        return ("with TLS, a handshake the service refuses looks like this: check that --tls-ca signed its "
+                "certificate, that it trusts our --tls-cert, and --tls-server-name" if tls and tls.dials_tls
+                else "is it up? if it serves TLS, give the orchestrator --tls-ca, --tls-cert and --tls-key")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "give the orchestrator --service-api-key-file with a key from the service's --api-key-file"
+    return ""
+
+
+def replica_set(role: str, spec: str, flag: str, make_stub, check_info, tls: TLSSettings | None,
+                api_key_file: str | None, resolve_interval_s: float) -> ReplicaSet:
+    targets = parse_targets(spec, flag)
+    if targets.resolved and tls is not None and tls.dials_tls and not tls.server_name:
+        # Resolved replicas are dialled by IP: their certificates are checked against the name resolved.
+        tls = dataclasses.replace(tls, server_name=targets.dns_host)
+    return ReplicaSet(role, targets, lambda address: _channel(address, tls, api_key_file), make_stub, check_info,
+                      resolve_interval_s)
 
 
 def connect(verify_address: str, draft_address: str | None, tokenizer: str | None = None,
             ready_timeout_s: float = 60.0, tls: TLSSettings | None = None,
-            api_key_file: str | None = None) -> Deployment:
-    channels = []
+            api_key_file: str | None = None, resolve_interval_s: float = 10.0) -> Deployment:
+    """The replica sets `--verify` and `--draft` name, once at least one replica of each takes sessions.
+    ValueError for a malformed address list, ConnectionError when no replica answers in time,
+    IncompatibleModels when the draft cannot pair with the target."""
+    verify = replica_set("verify", verify_address, "--verify", verify_pb2_grpc.VerifyServiceStub, same_target, tls,
+                         api_key_file, resolve_interval_s)
+    draft = None
     try:
-        verify_channel = _channel(verify_address, tls, api_key_file)
-        channels.append(verify_channel)
-        verify_stub = verify_pb2_grpc.VerifyServiceStub(verify_channel)
-        verify_info = _model_info(verify_stub, "verify", verify_address, ready_timeout_s, tls)
-        draft_stub = draft_info = None
+        verify_info = verify.wait_ready(ready_timeout_s, lambda code: _hint(code, tls))
+        draft_info = None
         if draft_address:
-            draft_channel = _channel(draft_address, tls, api_key_file)
-            channels.append(draft_channel)
-            draft_stub = draft_pb2_grpc.DraftServiceStub(draft_channel)
-            draft_info = _model_info(draft_stub, "draft", draft_address, ready_timeout_s, tls)
-            check_pair(draft_info, verify_info)
+            draft = replica_set("draft", draft_address, "--draft", draft_pb2_grpc.DraftServiceStub,
+                                pairable_draft(verify_info), tls, api_key_file, resolve_interval_s)
+            draft_info = draft.wait_ready(ready_timeout_s, lambda code: _hint(code, tls), refusal=IncompatibleModels)
     except BaseException:
-        for channel in channels:
-            channel.close()
+        verify.close()
+        if draft is not None:
+            draft.close()
         raise
     tokenizer_name = tokenizer or verify_info.model
     loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
     log.info("target %s, draft %s, tokenizer %s", verify_info.model, draft_info.model if draft_info else None,
              tokenizer_name)
-    return Deployment(verify_stub, draft_stub, verify_info, draft_info, loaded_tokenizer, tokenizer_name, channels)
+    verify.start()
+    if draft is not None:
+        draft.start()
+    return Deployment(verify, draft, verify_info, draft_info, loaded_tokenizer, tokenizer_name)

@@ -160,5 +160,6 @@ class Generation:
             self.wall_s = time.perf_counter() - self.started
         draft_calls = self.draft.calls if self.draft else []
         reprefills = self.verify.reprefills + (self.draft.reprefills if self.draft else 0)
+        rebinds = self.verify.rebinds + (self.draft.rebinds if self.draft else 0)
         return self.report.stats(len(self.spec.prompt_ids), len(self.generated), self.wall_s, draft_calls,
-                                 self.verify.calls, reprefills)
+                                 self.verify.calls, reprefills, rebinds)

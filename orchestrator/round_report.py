@@ -164,7 +164,7 @@ class GenerationReport:
         return attributes
 
     def stats(self, prompt_tokens: int, new_tokens: int, wall_s: float, draft_calls: list[CallRecord],
-              verify_calls: list[CallRecord], reprefills: int) -> orchestrator_pb2.GenerationStats:
+              verify_calls: list[CallRecord], reprefills: int, rebinds: int = 0) -> orchestrator_pb2.GenerationStats:
         c = self.counters
         wall_ms = wall_s * 1000
         draft_ms = c.draft_critical_ms  # on the critical path; c.draft_hidden_ms ran beside verify
@@ -181,7 +181,7 @@ class GenerationReport:
             verify_compute_ms=sum(r.compute_ms for r in verify_calls),
             network_ms=sum(r.network_ms for r in draft_calls) + sum(r.network_ms for r in verify_calls),
             bytes_per_round=(sum(r.bytes for r in draft_calls) + sum(r.bytes for r in verify_calls)) / max(1, c.rounds),
-            reprefills=reprefills, target_only_rounds=c.target_only_rounds,
+            reprefills=reprefills, rebinds=rebinds, target_only_rounds=c.target_only_rounds,
             acceptance_by_position=[a / d for a, d in zip(c.accepted_at, c.drafted_at)],
             recovered_tokens=c.recovered, bonus_tokens=c.bonus, overlapped_rounds=c.prepared_rounds,
             alpha=c.accepted / (c.accepted + c.rejections) if c.accepted + c.rejections else 0.0,

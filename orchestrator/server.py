@@ -42,12 +42,14 @@ class OrchestratorSettings:
     service_api_key_file: str | None = None  # the key this orchestrator sends to draft and verify
     health_port: int | None = None  # plaintext health service alone on this port (for probes under TLS)
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB
+    resolve_interval_s: float = 10.0  # re-resolve dns:/// replica names and poll replica loads this often
 
 
 def start(settings: OrchestratorSettings, interceptors=()) -> RunningServer:
     settings.tls.check()
     deployment = connect(settings.verify, settings.draft, settings.tokenizer, settings.ready_timeout_s,
-                         tls=settings.tls, api_key_file=settings.service_api_key_file)
+                         tls=settings.tls, api_key_file=settings.service_api_key_file,
+                         resolve_interval_s=settings.resolve_interval_s)
     servicer = OrchestratorServicer(deployment, settings.num_draft_tokens, settings.max_draft_tokens,
                                     settings.rpc_timeout_s, settings.adaptive_cost_ratio,
                                     settings.draft_timeout_s, settings.gamma_policy, settings.overlap,
@@ -63,5 +65,7 @@ def start(settings: OrchestratorSettings, interceptors=()) -> RunningServer:
         deployment.close()
         raise
     running.servicer = servicer
+    running.on_drain.append(servicer.start_draining)  # SIGTERM: no new generation, those streaming go on
+    running.busy = servicer.busy  # the drain waits until the last generation ends
     running.on_stop += [servicer.close, deployment.close]  # the verify pool's threads, the service channels
     return running

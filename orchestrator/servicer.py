@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from opentelemetry import trace
@@ -14,7 +15,7 @@ from orchestrator.generation import Generation, GenerationSpec
 from orchestrator.service_clients import DraftSession, VerifyFailed, VerifySession
 from orchestrator.text_stream import TextStream
 from service_common.caller_limits import DEFAULT_MAX_WORKERS
-from service_common.errors import Downstream, InvalidArgument, OutOfRange
+from service_common.errors import Downstream, Draining, InvalidArgument, OutOfRange
 from service_common.session_fingerprint import session_tag
 from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
 from speculation.gamma_policy import AdaptiveGamma
@@ -49,6 +50,16 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         # max_context * this cannot fit the context whatever it holds: refused before tokenizing it.
         vocab = deployment.tokenizer.get_vocab() if hasattr(deployment.tokenizer, "get_vocab") else {}
         self.max_chars_per_token = max((len(token) for token in vocab), default=0) or 64
+        self.draining = False  # SIGTERM: no new generation; those in flight go on (RunningServer.drain)
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+
+    def start_draining(self) -> None:
+        self.draining = True
+
+    def busy(self) -> bool:
+        """Generations are still streaming (what a drain waits for)."""
+        return self._in_flight > 0
 
     # -- request checks ---------------------------------------------------------------------------
     def spec_from(self, request: orchestrator_pb2.GenerateRequest) -> GenerationSpec:
@@ -112,17 +123,29 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
 
     # -- RPCs -------------------------------------------------------------------------------------
     def Generate(self, request, context):
+        if self.draining:
+            raise Draining("this orchestrator is shutting down and takes no new generation; retry (another "
+                           "replica will take it)")
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            yield from self._generate(request, context)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _generate(self, request, context):
         spec = self.spec_from(request)
         # The session id is what lets a caller touch the services' caches: random, never derived from what
         # the client sent, and kept out of spans and logs (they carry session_tag, a one-way name).
         session_id = secrets.token_hex(16)
         d = self.deployment
         draft = None
-        if d.draft_stub is not None:
+        if d.draft is not None:
             vocab_limit = spec.target_vocab_size if spec.draft_vocab_size > spec.target_vocab_size else 0
-            draft = DraftSession(d.draft_stub, session_id, self.draft_timeout_s, spec.sampling, self.draft_confidence,
+            draft = DraftSession(d.draft, session_id, self.draft_timeout_s, spec.sampling, self.draft_confidence,
                                  vocab_limit)
-        verify = VerifySession(d.verify_stub, session_id, self.rpc_timeout_s, spec.sampling)
+        verify = VerifySession(d.verify, session_id, self.rpc_timeout_s, spec.sampling)
         policy = None
         if spec.adaptive and self.load_model is not None:
             policy = LoadAwareGamma(self.load_model, max_gamma=spec.max_gamma, gamma=spec.gamma)
@@ -148,10 +171,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
                     record_generation(stats.new_tokens, stats.rounds, stats.tokens_per_s, stats.acceptance_rate,
                                       stats.mean_accepted_len)
                     span.set_attributes({"specdec.new_tokens": stats.new_tokens, "specdec.rounds": stats.rounds,
-                                         "specdec.acceptance_rate": stats.acceptance_rate})
+                                         "specdec.acceptance_rate": stats.acceptance_rate,
+                                         "specdec.rebinds": stats.rebinds,
+                                         "specdec.verify_replica": verify.replica_address,
+                                         "specdec.draft_replica": draft.replica_address if draft else ""})
                 yield chunk
         except VerifyFailed as failure:  # the client gets the verify service's status, not UNKNOWN
-            raise Downstream("verify", failure.error) from failure
+            raise Downstream("verify", failure.code, failure.details) from failure
         finally:
             if self.load_model is not None:
                 self.load_model.leave()

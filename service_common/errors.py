@@ -60,9 +60,9 @@ class Draining(Unavailable):
 class Downstream(ServiceError):
     """A service this one called failed: pass its status code on, saying which service it was."""
 
-    def __init__(self, service: str, error: grpc.RpcError):
-        super().__init__(f"{service} service: {error.details()}")
-        self.code = error.code()
+    def __init__(self, service: str, code: grpc.StatusCode, details: str):
+        super().__init__(f"{service} service: {details}")
+        self.code = code
 
 
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:

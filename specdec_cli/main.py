@@ -63,8 +63,21 @@ def serve(
         help="auto | lean | hf. auto (default): the lean Llama forward where the architecture allows "
              "(pre-transposed, fused projections: ~40% cheaper draft steps, 10-20% cheaper verify), else the "
              "model's own HF forward"),
-    draft: str | None = typer.Option(None, envvar=_env("draft"), help="orchestrator: draft HOST:PORT"),
-    verify: str | None = typer.Option(None, envvar=_env("verify"), help="orchestrator: verify HOST:PORT"),
+    draft: str | None = typer.Option(
+        None, envvar=_env("draft"),
+        help="orchestrator: the draft replicas: HOST:PORT, several comma-separated, or dns:///NAME:PORT (every "
+             "address NAME resolves to, e.g. a headless Service, re-resolved periodically and on failure)"),
+    verify: str | None = typer.Option(
+        None, envvar=_env("verify"),
+        help="orchestrator: the verify replicas: HOST:PORT, several comma-separated, or dns:///NAME:PORT; each "
+             "generation stays on one replica of each role, chosen by the load they report"),
+    resolve_interval_s: float = typer.Option(
+        10.0, envvar=_env("resolve_interval_s"),
+        help="orchestrator: re-resolve dns:/// replica names and poll every replica's load this often"),
+    drain_timeout_s: float = typer.Option(
+        20.0, envvar=_env("drain_timeout_s"),
+        help="on SIGTERM: health turns NOT_SERVING and new sessions (orchestrator: generations) are refused "
+             "while those in flight go on, up to this long; then in-flight calls get a short grace and it stops"),
     tokenizer: str | None = typer.Option(None, envvar=_env("tokenizer"),
                                             help="orchestrator: default is the target's model path"),
     num_draft_tokens: int = typer.Option(4, envvar=_env("num_draft_tokens"), help="orchestrator: default gamma"),
@@ -204,7 +217,8 @@ def serve(
                 num_draft_tokens=num_draft_tokens, max_draft_tokens=max_draft_tokens,
                 adaptive_cost_ratio=adaptive_cost_ratio, rpc_timeout_s=rpc_timeout_s,
                 draft_timeout_s=draft_timeout_s, gamma_policy=gamma_policy, overlap=overlap,
-                draft_confidence=draft_confidence, service_api_key_file=service_api_key_file, **security))
+                draft_confidence=draft_confidence, service_api_key_file=service_api_key_file,
+                resolve_interval_s=resolve_interval_s, **security))
         except Exception as error:  # noqa: BLE001 - startup refusals are for a person to read, not a traceback
             typer.echo(f"specdec: orchestrator refused to start: {error}", err=True)
             raise typer.Exit(2)
@@ -233,7 +247,7 @@ def serve(
             raise typer.Exit(2)
     typer.echo(f"{role.value} listening on port {running.port}"
                + (f", plaintext health on port {running.health_port}" if running.health_server else ""), err=True)
-    running.wait_for_termination()
+    running.wait_for_termination(drain_timeout_s=drain_timeout_s)
     shutdown_tracing()
     shutdown_metrics()
 

@@ -17,6 +17,7 @@ import torch
 
 from orchestrator.draft_fallback import DRAFT_RETRY_AFTER_ROUNDS
 from orchestrator.generation import Generation, GenerationSpec, RoundEvent
+from orchestrator.replicas import ReplicaSet
 from orchestrator.service_clients import (
     CallRecord,
     DraftOutage,
@@ -88,7 +89,7 @@ class FakeDraft(DraftSession):
     the seed and the rest from the seed's generator), its cache ending with all but the last proposed token."""
 
     def __init__(self, model: ToyModel, sampling: Sampling, min_confidence: float = 0.0, failing_calls=None):
-        super().__init__(None, "fake-session", 1.0, sampling, min_confidence)
+        super().__init__(ReplicaSet.of_stubs("draft", {}), "fake-session", 1.0, sampling, min_confidence)
         self.model = model
         self.failing_calls = failing_calls or {}  # call number -> the DraftFailed it raises
         self.proposals = 0
@@ -121,7 +122,7 @@ class FakeVerify(VerifySession):
     """Scores every position in one pass, as the verify service does, and caches all it was sent."""
 
     def __init__(self, model: ToyModel, sampling: Sampling):
-        super().__init__(None, "fake-session", 1.0, sampling)
+        super().__init__(ReplicaSet.of_stubs("verify", {}), "fake-session", 1.0, sampling)
         self.model = model
         self.cache: list[int] = []
 
@@ -324,7 +325,7 @@ class _FailingStub:
     (grpc.StatusCode.OUT_OF_RANGE, DraftRefused), (grpc.StatusCode.INVALID_ARGUMENT, DraftRefused),
     (grpc.StatusCode.FAILED_PRECONDITION, DraftRefused)])
 def test_a_draft_status_is_an_outage_that_may_pass_or_a_refusal(code, failure):
-    draft = DraftSession(_FailingStub(code), "s", timeout_s=1.0)
+    draft = DraftSession(ReplicaSet.of_stubs("draft", {"a:1": _FailingStub(code)}), "s", timeout_s=1.0)
     with pytest.raises(failure, match=f"{code.name}: as told"):
         draft.propose([1, 2], 3, seed=0)
 
@@ -332,5 +333,5 @@ def test_a_draft_status_is_an_outage_that_may_pass_or_a_refusal(code, failure):
 def test_a_verify_status_leaves_with_the_error_to_pass_on():
     stub = _FailingStub(grpc.StatusCode.PERMISSION_DENIED)
     with pytest.raises(VerifyFailed) as caught:
-        VerifySession(stub, "s", timeout_s=1.0).verify([1, 2], [3])
-    assert caught.value.error is stub.error
+        VerifySession(ReplicaSet.of_stubs("verify", {"a:1": stub}), "s", timeout_s=1.0).verify([1, 2], [3])
+    assert (caught.value.code, caught.value.details) == (grpc.StatusCode.PERMISSION_DENIED, "as told")

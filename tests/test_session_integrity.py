@@ -290,10 +290,11 @@ def test_sessions_are_kept_per_caller_so_one_caller_cannot_reach_anothers(tiny):
 
 
 def test_a_client_whose_chain_went_stale_recovers_with_one_reprefill(stacks):
+    from orchestrator.replicas import ReplicaSet
     from orchestrator.service_clients import VerifySession
 
     stub = verify_pb2_grpc.VerifyServiceStub(grpc.insecure_channel(f"localhost:{stacks('different').verify.port}"))
-    client = VerifySession(stub, "stale-chain", timeout_s=30)
+    client = VerifySession(ReplicaSet.of_stubs("verify", {"verify:1": stub}), "stale-chain", timeout_s=30)
     client.chain = PrefixChain(window=2)
     first = list(range(10, 30))
     reply = client.verify(first, [])

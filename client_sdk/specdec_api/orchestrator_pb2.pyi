@@ -49,7 +49,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., num_draft_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("prompt_tokens", "new_tokens", "rounds", "drafted_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_len", "tokens_per_s", "wall_ms", "draft_ms", "verify_ms", "other_ms", "draft_compute_ms", "verify_compute_ms", "network_ms", "bytes_per_round", "reprefills", "target_only_rounds", "acceptance_by_position", "recovered_tokens", "bonus_tokens", "overlapped_rounds", "alpha")
+    __slots__ = ("prompt_tokens", "new_tokens", "rounds", "drafted_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_len", "tokens_per_s", "wall_ms", "draft_ms", "verify_ms", "other_ms", "draft_compute_ms", "verify_compute_ms", "network_ms", "bytes_per_round", "reprefills", "target_only_rounds", "acceptance_by_position", "recovered_tokens", "bonus_tokens", "overlapped_rounds", "alpha", "rebinds")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class GenerationStats(_message.Message):
     BONUS_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OVERLAPPED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
+    REBINDS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     new_tokens: int
     rounds: int
@@ -96,7 +97,8 @@ class GenerationStats(_message.Message):
     bonus_tokens: int
     overlapped_rounds: int
     alpha: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., wall_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., other_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., reprefills: _Optional[int] = ..., target_only_rounds: _Optional[int] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., recovered_tokens: _Optional[int] = ..., bonus_tokens: _Optional[int] = ..., overlapped_rounds: _Optional[int] = ..., alpha: _Optional[float] = ...) -> None: ...
+    rebinds: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., new_tokens: _Optional[int] = ..., rounds: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_len: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., wall_ms: _Optional[float] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., other_ms: _Optional[float] = ..., draft_compute_ms: _Optional[float] = ..., verify_compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., bytes_per_round: _Optional[float] = ..., reprefills: _Optional[int] = ..., target_only_rounds: _Optional[int] = ..., acceptance_by_position: _Optional[_Iterable[float]] = ..., recovered_tokens: _Optional[int] = ..., bonus_tokens: _Optional[int] = ..., overlapped_rounds: _Optional[int] = ..., alpha: _Optional[float] = ..., rebinds: _Optional[int] = ...) -> None: ...
 
 class RoundTiming(_message.Message):
     __slots__ = ("num_draft_tokens", "accepted", "round_ms", "draft_ms", "verify_ms", "draft_compute_ms", "verify_compute_ms", "queue_ms", "network_ms", "orchestrator_ms", "bytes", "verify_batch_size", "draft_hidden_ms", "draft_critical_compute_ms", "draft_step_ms")

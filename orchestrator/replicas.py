@@ -1,0 +1,361 @@
+"""The replicas of one role (draft or verify) behind the orchestrator, and the binding of sessions to them.
+
+`--verify` / `--draft` name a replica set: one HOST:PORT, several comma-separated, or `dns:///NAME:PORT`
+(every address NAME resolves to, as a Kubernetes headless Service publishes its ready pods). Each address
+gets its own channel, so each pod is reached directly: behind one ClusterIP address, a channel's one HTTP/2
+connection would carry every call to whichever pod it reached.
+
+A background refresher re-resolves dns:/// names and asks every replica for its ModelInfo (which carries
+its load) every `resolve_interval_s`, and at once after a replica failed. A replica takes new sessions
+only while it answers, serves what the role should (every verify replica the same target, every draft
+replica a draft the target can pair with) and is not draining. Replies to Propose / Verify carry the
+replica's load too, so between polls the loads are as fresh as the last call.
+
+Sessions are bound here and only here (`bind`, `unbind`): the choice is replica_routing.choose_replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+
+from orchestrator.replica_routing import ReplicaView, choose_replica
+from specdec_api import common_pb2
+
+log = logging.getLogger(__name__)
+
+DNS_SCHEME = "dns:///"
+PROBE_TIMEOUT_S = 2.0
+SPEED_SMOOTHING = 0.2  # weight of the newest call in a replica's measured time per call
+
+
+class IncompatibleReplica(RuntimeError):
+    """A replica serves something the others of its role do not: it takes no session."""
+
+
+@dataclass(frozen=True)
+class ReplicaTargets:
+    """What `--verify` / `--draft` named: fixed addresses, or a name to resolve."""
+    addresses: tuple[str, ...] = ()
+    dns_host: str | None = None
+    dns_port: int = 0
+
+    @property
+    def resolved(self) -> bool:
+        return self.dns_host is not None
+
+
+def parse_targets(spec: str, flag: str) -> ReplicaTargets:
+    """`HOST:PORT`, `A:P,B:P,...` or `dns:///NAME:PORT`; ValueError with a message for the operator."""
+    text = (spec or "").strip()
+    if text.startswith("dns:"):
+        if not text.startswith(DNS_SCHEME):
+            raise ValueError(f"{flag} {spec!r}: write dns:///NAME:PORT (a DNS server authority, dns://HOST/, "
+                             "is not supported: the orchestrator uses the system resolver)")
+        host, port = _split_host_port(text[len(DNS_SCHEME):], flag, spec)
+        return ReplicaTargets(dns_host=host, dns_port=port)
+    addresses = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        _split_host_port(part, flag, spec)
+        if part not in addresses:
+            addresses.append(part)
+    if not addresses:
+        raise ValueError(f"{flag} names no address; give HOST:PORT, several comma-separated, or dns:///NAME:PORT")
+    return ReplicaTargets(addresses=tuple(addresses))
+
+
+def _split_host_port(text: str, flag: str, spec: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{flag} {spec!r}: {text!r} is not HOST:PORT (a port in 1..65535)")
+    return host, int(port)
+
+
+def resolve_dns(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to, as HOST:PORT strings (IPv6 in brackets), sorted; [] if none."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return []
+    found = set()
+    for family, _type, _proto, _name, sockaddr in infos:
+        ip = sockaddr[0]
+        found.add(f"[{ip}]:{port}" if family == socket.AF_INET6 else f"{ip}:{port}")
+    return sorted(found)
+
+
+class Replica:
+    """One replica: its channel and stub, and what is known of it. Fields change under the set's lock."""
+
+    def __init__(self, address: str, stub, channel: grpc.Channel | None = None):
+        self.address = address
+        self.stub = stub
+        self.channel = channel
+        self.info: common_pb2.ModelInfo | None = None
+        self.answering = channel is None  # answered its last call or probe (a replica given as a stub: yes)
+        self.refused: str | None = None  # why it may take no session (serves the wrong model)
+        self.draining = False
+        self.listed = True  # still among the addresses the flag names (or its name resolves to)
+        self.bound = 0  # sessions bound to it now
+        self.live_sessions = 0
+        self.queued = 0
+        self.memory_used = 0.0
+        self.service_ms: float | None = None
+        self.last_error = ""
+        self.last_code: grpc.StatusCode | None = None
+
+    def takes_sessions(self) -> bool:
+        return self.listed and self.refused is None and not self.draining
+
+    def view(self, require_answering: bool = True) -> ReplicaView:
+        return ReplicaView(self.address, self.bound, self.live_sessions, self.queued, self.memory_used,
+                           self.service_ms, self.takes_sessions() and (self.answering or not require_answering))
+
+    def __repr__(self) -> str:
+        return f"Replica({self.address})"
+
+
+class ReplicaSet:
+    """The replicas of one role: resolving, probing, loads, and session binding."""
+
+    def __init__(self, role: str, targets: ReplicaTargets, open_channel: Callable[[str], grpc.Channel],
+                 make_stub: Callable[[grpc.Channel], object],
+                 check_info: Callable[[common_pb2.ModelInfo, common_pb2.ModelInfo | None], None] | None = None,
+                 resolve_interval_s: float = 10.0, resolver: Callable[[str, int], list[str]] = resolve_dns):
+        """check_info(info, reference) raises IncompatibleReplica (or the deployment's IncompatibleModels)
+        when a replica may not serve this role; reference is the first accepted replica's info."""
+        self.role = role
+        self.targets = targets
+        self.open_channel = open_channel
+        self.make_stub = make_stub
+        self.check_info = check_info
+        self.resolve_interval_s = resolve_interval_s
+        self.resolver = resolver
+        self.reference: common_pb2.ModelInfo | None = None
+        self._replicas: dict[str, Replica] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._refresher: threading.Thread | None = None
+        self._probe_pool = ThreadPoolExecutor(8, thread_name_prefix=f"{role}-probe")
+
+    @classmethod
+    def of_stubs(cls, role: str, stubs: dict[str, object]) -> ReplicaSet:
+        """A set of replicas given as ready stubs (no channels, no refresher): for in-process fakes."""
+        replicas = cls(role, ReplicaTargets(tuple(stubs)), open_channel=None, make_stub=None)
+        for address, stub in stubs.items():
+            replicas._replicas[address] = Replica(address, stub)
+        return replicas
+
+    # -- membership ------------------------------------------------------------------------------
+    def _addresses(self) -> list[str]:
+        if self.targets.resolved:
+            return self.resolver(self.targets.dns_host, self.targets.dns_port)
+        return list(self.targets.addresses)
+
+    def _update_membership(self) -> None:
+        addresses = self._addresses()
+        if self.targets.resolved and not addresses:
+            # A name that resolves to nothing for a moment (every pod restarting, a DNS hiccup) keeps
+            # the replicas it had: their own failures, not the resolver's silence, take them out.
+            return
+        to_close = []
+        with self._lock:
+            for address in addresses:
+                replica = self._replicas.get(address)
+                if replica is None:
+                    channel = self.open_channel(address)
+                    self._replicas[address] = Replica(address, self.make_stub(channel), channel)
+                    log.info("%s replica %s joined", self.role, address)
+                elif not replica.listed:
+                    replica.listed = True
+            for address, replica in list(self._replicas.items()):
+                if address not in addresses and replica.listed:
+                    replica.listed = False
+                    log.info("%s replica %s left the set (%d sessions still bound)", self.role, address,
+                             replica.bound)
+                if not replica.listed and replica.bound == 0:
+                    del self._replicas[address]
+                    to_close.append(replica)
+        for replica in to_close:
+            if replica.channel is not None:
+                replica.channel.close()
+
+    def _probe(self, replica: Replica) -> None:
+        try:
+            info = replica.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.RpcError as error:
+            with self._lock:
+                replica.answering = False
+                replica.last_error = f"{error.code().name}: {error.details()}"
+                replica.last_code = error.code()
+            return
+        problem = None
+        if self.check_info is not None:
+            try:
+                self.check_info(info, self.reference)
+            except Exception as error:  # noqa: BLE001 - IncompatibleReplica / IncompatibleModels: a refusal
+                problem = str(error)
+        with self._lock:
+            if problem is None and self.reference is None:
+                self.reference = info
+            if problem and replica.refused != problem:
+                log.error("%s replica %s takes no session: %s", self.role, replica.address, problem)
+            replica.refused = problem
+            replica.info = info
+            replica.answering = True
+            replica.last_error = ""
+            self._take_load(replica, info.load)
+
+    def refresh(self) -> None:
+        """Re-resolve (dns:///) and probe every replica now."""
+        self._update_membership()
+        with self._lock:
+            replicas = [r for r in self._replicas.values() if r.channel is not None]
+        # In address order, so that the first replica to set the role's reference is the same every time.
+        for future in [self._probe_pool.submit(self._probe, r) for r in sorted(replicas, key=lambda r: r.address)]:
+            future.result()
+
+    def wait_ready(self, timeout_s: float, hint: Callable[[grpc.StatusCode | None], str] = lambda code: "",
+                   refusal: type[Exception] = ConnectionError) -> common_pb2.ModelInfo:
+        """Block until some replica takes sessions; its ModelInfo (the role's reference). `refusal` (with
+        the reason) as soon as every replica that answered was refused and none is left to wait for;
+        ConnectionError naming every address, its last error and `hint(code)` when none is ready within
+        timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.refresh()
+            with self._lock:
+                known = sorted(self._replicas.values(), key=lambda r: r.address)
+                if self.reference is not None and any(r.answering and r.takes_sessions() for r in known):
+                    return self.reference
+                refused = [r for r in known if r.refused]
+            if known and len(refused) == len(known):
+                raise refusal(f"{self.role} service at {self._named()}: {refused[0].refused}")
+            if time.monotonic() >= deadline:
+                raise ConnectionError(self._not_ready_message(known, hint))
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+    def _named(self) -> str:
+        if self.targets.resolved:
+            return f"dns:///{self.targets.dns_host}:{self.targets.dns_port}"
+        return ",".join(self.targets.addresses)
+
+    def _not_ready_message(self, known: list[Replica], hint) -> str:
+        if not known:
+            return f"{self.role} service at {self._named()}: the name resolves to no address"
+        parts = []
+        for r in known:
+            why = r.refused or r.last_error or "no answer"
+            extra = "" if r.refused else hint(r.last_code)
+            parts.append(f"{r.address}: {why}" + (f" ({extra})" if extra else ""))
+        return f"{self.role} service at {self._named()}: no replica is ready; " + "; ".join(parts)
+
+    def start(self) -> None:
+        """The refresher: every resolve_interval_s, or at once after a replica failed."""
+        if self._refresher is None and self.open_channel is not None:
+            self._refresher = threading.Thread(target=self._refresh_loop, name=f"{self.role}-replicas", daemon=True)
+            self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(self.resolve_interval_s)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - the refresher must outlive one bad round (logged)
+                log.exception("%s replicas: refresh failed", self.role)
+            time.sleep(0.1)  # a burst of failures asks for one refresh, not one each
+
+    def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=PROBE_TIMEOUT_S + 1)
+        self._probe_pool.shutdown(wait=False)
+        with self._lock:
+            replicas = list(self._replicas.values())
+        for replica in replicas:
+            if replica.channel is not None:
+                replica.channel.close()
+
+    # -- sessions --------------------------------------------------------------------------------
+    def bind(self, session_key: str, exclude: Iterable[str] = ()) -> Replica | None:
+        """The replica a session starts on (or moves to), counted as bound to it; None when none can
+        take it. Replicas that did not answer lately are chosen only when no other can be: a lone
+        replica that is restarting is still worth waiting for."""
+        excluded = set(exclude)  # addresses
+        with self._lock:
+            candidates = [r for r in self._replicas.values() if r.address not in excluded]
+            address = choose_replica(session_key, [r.view() for r in candidates])
+            if address is None:
+                address = choose_replica(session_key, [r.view(require_answering=False) for r in candidates])
+            if address is None:
+                return None
+            replica = self._replicas[address]
+            replica.bound += 1
+            return replica
+
+    def unbind(self, replica: Replica) -> None:
+        close = False
+        with self._lock:
+            replica.bound = max(0, replica.bound - 1)
+            if not replica.listed and replica.bound == 0 and self._replicas.get(replica.address) is replica:
+                del self._replicas[replica.address]
+                close = True
+        if close and replica.channel is not None:
+            replica.channel.close()
+
+    def observe(self, replica: Replica, load: common_pb2.ReplicaLoad, server_ms: float) -> None:
+        """A reply's load and the server's time for it."""
+        with self._lock:
+            replica.answering = True
+            self._take_load(replica, load)
+            if server_ms > 0:
+                replica.service_ms = server_ms if replica.service_ms is None else (
+                    (1 - SPEED_SMOOTHING) * replica.service_ms + SPEED_SMOOTHING * server_ms)
+
+    @staticmethod
+    def _take_load(replica: Replica, load: common_pb2.ReplicaLoad) -> None:
+        replica.live_sessions, replica.queued = load.live_sessions, load.queued
+        replica.memory_used = load.memory_used
+        replica.draining = load.draining
+
+    def failed(self, replica: Replica, draining: bool = False) -> None:
+        """A call found the replica gone (UNAVAILABLE) or draining: no new session goes there until a probe
+        finds it back; the refresher looks now (a pod that went away may have a successor to resolve)."""
+        with self._lock:
+            if draining:
+                replica.draining = True
+            else:
+                replica.answering = False
+        self._wake.set()
+
+    def others_take_sessions(self, replica: Replica) -> bool:
+        """Whether another replica could take this session now (so a failed call should move, not wait)."""
+        with self._lock:
+            return any(r is not replica and r.takes_sessions() and r.answering for r in self._replicas.values())
+
+    def lone(self) -> bool:
+        """At most one replica can take sessions: its calls may wait for it to come back (wait_for_ready)."""
+        with self._lock:
+            return sum(1 for r in self._replicas.values() if r.takes_sessions()) <= 1
+
+    def snapshot(self) -> list[tuple[str, int, bool]]:
+        """(address, sessions bound, takes sessions and answering) per replica, for reports and tests."""
+        with self._lock:
+            return [(r.address, r.bound, r.takes_sessions() and r.answering)
+                    for r in sorted(self._replicas.values(), key=lambda r: r.address)]

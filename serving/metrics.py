@@ -31,6 +31,12 @@ def watch_sessions(service_name: str, store) -> None:
     def evicted(_options):
         yield metrics.Observation(store.stats().evictions, attributes)
 
+    def created(_options):
+        yield metrics.Observation(store.stats().created, attributes)
+
     _meter.create_observable_gauge("specdec.sessions.live", [live], unit="{session}")
+    # Sessions started (or restarted from prefix 0) here: with several replicas, how sessions spread,
+    # and (summed over a role's replicas against generations) whether any moved.
+    _meter.create_observable_counter("specdec.sessions.created", [created], unit="{session}")
     _meter.create_observable_gauge("specdec.sessions.bytes", [used], unit="By")
     _meter.create_observable_counter("specdec.sessions.evictions", [evicted], unit="{session}")

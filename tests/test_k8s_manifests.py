@@ -48,10 +48,11 @@ GPU = "nvidia.com/gpu"
 
 @functools.cache
 def render(kustomization: str) -> tuple[dict, ...]:
-    kubectl = shutil.which("kubectl")
+    # The venv's first (a kubectl from a wheel would land there), then the machine's.
+    kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     if kubectl is None:
-        pytest.fail("kubectl is not on PATH: these tests render k8s/ with `kubectl kustomize` (kustomize is built "
-                    "into kubectl >= 1.14). Install kubectl (e.g. Debian's or Google Cloud SDK's package) and rerun.")
+        pytest.fail("kubectl is not on PATH: these tests render k8s/ with `kubectl kustomize` (kustomize v4+ is built "
+                    "into kubectl >= 1.21). Install kubectl (e.g. Debian's or Google Cloud SDK's package) and rerun.")
     done = subprocess.run([kubectl, "kustomize", str(K8S / kustomization)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, f"kubectl kustomize k8s/{kustomization} failed:\n{done.stderr}"

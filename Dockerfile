@@ -37,7 +37,7 @@ COPY openai_api openai_api
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ./client_sdk .
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
-# cu128: a CUDA 12.8 build of torch (any recent NVIDIA driver runs it); cpu: the CPU-only build, ~10x
+# cu128: a CUDA 12.8 build of torch (the nodes need an NVIDIA driver of the CUDA 12 line); cpu: the CPU-only build, ~10x
 # smaller. Any variant the PyTorch index carries for TORCH_VERSION works (cu126, cu128, cu130, ...).
 ARG TORCH_VARIANT=cu128
 # The version setup.sh installs (TORCH_VERSION there too): the one the test suite passed with.

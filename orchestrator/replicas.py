@@ -20,11 +20,13 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry import metrics
 
 from orchestrator.replica_routing import ReplicaView, choose_replica
 from specdec_api import common_pb2
@@ -33,7 +35,30 @@ log = logging.getLogger(__name__)
 
 DNS_SCHEME = "dns:///"
 PROBE_TIMEOUT_S = 2.0
+DOWN_RETRY_S = 1.0  # how soon a replica that did not answer is probed again
 SPEED_SMOOTHING = 0.2  # weight of the newest call in a replica's measured time per call
+
+
+_live_sets: weakref.WeakSet = weakref.WeakSet()  # the sets the gauges below report on
+
+
+def _observe_bound(_options):
+    for replicas in list(_live_sets):
+        for address, bound, _up in replicas.snapshot():
+            yield metrics.Observation(bound, {"role": replicas.role, "replica": address})
+
+
+def _observe_up(_options):
+    for replicas in list(_live_sets):
+        for address, _bound, up in replicas.snapshot():
+            yield metrics.Observation(int(up), {"role": replicas.role, "replica": address})
+
+
+_meter = metrics.get_meter("specdec.orchestrator")
+_meter.create_observable_gauge("specdec.replica.sessions", [_observe_bound], unit="{session}",
+                               description="sessions this orchestrator has bound to each replica")
+_meter.create_observable_gauge("specdec.replica.up", [_observe_up], unit="1",
+                               description="1 while a replica takes new sessions (answering, right model, not draining)")
 
 
 class IncompatibleReplica(RuntimeError):
@@ -264,13 +289,17 @@ class ReplicaSet:
 
     def start(self) -> None:
         """The refresher: every resolve_interval_s, or at once after a replica failed."""
+        _live_sets.add(self)
         if self._refresher is None and self.open_channel is not None:
             self._refresher = threading.Thread(target=self._refresh_loop, name=f"{self.role}-replicas", daemon=True)
             self._refresher.start()
 
     def _refresh_loop(self) -> None:
         while not self._closed.is_set():
-            self._wake.wait(self.resolve_interval_s)
+            # A replica that does not answer (not up yet, restarting) is looked at again within a second.
+            with self._lock:
+                waiting = any(r.listed and not r.answering for r in self._replicas.values())
+            self._wake.wait(min(self.resolve_interval_s, DOWN_RETRY_S) if waiting else self.resolve_interval_s)
             self._wake.clear()
             if self._closed.is_set():
                 return
@@ -281,6 +310,7 @@ class ReplicaSet:
             time.sleep(0.1)  # a burst of failures asks for one refresh, not one each
 
     def close(self) -> None:
+        _live_sets.discard(self)
         self._closed.set()
         self._wake.set()
         if self._refresher is not None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from specdec_api import common_pb2 as specdec__api_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec_api/draft.proto\x12\nspecdec.v1\x1a\x18specdec_api/common.proto\"\xee\x01\n\x0eProposeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\x05\x12\x15\n\rappend_tokens\x18\x03 \x03(\x05\x12\x18\n\x10num_draft_tokens\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x16\n\x0emin_confidence\x18\x07 \x01(\x02\x12\x13\n\x0bvocab_limit\x18\x08 \x01(\x05\x12\x1a\n\x12prefix_fingerprint\x18\t \x01(\x0c\"\x8f\x01\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12+\n\x0b\x64raft_probs\x18\x02 \x01(\x0b\x32\x16.specdec.v1.ProbMatrix\x12(\n\x06timing\x18\x03 \x01(\x0b\x32\x18.specdec.v1.ServerTiming\x12\x12\n\ncached_len\x18\x04 \x01(\x05\x32\xf3\x01\n\x0c\x44raftService\x12\x42\n\x07Propose\x12\x1a.specdec.v1.ProposeRequest\x1a\x1b.specdec.v1.ProposeResponse\x12W\n\x0eReleaseSession\x12!.specdec.v1.ReleaseSessionRequest\x1a\".specdec.v1.ReleaseSessionResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.specdec.v1.GetModelInfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specdec_api/draft.proto\x12\nspecdec.v1\x1a\x18specdec_api/common.proto\"\xee\x01\n\x0eProposeRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\nprefix_len\x18\x02 \x01(\x05\x12\x15\n\rappend_tokens\x18\x03 \x03(\x05\x12\x18\n\x10num_draft_tokens\x18\x04 \x01(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.specdec.v1.SamplingParams\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x16\n\x0emin_confidence\x18\x07 \x01(\x02\x12\x13\n\x0bvocab_limit\x18\x08 \x01(\x05\x12\x1a\n\x12prefix_fingerprint\x18\t \x01(\x0c\"\xa0\x01\n\x0fProposeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12+\n\x0b\x64raft_probs\x18\x02 \x01(\x0b\x32\x16.specdec.v1.ProbMatrix\x12(\n\x06timing\x18\x03 \x01(\x0b\x32\x18.specdec.v1.ServerTiming\x12\x12\n\ncached_len\x18\x04 \x01(\x05\x12\x0f\n\x07\x64rafter\x18\x05 \x01(\t2\xf3\x01\n\x0c\x44raftService\x12\x42\n\x07Propose\x12\x1a.specdec.v1.ProposeRequest\x1a\x1b.specdec.v1.ProposeResponse\x12W\n\x0eReleaseSession\x12!.specdec.v1.ReleaseSessionRequest\x1a\".specdec.v1.ReleaseSessionResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.specdec.v1.GetModelInfoRequest\x1a\x15.specdec.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROPOSEREQUEST']._serialized_start=66
   _globals['_PROPOSEREQUEST']._serialized_end=304
   _globals['_PROPOSERESPONSE']._serialized_start=307
-  _globals['_PROPOSERESPONSE']._serialized_end=450
-  _globals['_DRAFTSERVICE']._serialized_start=453
-  _globals['_DRAFTSERVICE']._serialized_end=696
+  _globals['_PROPOSERESPONSE']._serialized_end=467
+  _globals['_DRAFTSERVICE']._serialized_start=470
+  _globals['_DRAFTSERVICE']._serialized_end=713
 # @@protoc_insertion_point(module_scope)

@@ -30,13 +30,15 @@ class ProposeRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., prefix_len: _Optional[int] = ..., append_tokens: _Optional[_Iterable[int]] = ..., num_draft_tokens: _Optional[int] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., seed: _Optional[int] = ..., min_confidence: _Optional[float] = ..., vocab_limit: _Optional[int] = ..., prefix_fingerprint: _Optional[bytes] = ...) -> None: ...
 
 class ProposeResponse(_message.Message):
-    __slots__ = ("token_ids", "draft_probs", "timing", "cached_len")
+    __slots__ = ("token_ids", "draft_probs", "timing", "cached_len", "drafter")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     CACHED_LEN_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_probs: _common_pb2.ProbMatrix
     timing: _common_pb2.ServerTiming
     cached_len: int
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[_common_pb2.ProbMatrix, _Mapping]] = ..., timing: _Optional[_Union[_common_pb2.ServerTiming, _Mapping]] = ..., cached_len: _Optional[int] = ...) -> None: ...
+    drafter: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[_common_pb2.ProbMatrix, _Mapping]] = ..., timing: _Optional[_Union[_common_pb2.ServerTiming, _Mapping]] = ..., cached_len: _Optional[int] = ..., drafter: _Optional[str] = ...) -> None: ...

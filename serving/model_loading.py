@@ -1,4 +1,5 @@
-"""Loading a causal LM and describing it (the standard `from_pretrained(name_or_path)` path)."""
+"""Loading a causal LM and describing it (the standard `from_pretrained(name_or_path)` path); describing a
+checkpoint's vocabulary without loading its weights (for drafters that have none)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,20 @@ class LoadedModel:
     max_context: int
     eos_token_ids: list[int]
     tokenizer_fingerprint: str
+    num_parameters: int
+
+
+@dataclass
+class ModelIdentity:
+    """What a model service says it hosts (ModelInfo) and checks requests against, without weights: a drafter
+    that loads none pairs with a target through these (vocab_size, tokenizer_fingerprint)."""
+    name_or_path: str
+    vocab_size: int
+    max_context: int
+    eos_token_ids: list[int]
+    tokenizer_fingerprint: str
+    device: torch.device
+    dtype: torch.dtype | None  # None: no weights
     num_parameters: int
 
 
@@ -48,29 +63,69 @@ def tokenizer_fingerprint(name_or_path: str) -> str:
     return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
 
 
-def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
-    torch_dtype = resolve_dtype(dtype, device)
-    if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        # transformers would call it a malformed hub repo id; say what is actually wrong
-        raise FileNotFoundError(f"no model directory at {name_or_path}")
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
-    model.to(device).eval()
-    config = model.config
-    eos: list[int] = []
+def _eos_ids(name_or_path: str, config) -> list[int]:
+    """From the generation config, else the model config."""
     try:
-        generation = GenerationConfig.from_pretrained(name_or_path)
-        eos_value = generation.eos_token_id
+        eos_value = GenerationConfig.from_pretrained(name_or_path).eos_token_id
     except OSError:
         eos_value = None
     if eos_value is None:
         eos_value = getattr(config, "eos_token_id", None)
-    if eos_value is not None:
-        eos = [eos_value] if isinstance(eos_value, int) else list(eos_value)
-    max_context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+    if eos_value is None:
+        return []
+    return [eos_value] if isinstance(eos_value, int) else list(eos_value)
+
+
+def _max_context(config) -> int:
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))
+
+
+def _check_local_path(name_or_path: str) -> None:
+    if name_or_path.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        # transformers would call it a malformed hub repo id; say what is actually wrong
+        raise FileNotFoundError(f"no model directory at {name_or_path}")
+
+
+def read_identity(name_or_path: str) -> ModelIdentity:
+    """A checkpoint's vocabulary and limits from its config and tokenizer, loading no weights: vocab_size is the
+    config's (the logits count of a model built from it, which is what pairs with a target's logits), max_context
+    and EOS ids as load_model reads them, the tokenizer fingerprint as load_model computes it. A directory with a
+    tokenizer and no config.json gives the tokenizer's size, its model_max_length (when it states a real one) and
+    its EOS token."""
+    _check_local_path(name_or_path)
+    fingerprint = tokenizer_fingerprint(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        config = None
+    if config is not None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        vocab_size, max_context, eos = int(text.vocab_size), _max_context(text), _eos_ids(name_or_path, text)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{name_or_path} has neither a model config nor a tokenizer to read a vocabulary "
+                             f"from ({error})") from error
+        vocab_size = len(tokenizer)
+        stated = getattr(tokenizer, "model_max_length", 0) or 0
+        max_context = int(stated) if 0 < stated < 1 << 24 else 1 << 20  # tokenizers without one say ~1e30
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return ModelIdentity(name_or_path=name_or_path, vocab_size=vocab_size, max_context=max_context,
+                         eos_token_ids=eos, tokenizer_fingerprint=fingerprint, device=torch.device("cpu"),
+                         dtype=None, num_parameters=0)
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
+    torch_dtype = resolve_dtype(dtype, device)
+    _check_local_path(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype)
+    model.to(device).eval()
+    config = model.config
     vocab_size = model.get_output_embeddings().weight.shape[0]
     return LoadedModel(
         name_or_path=name_or_path, model=model, device=torch.device(device), dtype=torch_dtype,
-        vocab_size=int(vocab_size), max_context=int(max_context), eos_token_ids=eos,
+        vocab_size=int(vocab_size), max_context=_max_context(config), eos_token_ids=_eos_ids(name_or_path, config),
         tokenizer_fingerprint=tokenizer_fingerprint(name_or_path),
         num_parameters=sum(p.numel() for p in model.parameters()),
     )

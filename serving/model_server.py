@@ -1,7 +1,8 @@
-"""Starting a model service (draft or verify) from flags: load, build the servicer, serve."""
+"""Starting a model service (draft or verify) from flags: build what it hosts, build the servicer, serve."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +11,7 @@ from service_common.caller_limits import DEFAULT_MAX_WORKERS
 from service_common.server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
 from serving.kv_cache import make_runner
 from serving.metrics import watch_sessions
-from serving.model_loading import load_model
+from serving.model_loading import LoadedModel, ModelIdentity, load_model
 from serving.model_worker import PASS_TOKENS, PrefillLane, parse_cpus
 from serving.sessions import SessionStore
 from transport import TLSSettings
@@ -48,6 +49,11 @@ class ModelServerSettings:
     api_key_file: str | None = None  # callers must send a key from this file
     health_port: int | None = None  # plaintext health service alone on this port (for probes under TLS)
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB  # larger requests are refused before they are parsed
+    # Draft services only (draft_service/drafters/): the drafter, or a comma-separated chain of drafters, and the
+    # n-gram drafter's match lengths.
+    drafter: str = "model"
+    ngram_min: int = 1
+    ngram_max: int = 3
 
 
 CPU_CHUNK_TOKENS = 128  # a 128-token pass of the reference target: ~75 ms on this project's 2-core CPU
@@ -84,8 +90,28 @@ def prefill_lane_from(settings: ModelServerSettings) -> PrefillLane | None:
     return lane
 
 
+@dataclass
+class Hosted:
+    """What a model service serves, built from its flags: what it says it is (GetModelInfo, and the limits its
+    requests are checked against), what its servicer runs (a runner; a drafter), how a session's cache is made,
+    and the torch runner inside, if there is one (None: no model, as for the n-gram drafter)."""
+    identity: LoadedModel | ModelIdentity
+    backend: object
+    new_cache: Callable[[], object]
+    runner: object | None
+
+
+def host_model(settings: ModelServerSettings) -> Hosted:
+    """The usual host: a causal LM from --model and its runner (the verify service's target)."""
+    loaded = load_model(settings.model, settings.device, settings.dtype)
+    runner = make_runner(loaded.model, loaded.device, settings.runtime)
+    return Hosted(loaded, runner, runner.new_cache, runner)
+
+
 def start_model_server(settings: ModelServerSettings, servicer_class, add_to_server, service_name: str,
-                       interceptors=()) -> RunningServer:
+                       interceptors=(), host: Callable[[ModelServerSettings], Hosted] = host_model) -> RunningServer:
+    """`host` builds what the service serves (loading weights or not); the servicer is
+    servicer_class(identity, backend, store, ...)."""
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     lane = prefill_lane_from(settings)
@@ -93,15 +119,14 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
     problems = worker_problems(settings)
     if problems:
         raise ValueError("; ".join(problems))
-    loaded = load_model(settings.model, settings.device, settings.dtype)
-    runner = make_runner(loaded.model, loaded.device, settings.runtime)
-    if lane is not None and getattr(runner, "name", "") != "lean":
+    hosted = host(settings)
+    if lane is not None and hosted.runner is not None and getattr(hosted.runner, "name", "") != "lean":
         # Two forwards at once on one model: the lean runner keeps no state between calls but the
-        # caches it is given; the HF forward is not checked for that.
+        # caches it is given; the HF forward is not checked for that. (No model: nothing shared between lanes.)
         raise ValueError("--prefill-cpus needs the lean runtime (a Llama model, --runtime auto or lean)")
-    store = SessionStore(runner.new_cache, max_bytes=int(settings.session_memory_mb * (1 << 20)), max_sessions=settings.max_sessions,
+    store = SessionStore(hosted.new_cache, max_bytes=int(settings.session_memory_mb * (1 << 20)), max_sessions=settings.max_sessions,
                          ttl_s=settings.session_ttl_s)
-    servicer = servicer_class(loaded, runner, store, max_draft_tokens=settings.max_draft_tokens,
+    servicer = servicer_class(hosted.identity, hosted.backend, store, max_draft_tokens=settings.max_draft_tokens,
                               max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                               max_queue=settings.max_queue, prefill_lane=lane, chunk_tokens=chunk_tokens,
                               max_queue_per_caller=settings.max_queue_per_caller, pass_tokens=settings.pass_tokens)

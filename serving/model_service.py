@@ -12,7 +12,7 @@ from opentelemetry import trace
 from service_common.callers import caller_of
 from service_common.errors import InvalidArgument, OutOfRange
 from serving.metrics import record_batch
-from serving.model_loading import LoadedModel
+from serving.model_loading import LoadedModel, ModelIdentity
 from serving.model_worker import PASS_TOKENS, ModelWorker, PrefillLane, Timed
 from serving.sessions import Session, SessionStore, owner
 from specdec_api import common_pb2
@@ -23,7 +23,11 @@ MAX_SESSION_ID_LEN = 256
 
 
 class ModelServiceBase:
-    def __init__(self, loaded: LoadedModel, runner, store: SessionStore, max_draft_tokens: int = 32,
+    """`loaded` is what the service says it hosts (a LoadedModel, or a ModelIdentity when there are no weights);
+    `runner` is what the subclass's forward runs (the verify service's model runner; the draft service's
+    drafter). Nothing here touches a model."""
+
+    def __init__(self, loaded: LoadedModel | ModelIdentity, runner, store: SessionStore, max_draft_tokens: int = 32,
                  max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 256,
                  prefill_lane: PrefillLane | None = None, chunk_tokens: int = 0,
                  max_queue_per_caller: int | None = None, pass_tokens: int = PASS_TOKENS):
@@ -154,7 +158,7 @@ class ModelServiceBase:
         return common_pb2.ModelInfo(
             model=loaded.name_or_path, vocab_size=loaded.vocab_size, max_context=loaded.max_context,
             eos_token_ids=loaded.eos_token_ids, tokenizer_fingerprint=loaded.tokenizer_fingerprint,
-            device=str(loaded.device), dtype=str(loaded.dtype).removeprefix("torch."),
+            device=str(loaded.device), dtype="" if loaded.dtype is None else str(loaded.dtype).removeprefix("torch."),
             num_parameters=loaded.num_parameters, max_draft_tokens=self.max_draft_tokens, load=self.load())
 
 

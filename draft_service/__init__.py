@@ -1,1 +1,2 @@
-"""The draft service: a cheap causal LM that proposes gamma tokens per call for a session."""
+"""The draft service: a drafter (draft_service/drafters/: a small causal LM, prompt lookup, or a chain of them)
+that proposes gamma tokens per call for a session."""

@@ -4,27 +4,33 @@ from __future__ import annotations
 
 import time
 
-from draft_service.drafter import ProposeJob, propose_batch, split_job
+from draft_service.drafters.base import Drafter, ProposeJob, encode_rows
 from service_common.errors import InvalidArgument
 from service_common.session_fingerprint import session_tag
-from serving.model_service import ModelServiceBase, encode_to_message, annotate_server_span, timing
+from serving.model_service import ModelServiceBase, annotate_server_span, encode_to_message, timing
 from specdec_api import draft_pb2, draft_pb2_grpc
 from speculation.sampling import seeded_generator
-from speculation.wire import encode_probs
 
 
 class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
+    def __init__(self, loaded, drafter: Drafter, store, **worker_settings):
+        self.drafter = drafter
+        # self.runner: the torch runner inside the drafter (None for one without a model)
+        super().__init__(loaded, drafter.runner, store, **worker_settings)
+
     def forward(self, jobs):
-        return propose_batch(self.runner, jobs)
+        return self.drafter.propose_batch(jobs)
 
-    @staticmethod
-    def tokens_of(job: ProposeJob) -> int:
-        # What it feeds: the new committed tokens, then its own drafts but the last (a chunk: gamma 0).
-        return len(job.append) + max(job.gamma - 1, 0)
+    def tokens_of(self, job: ProposeJob) -> int:
+        return self.drafter.tokens_of(job)
 
-    @staticmethod
-    def split(job: ProposeJob, n: int):
-        return split_job(job, n)
+    def split(self, job: ProposeJob, n: int):
+        return self.drafter.split(job, n)
+
+    def GetModelInfo(self, request, context):
+        info = super().GetModelInfo(request, context)
+        info.drafter = self.drafter.description
+        return info
 
     def Propose(self, request: draft_pb2.ProposeRequest, context) -> draft_pb2.ProposeResponse:
         started = time.perf_counter_ns()
@@ -47,11 +53,15 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
             job = ProposeJob(session.cache, append, gamma, sampling, generator, request.min_confidence,
                              request.vocab_limit, request.seed)
             done = self.submit(job, session, context)
-            session.record(append + done.result.token_ids)  # the cache holds all but the last proposal
+            # The cache holds the append and as many of its own proposals as the drafter fed (the model: all but
+            # the last; the n-gram lookup: none).
+            session.record(append + done.result.token_ids)
             cached_len = session.length
-        annotate_server_span(done, **{"specdec.session": session_tag(request.session_id), "specdec.tokens": self.tokens_of(job)})
-        reply = draft_pb2.ProposeResponse(token_ids=done.result.token_ids, cached_len=cached_len)
-        if done.result.draft_probs is not None:
-            encode_to_message(encode_probs(done.result.draft_probs), reply.draft_probs)
+        proposal = done.result
+        annotate_server_span(done, **{"specdec.session": session_tag(request.session_id),
+                                      "specdec.tokens": self.tokens_of(job), "specdec.drafter": proposal.drafter})
+        reply = draft_pb2.ProposeResponse(token_ids=proposal.token_ids, cached_len=cached_len, drafter=proposal.drafter)
+        if proposal.draft_probs is not None:
+            encode_to_message(encode_rows(proposal.draft_probs), reply.draft_probs)
         reply.timing.CopyFrom(timing(started, done, self.load()))
         return reply

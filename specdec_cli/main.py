@@ -63,6 +63,21 @@ def serve(
         help="auto | lean | hf. auto (default): the lean Llama forward where the architecture allows "
              "(pre-transposed, fused projections: ~40% cheaper draft steps, 10-20% cheaper verify), else the "
              "model's own HF forward"),
+    drafter: str | None = typer.Option(
+        None, envvar=_env("drafter"), show_default="model",
+        help="draft: what proposes the tokens. model: the causal LM --model names. ngram: prompt lookup, no weights: "
+             "proposes what followed the most recent earlier occurrence of the session's last n tokens (prompt and "
+             "generated; n from --ngram-max down to --ngram-min), nothing when there is none; --model then names the "
+             "target's checkpoint (or a directory with its tokenizer), whose config gives the vocabulary size the "
+             "target's logits pair with, the context and EOS ids, and whose tokenizer the fingerprint. Several "
+             "comma-separated are a chain, e.g. ngram,model: each round the first that proposes anything (prompt "
+             "lookup when the tokens hold a match, else the draft model --model names)"),
+    ngram_min: int | None = typer.Option(
+        None, envvar=_env("ngram_min"), show_default="1",
+        help="draft, --drafter ngram: the shortest suffix of the session's tokens looked up (1: any repeated token)"),
+    ngram_max: int | None = typer.Option(
+        None, envvar=_env("ngram_max"), show_default="3",
+        help="draft, --drafter ngram: the longest suffix looked up; the longest that occurred before wins"),
     draft: str | None = typer.Option(
         None, envvar=_env("draft"),
         help="orchestrator: the draft replicas: HOST:PORT, several comma-separated, or dns:///NAME:PORT (every "
@@ -195,6 +210,8 @@ def serve(
     port = 50051 if port is None else port
     if service_api_key_file and role is not Role.orchestrator:
         problems.append("--service-api-key-file is the orchestrator's (the key it sends to draft and verify)")
+    if role is not Role.draft and (drafter, ngram_min, ngram_max) != (None, None, None):
+        problems.append("--drafter, --ngram-min and --ngram-max are the draft service's")
     if max_workers < 1:
         problems.append(f"--max-workers must be at least 1, got {max_workers}")
     if max_calls_per_caller is not None and max_calls_per_caller < 0:
@@ -237,6 +254,10 @@ def serve(
             prefill_chunk_tokens=prefill_chunk_tokens, max_queue_per_caller=max_queue_per_caller,
             pass_tokens=pass_tokens, **security)
         if role is Role.draft:
+            settings.drafter = drafter or settings.drafter
+            settings.ngram_min = settings.ngram_min if ngram_min is None else ngram_min
+            settings.ngram_max = settings.ngram_max if ngram_max is None else ngram_max
+
             from draft_service.server import start
         else:
             from verify_service.server import start

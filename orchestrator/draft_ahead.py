@@ -110,6 +110,8 @@ class DraftAhead:
         except DraftFailed as failure:
             self.fallback.failed(failure, round_index)
             return None, None
+        if not proposal.token_ids:  # nothing to guess with (an n-gram drafter found no match): as if not drafted
+            return None, proposal.call
         probs = proposal.draft_probs
         next_drafts = Drafts(proposal.token_ids[1:], probs[1:] if probs is not None else None,
                              drafts.base + drafts.gamma + 1, proposal.cached_len)

@@ -7,8 +7,9 @@ The choice, in order:
 1. Only replicas that can take a session: reachable, not draining, and serving what the role should
    (ReplicaView.usable). None are: no choice (the caller waits, retries or falls back).
 2. Each usable replica gets a cost: the sessions it holds and the requests queued on it, plus one for the
-   new session, times how slow it is against the fastest of them (its measured time per call), doubled
-   when its session memory is nearly full (a session there would evict another's cache).
+   new session, times how slow it is against the fastest of them (its measured compute per model step,
+   capped at MAX_SLOWNESS), doubled when its session memory is nearly full (a session there would evict
+   another's cache).
 3. Every replica whose cost is within `tolerance` of the cheapest is "equally loaded"; among those the
    session goes to the one with the highest rendezvous hash of (session, replica) (Thaler & Ravishankar's
    highest random weight). Several orchestrators that see the same loads pick the same replicas for the
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 DEFAULT_TOLERANCE = 0.25
 # Session memory used beyond this fraction: a new session there would likely evict another's cache.
 MEMORY_PRESSURE = 0.9
+# A replica counts as at most this many times slower than the fastest: a measurement skewed by a burst
+# must not starve a replica of the sessions that would measure it again.
+MAX_SLOWNESS = 4.0
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class ReplicaView:
     live_sessions: int = 0  # sessions it reported holding (all orchestrators), at its last reply
     queued: int = 0  # requests it reported waiting, at its last reply
     memory_used: float = 0.0  # session memory in use it reported, 0..1
-    service_ms: float | None = None  # its measured time per call (server-reported), None: not measured yet
+    service_ms: float | None = None  # its measured compute per model step, None: not measured (lately)
     usable: bool = True  # reachable, serves this role's model, and not draining
 
     def sessions(self) -> int:
@@ -63,7 +67,7 @@ def replica_costs(replicas: Sequence[ReplicaView]) -> dict[str, float]:
     for r in usable:
         # Not measured yet: taken to be as fast as the fastest, so that it gets tried and measured.
         measured = fastest is not None and r.service_ms is not None and r.service_ms > 0
-        slowness = r.service_ms / fastest if measured else 1.0
+        slowness = min(MAX_SLOWNESS, r.service_ms / fastest) if measured else 1.0
         cost = (r.sessions() + r.queued + 1) * slowness
         if r.memory_used >= MEMORY_PRESSURE:
             cost *= 2.0

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 DNS_SCHEME = "dns:///"
 PROBE_TIMEOUT_S = 2.0
 DOWN_RETRY_S = 1.0  # how soon a replica that did not answer is probed again
-SPEED_SMOOTHING = 0.2  # weight of the newest call in a replica's measured time per call
+SPEED_SMOOTHING = 0.2  # weight of the newest call in a replica's measured compute per step
+SPEED_TTL_S = 30.0  # a speed not measured again for this long is forgotten (the replica may have changed)
+PREFILL_TOKENS = 32  # calls feeding more tokens than this are prefills: their compute says nothing of a step
 
 
 _live_sets: weakref.WeakSet = weakref.WeakSet()  # the sets the gauges below report on
@@ -137,6 +139,7 @@ class Replica:
         self.queued = 0
         self.memory_used = 0.0
         self.service_ms: float | None = None
+        self.service_at = 0.0  # when service_ms was last measured
         self.last_error = ""
         self.last_code: grpc.StatusCode | None = None
 
@@ -144,8 +147,10 @@ class Replica:
         return self.listed and self.refused is None and not self.draining
 
     def view(self, require_answering: bool = True) -> ReplicaView:
+        fresh = self.service_ms is not None and time.monotonic() - self.service_at < SPEED_TTL_S
         return ReplicaView(self.address, self.bound, self.live_sessions, self.queued, self.memory_used,
-                           self.service_ms, self.takes_sessions() and (self.answering or not require_answering))
+                           self.service_ms if fresh else None,
+                           self.takes_sessions() and (self.answering or not require_answering))
 
     def __repr__(self) -> str:
         return f"Replica({self.address})"
@@ -349,14 +354,20 @@ class ReplicaSet:
         if close and replica.channel is not None:
             replica.channel.close()
 
-    def observe(self, replica: Replica, load: common_pb2.ReplicaLoad, server_ms: float) -> None:
-        """A reply's load and the server's time for it."""
+    def observe(self, replica: Replica, load: common_pb2.ReplicaLoad, compute_ms: float, fed: int,
+                steps: int) -> None:
+        """A reply's load, and its compute for `steps` model steps after feeding `fed` tokens. Speed is
+        measured on decode calls only: a prefill's compute, or time spent queued, says nothing of how fast
+        the replica steps (and a replica judged slow on such a call would get no session to re-measure it)."""
         with self._lock:
             replica.answering = True
             self._take_load(replica, load)
-            if server_ms > 0:
-                replica.service_ms = server_ms if replica.service_ms is None else (
-                    (1 - SPEED_SMOOTHING) * replica.service_ms + SPEED_SMOOTHING * server_ms)
+            if compute_ms > 0 and steps > 0 and fed <= PREFILL_TOKENS:
+                step_ms = compute_ms / steps
+                stale = replica.service_ms is None or time.monotonic() - replica.service_at >= SPEED_TTL_S
+                replica.service_ms = step_ms if stale else (
+                    (1 - SPEED_SMOOTHING) * replica.service_ms + SPEED_SMOOTHING * step_ms)
+                replica.service_at = time.monotonic()
 
     @staticmethod
     def _take_load(replica: Replica, load: common_pb2.ReplicaLoad) -> None:

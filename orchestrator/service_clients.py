@@ -155,8 +155,10 @@ class SessionClient:
         self.synced_len = 0
         self.chain.reset()
 
-    def _call(self, method_name: str, path: str, build, committed: list[int]):
+    def _call(self, method_name: str, path: str, build, committed: list[int], steps: int = 1):
         """build(prefix_len, append_tokens, prefix_fingerprint) -> request. Returns (response, CallRecord).
+        `steps`: model steps the call takes after feeding what it appends (the replica's speed is measured
+        per step).
 
         `path` names the method for its CLIENT span (the channel is a plain one; see start_client_call)."""
         deadline = time.monotonic() + self.timeout_s
@@ -216,7 +218,7 @@ class SessionClient:
             observed = (time.perf_counter() - started) * 1000
             end_client_call(span)
             t = response.timing
-            self.replicas.observe(replica, t.load, t.total_us / 1000)
+            self.replicas.observe(replica, t.load, t.compute_us / 1000, len(committed) - prefix, steps)
             call = CallRecord(observed, t.total_us / 1000, t.compute_us / 1000, t.queue_us / 1000,
                               request.ByteSize() + response.ByteSize(), max(1, t.batch_size), t.batch_tokens,
                               t.prefill_lane)
@@ -281,7 +283,7 @@ class DraftSession(SessionClient):
                                             num_draft_tokens=gamma, sampling=self.sampling_message, seed=seed,
                                             min_confidence=self.min_confidence, vocab_limit=self.vocab_limit,
                                             prefix_fingerprint=fingerprint)
-        response, call = self._call("Propose", PROPOSE, build, committed)
+        response, call = self._call("Propose", PROPOSE, build, committed, steps=gamma)
         return Proposal(list(response.token_ids), self._probs(response.draft_probs), len(committed),
                         response.cached_len, call)
 

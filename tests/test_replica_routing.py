@@ -101,3 +101,10 @@ def test_a_replica_with_nearly_full_session_memory_costs_double():
     assert replica_costs([full, roomy]) == {"full:1": 2.0, "roomy:1": 2.0}
     assert all(choose_replica(f"{i}", [full, ReplicaView("roomy:1", memory_used=0.5)]) == "roomy:1"
                for i in range(50))
+
+
+def test_slowness_is_capped_so_no_replica_is_starved_by_one_skewed_measurement():
+    measured_fast, skewed = ReplicaView("fast:1", service_ms=4.0), ReplicaView("skewed:1", service_ms=40.0)
+    assert replica_costs([measured_fast, skewed]) == {"fast:1": 1.0, "skewed:1": 4.0}
+    counts = bind_sequentially([measured_fast, skewed], 16)
+    assert counts["skewed:1"] >= 3, counts  # (f + 1) ~ 4 (s + 1): ~3 of 16

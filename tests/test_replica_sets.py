@@ -242,3 +242,17 @@ def test_model_info_carries_the_replica_load(replicas):
     info = stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30)
     assert info.HasField("load") and not info.load.draining
 
+
+
+def test_speed_is_measured_on_decode_steps_only_and_forgotten_when_stale(monkeypatch):
+    import orchestrator.replicas as replicas_module
+
+    replicas = ReplicaSet.of_stubs("verify", {"a:1": None})
+    a = replicas._replicas["a:1"]
+    load = common_pb2.ReplicaLoad(live_sessions=2, queued=1)
+    replicas.observe(a, load, compute_ms=400.0, fed=500, steps=1)  # a prefill: no speed from it
+    assert a.service_ms is None and (a.live_sessions, a.queued) == (2, 1)
+    replicas.observe(a, load, compute_ms=8.0, fed=5, steps=4)  # a draft call: 4 steps of 2 ms
+    assert a.service_ms == 2.0 and a.view().service_ms == 2.0
+    monkeypatch.setattr(replicas_module, "SPEED_TTL_S", 0.0)
+    assert a.view().service_ms is None  # not measured lately: routed as if as fast as the best

@@ -356,3 +356,35 @@ def test_sampled_first_token_is_distributed_as_the_target_alone(drafter_stacks, 
             assert counts[looked_up] >= accepted  # every accepted first token is the looked-up one
         assert counts[target_probs == 0].sum() == 0
         assert chi_square_p(counts, target_probs) > 1e-3, prompt
+
+
+def test_drafting_ahead_that_proposes_nothing_is_no_guess():
+    """A drafter may answer a draft-ahead call with no tokens (the n-gram lookup finds no match after the drafts):
+    the round goes on without a guess and the draft's cache is rolled back as for a round not drafted ahead."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from orchestrator.draft_ahead import DraftAhead, Drafts
+    from orchestrator.draft_fallback import DraftFallback
+    from orchestrator.round_report import RoundDraft
+    from orchestrator.service_clients import CallRecord, Proposal, Scored
+    from speculation.rejection import greedy_accept
+
+    class Session:
+        advanced = []
+
+        def advance(self, base, cached_len, accepted):
+            self.advanced.append((base, cached_len, accepted))
+
+        def propose(self, committed, gamma, seed):
+            return Proposal([], None, len(committed), len(committed), CallRecord(1.0, 0.5, 0.1, 0.0, 10))
+
+    call = CallRecord(2.0, 1.0, 0.5, 0.0, 20)
+    with ThreadPoolExecutor(1) as pool:
+        ahead = DraftAhead(Session(), torch.Generator().manual_seed(0), DraftFallback(), verify_pool=pool)
+        drafts = Drafts([7, 8], None, base=5, cached_len=5)
+        draft_time = RoundDraft()
+        scored, guessed = ahead.beside_verify(lambda: Scored([7, 8, 9], None, 5, 8, call), [1, 2, 3, 4, 5], drafts, 0,
+                                              draft_time)
+    assert guessed is None and scored.argmax_token_ids == [7, 8, 9] and draft_time.overlapped
+    ahead.roll_back(drafts, guessed, greedy_accept(drafts.token_ids, scored.argmax_token_ids))
+    assert Session.advanced[-1] == (5, 5, 2)  # the drafts' own cache report: 5 tokens held, nothing past them

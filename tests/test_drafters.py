@@ -40,6 +40,7 @@ REPEATING = [
 ]
 EXACTNESS_PROMPTS = PROMPTS[:12] + REPEATING
 NO_REPEATS = list(range(100, 130))  # token ids, none twice: nothing to look up
+CHUNK = 16  # the n-gram and chain services' prefill chunks
 
 
 def lookup_by_scan(tokens: list[int], gamma: int, n_min: int, n_max: int) -> list[int]:
@@ -196,7 +197,8 @@ def test_a_chain_feeds_its_model_the_tokens_ngram_rounds_skipped(tiny):
 @pytest.fixture(scope="module")
 def drafter_stacks(tiny, stacks):
     """A stack per drafter: the model drafter is conftest's noisy-draft stack; ngram reads the target's vocabulary;
-    the chain looks up first and falls back to the noisy draft."""
+    the chain looks up first and falls back to the noisy draft. Their prompts are fed in chunks of 16 tokens, so
+    that a chain's prefill chunks (fed to every member) are exercised too."""
     started = {}
 
     def get(kind: str):
@@ -204,7 +206,8 @@ def drafter_stacks(tiny, stacks):
             return stacks("noisy")
         if kind not in started:
             draft, drafter = {"ngram": (tiny.target, "ngram"), "chain": (tiny.noisy_draft, "ngram,model")}[kind]
-            started[kind] = start_stack(tiny.target, draft, draft_settings={"drafter": drafter})
+            started[kind] = start_stack(tiny.target, draft, draft_settings={"drafter": drafter,
+                                                                            "prefill_chunk_tokens": CHUNK})
         return started[kind]
 
     yield get
@@ -227,6 +230,8 @@ def test_greedy_output_equals_the_target_alone(drafter_stacks, reference, drafte
             drafted += result.stats["drafted_tokens"]
             accepted += result.stats["accepted_tokens"]
     assert drafted > 0 and accepted > 0  # the lookup found matches and the target took some of them
+    if drafter != "model":
+        assert drafter_stacks(drafter).draft.servicer.worker.stats.chunks > 0
 
 
 def test_ngram_proposes_on_repeats_and_nothing_without(drafter_stacks):
@@ -239,12 +244,12 @@ def test_ngram_proposes_on_repeats_and_nothing_without(drafter_stacks):
                                                     num_draft_tokens=4,
                                                     sampling=common_pb2.SamplingParams(temperature=1.0)), timeout=10)
     assert list(nothing.token_ids) == [] and nothing.cached_len == len(NO_REPEATS) and nothing.drafter == "ngram"
-    asked = stack.draft.servicer.worker.stats.jobs
+    asked = stack.draft.servicer.store.created  # sessions the draft service started: one per Propose here
     with stack.client() as client:
         for temperature in (0.0, 1.0):  # the first round asks and gets nothing; the second has no room to draft
             result = client.generate(NO_REPEATS, max_new_tokens=2, num_draft_tokens=4, temperature=temperature, seed=1)
             assert result.stats["drafted_tokens"] == 0 and len(result.token_ids) == 2
-    assert stack.draft.servicer.worker.stats.jobs == asked + 2
+    assert stack.draft.servicer.store.created == asked + 2
 
 
 def test_the_ngram_service_pairs_with_the_target_and_says_what_it_is(tiny, drafter_stacks):
@@ -388,3 +393,13 @@ def test_drafting_ahead_that_proposes_nothing_is_no_guess():
     assert guessed is None and scored.argmax_token_ids == [7, 8, 9] and draft_time.overlapped
     ahead.roll_back(drafts, guessed, greedy_accept(drafts.token_ids, scored.argmax_token_ids))
     assert Session.advanced[-1] == (5, 5, 2)  # the drafts' own cache report: 5 tokens held, nothing past them
+
+
+def test_serve_draft_refuses_an_unknown_drafter_and_other_roles_refuse_the_flag(tiny):
+    from tests.test_cli import specdec
+
+    unknown = specdec("serve", "draft", "--model", str(tiny.target), "--drafter", "llm", "--port", "0")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    assert "draft service refused to start: --drafter must be one of model, ngram" in unknown.stderr
+    verify = specdec("serve", "verify", "--model", str(tiny.target), "--ngram-max", "4", "--port", "0")
+    assert verify.returncode == 2 and "--drafter, --ngram-min and --ngram-max are the draft service's" in verify.stderr

@@ -7,8 +7,8 @@ The choice, in order:
 1. Only replicas that can take a session: reachable, not draining, and serving what the role should
    (ReplicaView.usable). None are: no choice (the caller waits, retries or falls back).
 2. Each usable replica gets a cost: the sessions it holds and the requests queued on it, plus one for the
-   new session, times how slow it is against the fastest of them (its measured compute per model step,
-   capped at MAX_SLOWNESS), doubled when its session memory is nearly full (a session there would evict
+   new session, times how slow it is against the fastest of them (its measured compute per model step
+   and session; 1 within SPEED_BAND of the fastest, at most MAX_SLOWNESS), doubled when its session memory is nearly full (a session there would evict
    another's cache).
 3. Every replica whose cost is within `tolerance` of the cheapest is "equally loaded"; among those the
    session goes to the one with the highest rendezvous hash of (session, replica) (Thaler & Ravishankar's
@@ -33,6 +33,11 @@ MEMORY_PRESSURE = 0.9
 # A replica counts as at most this many times slower than the fastest: a measurement skewed by a burst
 # must not starve a replica of the sessions that would measure it again.
 MAX_SLOWNESS = 4.0
+# Speeds within this factor of the fastest count as equal: identical replicas on shared or busy hosts
+# measure up to ~2x apart from moment to moment (two on one 2-core CPU beside four other processes:
+# 8-28 ms per step and session), while the pools this is for differ by more (an L4 against an H100:
+# several times).
+SPEED_BAND = 2.0
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ def replica_costs(replicas: Sequence[ReplicaView]) -> dict[str, float]:
     for r in usable:
         # Not measured yet: taken to be as fast as the fastest, so that it gets tried and measured.
         measured = fastest is not None and r.service_ms is not None and r.service_ms > 0
-        slowness = min(MAX_SLOWNESS, r.service_ms / fastest) if measured else 1.0
+        ratio = r.service_ms / fastest if measured else 1.0
+        slowness = min(MAX_SLOWNESS, ratio) if ratio >= SPEED_BAND else 1.0
         cost = (r.sessions() + r.queued + 1) * slowness
         if r.memory_used >= MEMORY_PRESSURE:
             cost *= 2.0

@@ -38,6 +38,7 @@ PROBE_TIMEOUT_S = 2.0
 DOWN_RETRY_S = 1.0  # how soon a replica that did not answer is probed again
 SPEED_SMOOTHING = 0.2  # weight of the newest call in a replica's measured compute per step
 SPEED_TTL_S = 30.0  # a speed not measured again for this long is forgotten (the replica may have changed)
+LOAD_TTL_S = 1.0  # others' sessions and the queue a replica reported count this long (they go stale: see docs)
 PREFILL_TOKENS = 32  # calls feeding more tokens than this are prefills: their compute says nothing of a step
 
 
@@ -135,9 +136,10 @@ class Replica:
         self.draining = False
         self.listed = True  # still among the addresses the flag names (or its name resolves to)
         self.bound = 0  # sessions bound to it now
-        self.live_sessions = 0
+        self.others = 0  # sessions other orchestrators held there at its last report (its count less ours)
         self.queued = 0
         self.memory_used = 0.0
+        self.reported_at = 0.0  # when its load was last reported
         self.service_ms: float | None = None
         self.service_at = 0.0  # when service_ms was last measured
         self.last_error = ""
@@ -148,7 +150,11 @@ class Replica:
 
     def view(self, require_answering: bool = True) -> ReplicaView:
         fresh = self.service_ms is not None and time.monotonic() - self.service_at < SPEED_TTL_S
-        return ReplicaView(self.address, self.bound, self.live_sessions, self.queued, self.memory_used,
+        # Our own sessions are counted exactly (bound); others' and the queue only from a recent report:
+        # their sessions may have ended since, which we learn only from its next reply or poll.
+        recent = time.monotonic() - self.reported_at < LOAD_TTL_S
+        return ReplicaView(self.address, self.bound, self.bound + self.others if recent else 0,
+                           self.queued if recent else 0, self.memory_used,
                            self.service_ms if fresh else None,
                            self.takes_sessions() and (self.answering or not require_answering))
 
@@ -222,15 +228,19 @@ class ReplicaSet:
             if replica.channel is not None:
                 replica.channel.close()
 
-    def _probe(self, replica: Replica) -> None:
+    def _probe(self, replica: Replica) -> common_pb2.ModelInfo | None:
+        """Its ModelInfo, or None (recorded as not answering)."""
         try:
-            info = replica.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=PROBE_TIMEOUT_S)
+            return replica.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=PROBE_TIMEOUT_S)
         except grpc.RpcError as error:
             with self._lock:
                 replica.answering = False
                 replica.last_error = f"{error.code().name}: {error.details()}"
                 replica.last_code = error.code()
-            return
+            return None
+
+    def _accept(self, replica: Replica, info: common_pb2.ModelInfo) -> None:
+        """A probe's answer: may the replica serve this role (the first accepted sets the reference)?"""
         problem = None
         if self.check_info is not None:
             try:
@@ -249,13 +259,19 @@ class ReplicaSet:
             self._take_load(replica, info.load)
 
     def refresh(self) -> None:
-        """Re-resolve (dns:///) and probe every replica now."""
+        """Re-resolve (dns:///) and probe every replica now (in parallel). Answers are judged in the order
+        the flag lists the addresses (a resolved name: sorted), so that when replicas disagree, the one the
+        role's reference comes from is the same on every orchestrator and every start: the first listed."""
         self._update_membership()
+        order = {address: i for i, address in enumerate(self.targets.addresses)}
         with self._lock:
-            replicas = [r for r in self._replicas.values() if r.channel is not None]
-        # In address order, so that the first replica to set the role's reference is the same every time.
-        for future in [self._probe_pool.submit(self._probe, r) for r in sorted(replicas, key=lambda r: r.address)]:
-            future.result()
+            replicas = sorted((r for r in self._replicas.values() if r.channel is not None),
+                              key=lambda r: (order.get(r.address, len(order)), r.address))
+        answers = [self._probe_pool.submit(self._probe, r) for r in replicas]
+        for replica, answer in zip(replicas, answers):
+            info = answer.result()
+            if info is not None:
+                self._accept(replica, info)
 
     def wait_ready(self, timeout_s: float, hint: Callable[[grpc.StatusCode | None], str] = lambda code: "",
                    refusal: type[Exception] = ConnectionError) -> common_pb2.ModelInfo:
@@ -342,6 +358,9 @@ class ReplicaSet:
                 return None
             replica = self._replicas[address]
             replica.bound += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: session %s bound to %s among %s", self.role, session_key[:8], address,
+                          [r.view() for r in candidates])
             return replica
 
     def unbind(self, replica: Replica) -> None:
@@ -355,15 +374,17 @@ class ReplicaSet:
             replica.channel.close()
 
     def observe(self, replica: Replica, load: common_pb2.ReplicaLoad, compute_ms: float, fed: int,
-                steps: int) -> None:
-        """A reply's load, and its compute for `steps` model steps after feeding `fed` tokens. Speed is
-        measured on decode calls only: a prefill's compute, or time spent queued, says nothing of how fast
-        the replica steps (and a replica judged slow on such a call would get no session to re-measure it)."""
+                steps: int, batch_size: int = 1) -> None:
+        """A reply's load, and its compute for `steps` model steps after feeding `fed` tokens, in passes
+        shared by `batch_size` sessions. Speed is measured on decode calls only (a prefill's compute, or
+        time spent queued, says nothing of how fast the replica steps, and a replica judged slow on such a
+        call would get no session to re-measure it), per session of the pass, so that a busy replica does
+        not look slow for being busy: its sessions are counted apart."""
         with self._lock:
             replica.answering = True
             self._take_load(replica, load)
             if compute_ms > 0 and steps > 0 and fed <= PREFILL_TOKENS:
-                step_ms = compute_ms / steps
+                step_ms = compute_ms / steps / max(1, batch_size)
                 stale = replica.service_ms is None or time.monotonic() - replica.service_at >= SPEED_TTL_S
                 replica.service_ms = step_ms if stale else (
                     (1 - SPEED_SMOOTHING) * replica.service_ms + SPEED_SMOOTHING * step_ms)
@@ -371,8 +392,10 @@ class ReplicaSet:
 
     @staticmethod
     def _take_load(replica: Replica, load: common_pb2.ReplicaLoad) -> None:
-        replica.live_sessions, replica.queued = load.live_sessions, load.queued
+        replica.others = max(0, load.live_sessions - replica.bound)
+        replica.queued = load.queued
         replica.memory_used = load.memory_used
+        replica.reported_at = time.monotonic()
         replica.draining = load.draining
 
     def failed(self, replica: Replica, draining: bool = False) -> None:

@@ -218,7 +218,8 @@ class SessionClient:
             observed = (time.perf_counter() - started) * 1000
             end_client_call(span)
             t = response.timing
-            self.replicas.observe(replica, t.load, t.compute_us / 1000, len(committed) - prefix, steps)
+            self.replicas.observe(replica, t.load, t.compute_us / 1000, len(committed) - prefix, steps,
+                                  max(1, t.batch_size))
             call = CallRecord(observed, t.total_us / 1000, t.compute_us / 1000, t.queue_us / 1000,
                               request.ByteSize() + response.ByteSize(), max(1, t.batch_size), t.batch_tokens,
                               t.prefill_lane)

@@ -108,3 +108,9 @@ def test_slowness_is_capped_so_no_replica_is_starved_by_one_skewed_measurement()
     assert replica_costs([measured_fast, skewed]) == {"fast:1": 1.0, "skewed:1": 4.0}
     counts = bind_sequentially([measured_fast, skewed], 16)
     assert counts["skewed:1"] >= 3, counts  # (f + 1) ~ 4 (s + 1): ~3 of 16
+
+
+def test_speeds_within_the_band_count_as_equal():
+    a, b = ReplicaView("a:1", service_ms=10.0), ReplicaView("b:1", service_ms=19.0)
+    assert replica_costs([a, b]) == {"a:1": 1.0, "b:1": 1.0}
+    assert replica_costs([a, ReplicaView("b:1", service_ms=25.0)]) == {"a:1": 1.0, "b:1": 2.5}

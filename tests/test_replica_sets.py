@@ -251,7 +251,7 @@ def test_speed_is_measured_on_decode_steps_only_and_forgotten_when_stale(monkeyp
     a = replicas._replicas["a:1"]
     load = common_pb2.ReplicaLoad(live_sessions=2, queued=1)
     replicas.observe(a, load, compute_ms=400.0, fed=500, steps=1)  # a prefill: no speed from it
-    assert a.service_ms is None and (a.live_sessions, a.queued) == (2, 1)
+    assert a.service_ms is None and (a.others, a.queued) == (2, 1)
     replicas.observe(a, load, compute_ms=8.0, fed=5, steps=4)  # a draft call: 4 steps of 2 ms
     assert a.service_ms == 2.0 and a.view().service_ms == 2.0
     monkeypatch.setattr(replicas_module, "SPEED_TTL_S", 0.0)

@@ -37,6 +37,7 @@ class Drafts:
     draft_probs: torch.Tensor | None  # [gamma, draft_vocab] when sampling, else None
     base: int  # committed tokens the draft's cache held before these drafts
     cached_len: int  # tokens the draft's cache holds now
+    drafter: str = ""  # the kind of drafter that proposed them (the gamma policy learns per drafter)
 
     @property
     def gamma(self) -> int:
@@ -84,7 +85,7 @@ class DraftAhead:
             self.fallback.failed(failure, round_index)
             return NO_DRAFTS
         draft_time.add_critical(proposal.call, len(proposal.token_ids))
-        return Drafts(proposal.token_ids, proposal.draft_probs, proposal.base, proposal.cached_len)
+        return Drafts(proposal.token_ids, proposal.draft_probs, proposal.base, proposal.cached_len, proposal.drafter)
 
     def beside_verify(self, verify: Callable[[], Scored], committed: list[int], drafts: Drafts, round_index: int,
                       draft_time: RoundDraft) -> tuple[Scored, DraftedAhead | None]:
@@ -114,7 +115,7 @@ class DraftAhead:
             return None, proposal.call
         probs = proposal.draft_probs
         next_drafts = Drafts(proposal.token_ids[1:], probs[1:] if probs is not None else None,
-                             drafts.base + drafts.gamma + 1, proposal.cached_len)
+                             drafts.base + drafts.gamma + 1, proposal.cached_len, proposal.drafter)
         width = probs.shape[1] if probs is not None else 0
         return DraftedAhead(proposal.token_ids[0], next_drafts, seed, width), proposal.call
 

@@ -104,7 +104,7 @@ class Generation:
             text = self.text.take(final=self.finish_reason != UNFINISHED)
             # 6. Adapt gamma from what this round measured.
             if self.gamma_policy is not None:
-                self.gamma_policy.update(drafts.gamma, outcome.accepted)
+                self.gamma_policy.update(drafts.gamma, outcome.accepted, drafts.drafter)
             round_ms = (time.perf_counter() - started) * 1000
             measured = RoundMeasures(drafts.gamma, outcome, len(new_tokens), draft_time, scored.call, accept_ms, round_ms)
             return RoundEvent(new_tokens, text, self.finish_reason, self.report.round(span, measured))

@@ -99,6 +99,7 @@ class Proposal:
     base: int  # tokens it was sent: the cache held these before the proposal
     cached_len: int  # tokens its cache holds now: base and all proposed tokens but the last
     call: CallRecord
+    drafter: str = ""  # the kind of drafter that made it ("model", "ngram", ...: ProposeResponse.drafter)
 
 
 @dataclass
@@ -286,7 +287,7 @@ class DraftSession(SessionClient):
                                             prefix_fingerprint=fingerprint)
         response, call = self._call("Propose", PROPOSE, build, committed, steps=gamma)
         return Proposal(list(response.token_ids), self._probs(response.draft_probs), len(committed),
-                        response.cached_len, call)
+                        response.cached_len, call, response.drafter)
 
 
 class VerifySession(SessionClient):

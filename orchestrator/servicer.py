@@ -18,7 +18,7 @@ from service_common.caller_limits import DEFAULT_MAX_WORKERS
 from service_common.errors import Downstream, Draining, InvalidArgument, OutOfRange
 from service_common.session_fingerprint import session_tag
 from specdec_api import orchestrator_pb2, orchestrator_pb2_grpc
-from speculation.gamma_policy import AdaptiveGamma
+from speculation.gamma_policy import AdaptiveGamma, PerDrafterGamma
 from speculation.sampling import Sampling
 from telemetry.metrics import record_generation
 from telemetry.tracing import get_tracer
@@ -148,9 +148,10 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
         verify = VerifySession(d.verify, session_id, self.rpc_timeout_s, spec.sampling)
         policy = None
         if spec.adaptive and self.load_model is not None:
-            policy = LoadAwareGamma(self.load_model, max_gamma=spec.max_gamma, gamma=spec.gamma)
+            policy = PerDrafterGamma(lambda: LoadAwareGamma(self.load_model, max_gamma=spec.max_gamma, gamma=spec.gamma))
         elif spec.adaptive:
-            policy = AdaptiveGamma(max_gamma=spec.max_gamma, gamma=spec.gamma, cost_ratio=self.adaptive_cost_ratio)
+            policy = PerDrafterGamma(lambda: AdaptiveGamma(max_gamma=spec.max_gamma, gamma=spec.gamma,
+                                                           cost_ratio=self.adaptive_cost_ratio))
         # Not made current: the handler yields between rounds, so each round names it as parent instead.
         span = get_tracer().start_span("generation", attributes={
             "specdec.session": session_tag(session_id), "specdec.request_id": request.request_id,

@@ -7,6 +7,7 @@ step over one target step), the expected speedup of gamma drafts per round is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -161,3 +162,45 @@ def best_gamma_under_load(alpha: float, draft_step_ms: float, fixed_ms: float, p
         cycle = (sessions / max(batch, 1.0)) * fixed_ms + sessions * (per_session_ms + per_token_ms * (g + 1))
         return expected_tokens_per_round(alpha, g) / max(serial, cycle)
     return max(range(max_gamma + 1), key=lambda g: (rate(g), -g))
+
+
+class PerDrafterGamma:
+    """One gamma policy per kind of drafter (ProposeResponse.drafter), behind the same interface.
+
+    A draft service may host several drafters (a chain: an n-gram lookup, else a small model): the n-gram
+    drafter's proposals are accepted in long runs when the text is being copied, the model's at its own
+    steady rate, and one acceptance estimate over both would suit neither. Each kind learns from its own
+    rounds; the next round asks for the gamma of the drafter that proposed last (n-gram matches come in
+    runs). A drafter that answered with no tokens (no n-gram match) teaches nothing about gamma: such a
+    round is not passed on, so it neither lowers gamma nor counts as a plain round."""
+
+    def __init__(self, make: Callable[[], object]):
+        self._make = make
+        self._policies: dict[str, object] = {}
+        self.current = self._policy("")
+
+    def _policy(self, drafter: str):
+        if drafter not in self._policies:
+            self._policies[drafter] = self._make()
+        return self._policies[drafter]
+
+    @property
+    def gamma(self) -> int:
+        return self.current.gamma
+
+    @property
+    def alpha(self) -> float:
+        return self.current.alpha
+
+    @property
+    def drafters(self) -> dict[str, object]:
+        return dict(self._policies)
+
+    def update(self, drafted: int, accepted: int, drafter: str = "") -> int:
+        """drafter "": no proposal named one (a plain round the policy chose, or a draft that failed):
+        the current policy learns from it, as a policy alone would."""
+        if drafted <= 0 and drafter:
+            return self.current.gamma
+        if drafter:
+            self.current = self._policy(drafter)
+        return self.current.update(drafted, accepted)

@@ -207,3 +207,37 @@ def test_gamma_grows_by_at_most_doubling_after_a_streak_of_accepted_rounds():
     from speculation.gamma_policy import grown_at_most_doubled
     assert grown_at_most_doubled(4, 32) == 9 and grown_at_most_doubled(0, 5) == 1
     assert grown_at_most_doubled(32, 1) == 1  # shrinking is not limited
+
+
+def test_gamma_is_learned_per_drafter_and_the_last_proposer_sets_the_next_round():
+    from speculation.gamma_policy import PerDrafterGamma
+
+    policy = PerDrafterGamma(lambda: AdaptiveGamma(max_gamma=16, gamma=4, cost_ratio=0.05))
+    for _ in range(6):  # the n-gram drafter: whole runs accepted (text being copied)
+        policy.update(drafted=policy.gamma, accepted=policy.gamma, drafter="ngram")
+    ngram_gamma = policy.gamma
+    for _ in range(6):  # the model drafter: mostly rejected at its first token
+        policy.update(drafted=policy.gamma, accepted=0, drafter="model")
+    model_gamma = policy.gamma
+    assert ngram_gamma > 8 and model_gamma < 4
+    assert set(policy.drafters) == {"", "ngram", "model"}
+    # Back to the n-gram drafter: its own estimate, not the model's, sets the next gamma.
+    policy.update(drafted=model_gamma, accepted=model_gamma, drafter="ngram")
+    assert policy.gamma >= ngram_gamma
+    # An n-gram drafter that found no match proposed nothing: that says nothing about gamma.
+    before = policy.gamma
+    assert policy.update(drafted=0, accepted=0, drafter="ngram") == before
+    assert policy.drafters["ngram"].acceptance.alpha > policy.drafters["model"].acceptance.alpha
+
+
+def test_a_plain_round_nobody_proposed_in_teaches_the_current_drafters_policy():
+    from orchestrator.load_gamma import LoadAwareGamma, LoadModel
+    from speculation.gamma_policy import PerDrafterGamma
+
+    policy = PerDrafterGamma(lambda: LoadAwareGamma(LoadModel(), max_gamma=8, gamma=4))
+    policy.update(drafted=4, accepted=1, drafter="model")
+    model = policy.drafters["model"]
+    model.gamma = 0  # the load-aware policy chose plain decoding
+    for _ in range(model.probe_after):
+        policy.update(drafted=0, accepted=0)  # NO_DRAFTS: no drafter named
+    assert policy.current is model and policy.gamma == 1  # its probe, not a fresh policy's gamma

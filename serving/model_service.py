@@ -23,9 +23,9 @@ MAX_SESSION_ID_LEN = 256
 
 
 class ModelServiceBase:
-    """`loaded` is what the service says it hosts (a LoadedModel, or a ModelIdentity when there are no weights);
-    `runner` is what the subclass's forward runs (the verify service's model runner; the draft service's
-    drafter). Nothing here touches a model."""
+    """`loaded` is what the service says it hosts and checks requests against (a LoadedModel, or a ModelIdentity
+    when there are no weights); `runner` is the torch runner the subclass's forward uses, if any (None: a drafter
+    without a model). Nothing here touches a model: forward, tokens_of and split are the subclass's."""
 
     def __init__(self, loaded: LoadedModel | ModelIdentity, runner, store: SessionStore, max_draft_tokens: int = 32,
                  max_batch: int = 32, max_wait_ms: float = 0.0, max_queue: int = 256,

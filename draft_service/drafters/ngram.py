@@ -130,6 +130,7 @@ class NgramDrafter(Drafter):
         for job in jobs:
             cache: NgramCache = job.cache
             cache.extend(job.append)
+            # (min_confidence: a point mass is sure of its token, so nothing stops a proposal early)
             token_ids = cache.lookup(job.gamma) if job.gamma > 0 else []
             if job.vocab_limit > 0:  # (the session's own tokens are the target's; kept for the contract)
                 cut = next((i for i, t in enumerate(token_ids) if t >= job.vocab_limit), len(token_ids))

@@ -34,6 +34,8 @@ from specdec_api import common_pb2
 log = logging.getLogger(__name__)
 
 DNS_SCHEME = "dns:///"
+# gRPC target schemes given to the channel as they are, one replica each (a unix socket: one local process).
+PASSED_SCHEMES = ("unix:", "unix-abstract:", "ipv4:", "ipv6:")
 PROBE_TIMEOUT_S = 2.0
 DOWN_RETRY_S = 1.0  # how soon a replica that did not answer is probed again
 SPEED_SMOOTHING = 0.2  # weight of the newest call in a replica's measured compute per step
@@ -81,7 +83,8 @@ class ReplicaTargets:
 
 
 def parse_targets(spec: str, flag: str) -> ReplicaTargets:
-    """`HOST:PORT`, `A:P,B:P,...` or `dns:///NAME:PORT`; ValueError with a message for the operator."""
+    """`HOST:PORT`, `A:P,B:P,...` or `dns:///NAME:PORT` (a `unix:` socket, or another PASSED_SCHEMES
+    target, is one replica as it is); ValueError with a message for the operator."""
     text = (spec or "").strip()
     if text.startswith("dns:"):
         if not text.startswith(DNS_SCHEME):
@@ -94,7 +97,8 @@ def parse_targets(spec: str, flag: str) -> ReplicaTargets:
         part = part.strip()
         if not part:
             continue
-        _split_host_port(part, flag, spec)
+        if not part.startswith(PASSED_SCHEMES):
+            _split_host_port(part, flag, spec)
         if part not in addresses:
             addresses.append(part)
     if not addresses:

@@ -226,6 +226,8 @@ def test_malformed_replica_lists_are_refused_with_a_reason(spec, problem):
 def test_replica_lists_parse_to_addresses_or_a_name():
     assert parse_targets("a:1, b:2,a:1", "--verify").addresses == ("a:1", "b:2")
     assert parse_targets("[::1]:5", "--verify").addresses == ("[::1]:5",)
+    assert parse_targets("unix:/tmp/v.sock,unix:///tmp/w.sock", "--verify").addresses == (
+        "unix:/tmp/v.sock", "unix:///tmp/w.sock")
     dns = parse_targets("dns:///specdec-verify.ns.svc:50052", "--verify")
     assert (dns.dns_host, dns.dns_port, dns.addresses) == ("specdec-verify.ns.svc", 50052, ())
 

@@ -125,7 +125,8 @@ def propose(blocks: int = 7, calls: int = 20, gamma: int = 4, context: int = 200
     """The draft service's batched proposal (propose_batch: one forward per draft position for all
     sessions) at 1 and 16 sessions, greedy: CPU ms per call, the minimum and median over `blocks` blocks
     of `calls` (process CPU time: the draft's steps are op overhead, which wall time on a shared VM hides)."""
-    from draft_service.drafter import ProposeJob, propose_batch
+    from draft_service.drafters.base import ProposeJob
+    from draft_service.drafters.model import propose_batch
     from speculation.sampling import Sampling
 
     _, draft = _loaded(DEFAULT_DRAFT)

@@ -14,12 +14,17 @@ the measured differences). Greedy exactness against `generate` is tested on this
 (tests/test_greedy_exactness.py); rejection sampling is exact for any proposal distribution as long as
 draft_probs are the ones the draft sampled from, which they are.
 
+`skipping(layers)` gives a runner of the same weights with some decoder layers left out (the layer-skip
+drafter, draft_service/drafters/layer_skip.py): its caches hold the kept layers' keys and values only.
+
 Knows nothing about sessions or gRPC. Supports model_type "llama" with default RoPE and SiLU MLP;
 `supports(config)` says when to fall back to the HF runner.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +97,7 @@ class LeanLlama:
         self.final_norm = inner.norm.weight.detach()
         self.lm_head_t = model.lm_head.weight.detach().t().contiguous()  # [hidden, vocab]
         self.layers = []
+        self.layer_indices: list[int] = list(range(len(inner.layers)))  # which of the model's layers run, in order
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
             biases = [p.bias for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
@@ -115,6 +121,17 @@ class LeanLlama:
 
     def new_cache(self) -> LeanCache:
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
+
+    def skipping(self, skip: Iterable[int]) -> LeanLlama:
+        """This model with the decoder layers `skip` (0-based indices into the model's layers) left out: the
+        residual stream passes them by unchanged. It shares every weight with self; its caches have one K/V buffer
+        per kept layer, so a session costs kept / total of what it costs the whole model. self is unchanged."""
+        skip = set(skip)
+        skipped = copy.copy(self)
+        kept = [position for position, index in enumerate(self.layer_indices) if index not in skip]
+        skipped.layers = [self.layers[position] for position in kept]
+        skipped.layer_indices = [self.layer_indices[position] for position in kept]
+        return skipped
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,20 @@ def serve(
     ngram_max: int | None = typer.Option(
         None, envvar=_env("ngram_max"), show_default="3",
         help="draft, --drafter ngram: the longest suffix looked up; the longest that occurred before wins"),
+    skip_layers: str | None = typer.Option(
+        None, envvar=_env("skip_layers"), show_default="auto",
+        help="draft, --drafter layer-skip (the target's own checkpoint as --model, drafting with some of its decoder "
+             "layers skipped; Llama-family models): 0-based indices of the layers to skip, comma-separated (e.g. "
+             "2,4; at least one kept), auto (search held-out prompts for the set with the highest predicted "
+             "speedup; logged, ~40 s on the reference target), or @FILE (a set --skip-layers-save wrote)"),
+    skip_search_prompts: str | None = typer.Option(
+        None, envvar=_env("skip_search_prompts"), show_default="the second half of models/prompts.jsonl",
+        help="draft, --skip-layers auto: the held-out prompts to search on (JSONL, one {\"prompt\": ...} per line; "
+             "the first 32)"),
+    skip_layers_save: str | None = typer.Option(
+        None, envvar=_env("skip_layers_save"),
+        help="draft, --skip-layers auto: write the chosen set here (JSON), for a later start with "
+             "--skip-layers @FILE"),
     draft: str | None = typer.Option(
         None, envvar=_env("draft"),
         help="orchestrator: the draft replicas: HOST:PORT, several comma-separated, or dns:///NAME:PORT (every "
@@ -212,6 +226,10 @@ def serve(
         problems.append("--service-api-key-file is the orchestrator's (the key it sends to draft and verify)")
     if role is not Role.draft and (drafter, ngram_min, ngram_max) != (None, None, None):
         problems.append("--drafter, --ngram-min and --ngram-max are the draft service's")
+    layer_skip_flags = (skip_layers, skip_search_prompts, skip_layers_save) != (None, None, None)
+    if layer_skip_flags and (role is not Role.draft or
+                             "layer-skip" not in [name.strip() for name in (drafter or "model").split(",")]):
+        problems.append("--skip-layers, --skip-search-prompts and --skip-layers-save are for --drafter layer-skip")
     if max_workers < 1:
         problems.append(f"--max-workers must be at least 1, got {max_workers}")
     if max_calls_per_caller is not None and max_calls_per_caller < 0:
@@ -253,6 +271,14 @@ def serve(
             prefill_cpus=prefill_cpus, prefill_min_tokens=prefill_min_tokens,
             prefill_chunk_tokens=prefill_chunk_tokens, max_queue_per_caller=max_queue_per_caller,
             pass_tokens=pass_tokens, **security)
+        if role is Role.draft and layer_skip_flags:
+            from dataclasses import fields
+
+            from draft_service.drafters.layer_skip import LayerSkipSettings
+
+            settings = LayerSkipSettings(**{f.name: getattr(settings, f.name) for f in fields(settings)},
+                                         skip_layers="auto" if skip_layers is None else skip_layers,
+                                         skip_search_prompts=skip_search_prompts, skip_layers_save=skip_layers_save)
         if role is Role.draft:
             settings.drafter = drafter or settings.drafter
             settings.ngram_min = settings.ngram_min if ngram_min is None else ngram_min

@@ -10,12 +10,14 @@ from collections.abc import Callable
 
 from draft_service.drafters.base import Drafter
 from draft_service.drafters.chain import ChainDrafter
+from draft_service.drafters.layer_skip import LayerSkipDrafter
 from draft_service.drafters.model import ModelDrafter
 from draft_service.drafters.ngram import NgramDrafter
 
 DRAFTERS: dict[str, Callable[..., Drafter]] = {
     "model": ModelDrafter.from_settings,  # a small causal LM (--model), the default
     "ngram": NgramDrafter.from_settings,  # prompt lookup over the session's tokens; --model only for its vocabulary
+    "layer-skip": LayerSkipDrafter.from_settings,  # the target (--model) with some layers skipped (--skip-layers)
 }
 
 

@@ -79,6 +79,12 @@ def same_target(info: common_pb2.ModelInfo, reference: common_pb2.ModelInfo | No
         if mine != theirs:
             raise IncompatibleReplica(f"it serves {name} {mine!r} where the other verify replicas serve {theirs!r}; "
                                       "every verify replica must host the same target model")
+    if info.weights_fingerprint and reference.weights_fingerprint and \
+            info.weights_fingerprint != reference.weights_fingerprint:
+        raise IncompatibleReplica(f"its weights differ from the other verify replicas' ({info.model!r}: weights "
+                                  f"{info.weights_fingerprint[:12]}…, theirs {reference.weights_fingerprint[:12]}…); "
+                                  "every verify replica must host the same target model (a rolling update to new "
+                                  "weights needs its own orchestrators, or all replicas updated before they serve)")
     if list(info.eos_token_ids) != list(reference.eos_token_ids):
         raise IncompatibleReplica(f"its EOS ids {list(info.eos_token_ids)} differ from the other verify "
                                   f"replicas' {list(reference.eos_token_ids)}")

@@ -16,7 +16,9 @@ Sessions are bound here and only here (`bind`, `unbind`): the choice is replica_
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
@@ -38,6 +40,8 @@ DNS_SCHEME = "dns:///"
 PASSED_SCHEMES = ("unix:", "unix-abstract:", "ipv4:", "ipv6:")
 PROBE_TIMEOUT_S = 2.0
 DOWN_RETRY_S = 1.0  # how soon a replica that did not answer is probed again
+SUSPECT_HOLD_S = 30.0  # a replica that hung or failed a call takes no new session for this long
+RELEASE_TIMEOUT_S = 1.0  # a session's release on a replica it left
 SPEED_SMOOTHING = 0.2  # weight of the newest call in a replica's measured compute per step
 SPEED_TTL_S = 30.0  # a speed not measured again for this long is forgotten (the replica may have changed)
 LOAD_TTL_S = 1.0  # others' sessions and the queue a replica reported count this long (they go stale: see docs)
@@ -90,6 +94,9 @@ def parse_targets(spec: str, flag: str) -> ReplicaTargets:
         if not text.startswith(DNS_SCHEME):
             raise ValueError(f"{flag} {spec!r}: write dns:///NAME:PORT (a DNS server authority, dns://HOST/, "
                              "is not supported: the orchestrator uses the system resolver)")
+        if "," in text:
+            raise ValueError(f"{flag} {spec!r}: a dns:/// name stands alone (it names every replica); list "
+                             "HOST:PORT addresses, or give one name")
         host, port = _split_host_port(text[len(DNS_SCHEME):], flag, spec)
         return ReplicaTargets(dns_host=host, dns_port=port)
     addresses = []
@@ -97,6 +104,9 @@ def parse_targets(spec: str, flag: str) -> ReplicaTargets:
         part = part.strip()
         if not part:
             continue
+        if part.startswith("dns:"):
+            raise ValueError(f"{flag} {spec!r}: a dns:/// name stands alone (it names every replica); list "
+                             "HOST:PORT addresses, or give one name")
         if not part.startswith(PASSED_SCHEMES):
             _split_host_port(part, flag, spec)
         if part not in addresses:
@@ -106,11 +116,23 @@ def parse_targets(spec: str, flag: str) -> ReplicaTargets:
     return ReplicaTargets(addresses=tuple(addresses))
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
+
+
 def _split_host_port(text: str, flag: str, spec: str) -> tuple[str, int]:
+    """(host, port) of `name:port`, `a.b.c.d:port` or `[ipv6]:port`; ValueError otherwise."""
+    problem = f"{flag} {spec!r}: {text!r} is not HOST:PORT (a host name, an IPv4 address or [IPv6], and a port in 1..65535)"
     host, sep, port = text.rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{flag} {spec!r}: {text!r} is not HOST:PORT (a port in 1..65535)")
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise ValueError(problem)
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(problem) from None
+        return host[1:-1], int(port)
+    if not host.isascii() or not _HOST_NAME.fullmatch(host):
+        raise ValueError(problem)
     return host, int(port)
 
 
@@ -148,19 +170,23 @@ class Replica:
         self.service_at = 0.0  # when service_ms was last measured
         self.last_error = ""
         self.last_code: grpc.StatusCode | None = None
+        self.instance = ""  # the process its checked ModelInfo came from (ReplicaLoad.instance)
+        self.suspect_until = 0.0  # hung or failed a call: no new session before this (time.monotonic)
 
     def takes_sessions(self) -> bool:
         return self.listed and self.refused is None and not self.draining
 
     def view(self, require_answering: bool = True) -> ReplicaView:
-        fresh = self.service_ms is not None and time.monotonic() - self.service_at < SPEED_TTL_S
+        now = time.monotonic()
+        fresh = self.service_ms is not None and now - self.service_at < SPEED_TTL_S
+        answering = self.answering and now >= self.suspect_until
         # Our own sessions are counted exactly (bound); others' and the queue only from a recent report:
         # their sessions may have ended since, which we learn only from its next reply or poll.
-        recent = time.monotonic() - self.reported_at < LOAD_TTL_S
+        recent = now - self.reported_at < LOAD_TTL_S
         return ReplicaView(self.address, self.bound, self.bound + self.others if recent else 0,
                            self.queued if recent else 0, self.memory_used,
                            self.service_ms if fresh else None,
-                           self.takes_sessions() and (self.answering or not require_answering))
+                           self.takes_sessions() and (answering or not require_answering))
 
     def __repr__(self) -> str:
         return f"Replica({self.address})"
@@ -258,6 +284,7 @@ class ReplicaSet:
                 log.error("%s replica %s takes no session: %s", self.role, replica.address, problem)
             replica.refused = problem
             replica.info = info
+            replica.instance = "" if problem else info.load.instance
             replica.answering = True
             replica.last_error = ""
             self._take_load(replica, info.load)
@@ -402,20 +429,54 @@ class ReplicaSet:
         replica.reported_at = time.monotonic()
         replica.draining = load.draining
 
-    def failed(self, replica: Replica, draining: bool = False) -> None:
-        """A call found the replica gone (UNAVAILABLE) or draining: no new session goes there until a probe
-        finds it back; the refresher looks now (a pod that went away may have a successor to resolve)."""
+    def failed(self, replica: Replica, draining: bool = False, hold: bool = False) -> None:
+        """A call found the replica gone (UNAVAILABLE), draining, or (hold) hung or failing: no new session
+        goes there until a probe finds it back (after a hold, not for SUSPECT_HOLD_S either: its probe may
+        answer while its model does not); the refresher looks now (a pod that went away may have a
+        successor to resolve)."""
         with self._lock:
             if draining:
                 replica.draining = True
             else:
                 replica.answering = False
+            if hold:
+                replica.suspect_until = time.monotonic() + SUSPECT_HOLD_S
         self._wake.set()
 
-    def others_take_sessions(self, replica: Replica) -> bool:
-        """Whether another replica could take this session now (so a failed call should move, not wait)."""
+    def others_take_sessions(self, replica: Replica, exclude: Iterable[str] = ()) -> bool:
+        """Whether another replica (not in `exclude`) could take this session now: then a failed call
+        moves rather than waits."""
+        excluded = set(exclude)
         with self._lock:
-            return any(r is not replica and r.takes_sessions() and r.answering for r in self._replicas.values())
+            return any(r is not replica and r.address not in excluded and r.view().usable
+                       for r in self._replicas.values())
+
+    def trusts(self, replica: Replica, instance: str) -> bool:
+        """Whether a reply from process `instance` of this replica may be used: the process the set checked
+        (ModelInfo), or, after a restart, a new one that a probe made now finds hosting what the role must.
+        A replica found hosting something else is refused: no session goes there, and those bound there move."""
+        if not instance or instance == replica.instance or replica.channel is None:
+            return True
+        info = self._probe(replica)
+        if info is not None:
+            self._accept(replica, info)
+        with self._lock:
+            return replica.refused is None and replica.instance == instance
+
+    def release_elsewhere(self, replica: Replica, release_path: str, session_id: str) -> None:
+        """Ask a replica a session left to drop its cache (best effort, in the background): a replica that
+        is still up would otherwise hold it until its TTL, and a drain would wait for it."""
+        def release() -> None:
+            try:
+                replica.stub.ReleaseSession(common_pb2.ReleaseSessionRequest(session_id=session_id),
+                                            timeout=RELEASE_TIMEOUT_S)
+            except grpc.RpcError:
+                pass  # down: it has lost the session already
+        if replica.channel is not None and not self._closed.is_set():
+            try:
+                self._probe_pool.submit(release)
+            except RuntimeError:  # the pool shut down meanwhile (the orchestrator is stopping)
+                pass
 
     def lone(self) -> bool:
         """At most one replica can take sessions: its calls may wait for it to come back (wait_for_ready)."""
@@ -423,7 +484,28 @@ class ReplicaSet:
             return sum(1 for r in self._replicas.values() if r.takes_sessions()) <= 1
 
     def snapshot(self) -> list[tuple[str, int, bool]]:
-        """(address, sessions bound, takes sessions and answering) per replica, for reports and tests."""
+        """(address, sessions bound, takes new sessions now) per replica, for reports and tests."""
         with self._lock:
-            return [(r.address, r.bound, r.takes_sessions() and r.answering)
+            return [(r.address, r.bound, r.view().usable)
                     for r in sorted(self._replicas.values(), key=lambda r: r.address)]
+
+    def describe(self) -> list[str]:
+        """One line per replica saying whether it takes sessions and, if not, why: for error messages."""
+        now = time.monotonic()
+        lines = []
+        with self._lock:
+            for r in sorted(self._replicas.values(), key=lambda r: r.address):
+                if r.refused:
+                    why = f"refused: {r.refused}"
+                elif r.draining:
+                    why = "draining"
+                elif not r.listed:
+                    why = "no longer listed"
+                elif now < r.suspect_until:
+                    why = f"held back after a failed call ({r.last_error or 'hung or failing'})"
+                elif not r.answering:
+                    why = f"not answering ({r.last_error or 'down'})"
+                else:
+                    why = "up"
+                lines.append(f"{r.address}: {why}")
+        return lines

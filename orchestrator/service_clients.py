@@ -55,7 +55,10 @@ class VerifyFailed(Exception):
 
 
 _DRAFT_OUTAGE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL}
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED,
+                       grpc.StatusCode.UNKNOWN}
+# With another replica to move to, one attempt of a call gets this share of the time left.
+ATTEMPT_SHARE = 0.5
 
 
 def _error_kind(error: grpc.RpcError) -> str:
@@ -137,6 +140,10 @@ class SessionClient:
         raise NotImplementedError
 
     def _bound(self, exclude: set[str]) -> Replica | None:
+        if self.replica is not None and self.replica.refused:
+            # Found hosting something else since (a restart with other weights): nothing more from it.
+            exclude.add(self.replica.address)
+            self._move()
         if self.replica is None:
             self.replica = self.replicas.bind(self.session_id, exclude)
         return self.replica
@@ -148,7 +155,10 @@ class SessionClient:
 
     def _move(self) -> None:
         """The session leaves its replica: the next call binds one (another, if any can take it) and
-        sends the whole prefix."""
+        sends the whole prefix. The replica it leaves is asked to release the session's cache (it may
+        still be up: a refusal, a timeout), in the background, best effort."""
+        if self.replica is not None and self.synced_len > 0:
+            self.replicas.release_elsewhere(self.replica, self.release_path, self.session_id)
         self._unbind()
         if self.synced_len > 0:  # it held some of the session: the next replica is sent all of it
             self.reprefills += 1
@@ -161,7 +171,16 @@ class SessionClient:
         `steps`: model steps the call takes after feeding what it appends (the replica's speed is measured
         per step).
 
-        `path` names the method for its CLIENT span (the channel is a plain one; see start_client_call)."""
+        `path` names the method for its CLIENT span (the channel is a plain one; see start_client_call).
+
+        What a failure makes the session do, while another replica of the role takes sessions: UNAVAILABLE
+        (gone, unreachable, draining) and CANCELLED (a stopping server cuts calls so) move it; so do
+        INTERNAL / UNKNOWN (a failed device) and RESOURCE_EXHAUSTED (that replica is full, another may not
+        be), and an attempt that used up its share of the deadline (a hung replica: with somewhere to move
+        to, one attempt gets half of what is left). A move re-sends the whole prefix. A reply from a
+        replica process the set has not checked (it restarted) is used only once the set has seen what the
+        new process hosts. Without another replica, the verify call retries the same one until its
+        deadline (it may be restarting) and the draft call fails (the round goes target-only)."""
         deadline = time.monotonic() + self.timeout_s
         exhausted_until = time.monotonic() + self.retry_exhausted_s
         reprefilled = False
@@ -179,46 +198,64 @@ class SessionClient:
                                     f"session ({self._replica_states()})")
             prefix = self.synced_len
             request = build(prefix, committed[prefix:], self.chain.at(committed, prefix) if prefix else b"")
+            remaining = deadline - time.monotonic()
+            elsewhere = self.replicas.others_take_sessions(replica, given_up)
+            # With somewhere to move to, an attempt gets half of what is left (a hung replica is left in
+            # time). Only a lone replica is waited for when down (it may be restarting); one of several
+            # fails at once, and so does a lone one named by a resolved name (it may come back at a new
+            # address, which the refresher finds).
+            attempt = remaining * ATTEMPT_SHARE if elsewhere else remaining
+            wait = self.wait_for_ready and self.replicas.lone() and not self.replicas.targets.resolved
             span, trace_metadata = start_client_call(path)
             started = time.perf_counter()
             try:
-                # With other replicas to move to, a call to one that is down fails at once instead of
-                # waiting for it to come back.
-                wait = self.wait_for_ready and self.replicas.lone()
                 response = getattr(replica.stub, method_name)(
-                    request, timeout=max(0.01, deadline - time.monotonic()), wait_for_ready=wait,
-                    metadata=trace_metadata)
+                    request, timeout=max(0.01, attempt), wait_for_ready=wait, metadata=trace_metadata)
             except grpc.RpcError as error:
                 end_client_call(span, error)
+                code = error.code()
                 if not reprefilled and prefix > 0 and is_session_lost(error):
                     reprefilled = True
                     self.reprefills += 1
                     self.synced_len = 0
                     self.chain.reset()  # in case its own hashes were the stale part (PrefixChain's window)
                     continue
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    # Gone (down, restarting, unreachable) or draining: no new session goes there, and
-                    # this one moves if another replica can take it. With several replicas but none
-                    # answering just now, the next try binds afresh (whichever answers first by then).
-                    self.replicas.failed(replica, draining=is_draining(error))
-                    if self.replicas.others_take_sessions(replica):
-                        given_up.add(replica.address)
-                        self._move()
-                        continue
-                    if not self.replicas.lone():
-                        self._move()
-                retryable = ((self.retry_unavailable and error.code() == grpc.StatusCode.UNAVAILABLE)
-                             or (error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                timed_out = code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < deadline - 0.01
+                gone = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+                broken = timed_out or code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+                if gone or broken:
+                    # No new session goes there until a probe finds it back (a hung or failing one: for a
+                    # while even then, since its probe may answer while its model does not).
+                    self.replicas.failed(replica, draining=is_draining(error), hold=broken)
+                if (gone or broken or code == grpc.StatusCode.RESOURCE_EXHAUSTED) and \
+                        self.replicas.others_take_sessions(replica, given_up):
+                    given_up.add(replica.address)
+                    self._move()
+                    continue
+                # Every other replica was tried in this call (or none takes sessions): those left earlier
+                # may be back by now, so the next try may bind any of them again.
+                given_up.clear()
+                if gone and (self.replicas.targets.resolved or not self.replicas.lone()):
+                    self._move()  # the next try binds afresh: whichever replica answers by then
+                retryable = ((self.retry_unavailable and (gone or timed_out))
+                             or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
                                  and time.monotonic() + backoff < exhausted_until))
                 if retryable and time.monotonic() + backoff < deadline:
                     # A restarting service (a fresh one will answer session-lost), or one at its limits: wait, retry.
                     time.sleep(backoff)
                     backoff = min(1.0, backoff * 2)
                     continue
-                raise self._failure(error.code(), error.details()) from error
+                raise self._failure(code, error.details()) from error
             observed = (time.perf_counter() - started) * 1000
             end_client_call(span)
             t = response.timing
+            if not self.replicas.trusts(replica, t.load.instance):
+                # A process the set has not checked answered (the replica restarted, maybe with other
+                # weights): its reply is not used; the set checks it, and the session starts afresh.
+                if replica.refused:
+                    given_up.add(replica.address)
+                self._move()
+                continue
             self.replicas.observe(replica, t.load, t.compute_us / 1000, len(committed) - prefix, steps,
                                   max(1, t.batch_size))
             call = CallRecord(observed, t.total_us / 1000, t.compute_us / 1000, t.queue_us / 1000,
@@ -228,10 +265,8 @@ class SessionClient:
             return response, call
 
     def _replica_states(self) -> str:
-        states = self.replicas.snapshot()
-        if not states:
-            return "none is known"
-        return ", ".join(f"{address}: {'up' if up else 'down or draining'}" for address, _bound, up in states)
+        states = self.replicas.describe()
+        return "; ".join(states) if states else "none is known"
 
     def _probs(self, message: common_pb2.ProbMatrix) -> torch.Tensor | None:
         """Greedy rounds compare token ids only; the rows are sent, and read, only when sampling."""

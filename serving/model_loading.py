@@ -28,6 +28,7 @@ class LoadedModel:
     eos_token_ids: list[int]
     tokenizer_fingerprint: str
     num_parameters: int
+    weights_fingerprint: str = ""  # weights_fingerprint(model)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class ModelIdentity:
     device: torch.device
     dtype: torch.dtype | None  # None: no weights
     num_parameters: int
+    weights_fingerprint: str = ""  # "": no weights
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -128,4 +130,25 @@ def load_model(name_or_path: str, device: str = "cpu", dtype: str = "auto") -> L
         vocab_size=int(vocab_size), max_context=_max_context(config), eos_token_ids=_eos_ids(name_or_path, config),
         tokenizer_fingerprint=tokenizer_fingerprint(name_or_path),
         num_parameters=sum(p.numel() for p in model.parameters()),
+        weights_fingerprint=weights_fingerprint(model),
     )
+
+
+WEIGHT_SAMPLES = 64  # values read from each tensor for its fingerprint
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the weights: every tensor's name, shape and dtype, and WEIGHT_SAMPLES of its values at fixed,
+    evenly spaced positions. Two checkpoints that differ anywhere a training step or a fine-tune touches differ
+    here too (a rolling update that puts new weights under the same path), while reading ~64 values per tensor
+    keeps it cheap for a model of any size (one small gather per tensor on the device, one copy to the host)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        if flat.numel():
+            positions = torch.linspace(0, flat.numel() - 1, min(WEIGHT_SAMPLES, flat.numel()), device=flat.device)
+            sample = flat[positions.round().long()].float().cpu().numpy()
+            digest.update(sample.tobytes())
+    return digest.hexdigest()

@@ -3,6 +3,7 @@ the replica's load report and draining (no new sessions while those held finish)
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ class ModelServiceBase:
         self.store = store
         self.max_draft_tokens = max_draft_tokens
         self.draining = False  # shutting down: sessions held are served, new ones refused (start_draining)
+        self.instance = secrets.token_hex(8)  # new at every start (ReplicaLoad.instance)
         self.worker = ModelWorker(self.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                   max_queue=max_queue, on_batch=record_batch, tokens_of=self.tokens_of,
                                   prefill_lane=prefill_lane, chunk_tokens=chunk_tokens, split=self.split,
@@ -145,7 +147,7 @@ class ModelServiceBase:
         stats = self.store.stats()
         return common_pb2.ReplicaLoad(queued=self.worker.queued(), live_sessions=stats.live_sessions,
                                       memory_used=min(1.0, stats.bytes_used / max(1, self.store.max_bytes)),
-                                      draining=self.draining)
+                                      draining=self.draining, instance=self.instance)
 
     # -- RPCs shared by both services --------------------------------------------------------------
     def ReleaseSession(self, request, context):
@@ -159,7 +161,8 @@ class ModelServiceBase:
             model=loaded.name_or_path, vocab_size=loaded.vocab_size, max_context=loaded.max_context,
             eos_token_ids=loaded.eos_token_ids, tokenizer_fingerprint=loaded.tokenizer_fingerprint,
             device=str(loaded.device), dtype="" if loaded.dtype is None else str(loaded.dtype).removeprefix("torch."),
-            num_parameters=loaded.num_parameters, max_draft_tokens=self.max_draft_tokens, load=self.load())
+            num_parameters=loaded.num_parameters, max_draft_tokens=self.max_draft_tokens, load=self.load(),
+            weights_fingerprint=loaded.weights_fingerprint)
 
 
 def annotate_server_span(done: Timed, **attributes) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec_api/common.proto\x12\nspecdec.v1\"C\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\"q\n\nProbMatrix\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x05\x12\r\n\x05\x64\x65nse\x18\x03 \x01(\x0c\x12\x13\n\x0brow_offsets\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63ol_indices\x18\x05 \x01(\x0c\x12\x0e\n\x06values\x18\x06 \x01(\x0c\"\xad\x01\n\x0cServerTiming\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\x12\x10\n\x08total_us\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x14\n\x0c\x62\x61tch_tokens\x18\x05 \x01(\x05\x12\x14\n\x0cprefill_lane\x18\x06 \x01(\x08\x12%\n\x04load\x18\x07 \x01(\x0b\x32\x17.specdec.v1.ReplicaLoad\"[\n\x0bReplicaLoad\x12\x0e\n\x06queued\x18\x01 \x01(\x05\x12\x15\n\rlive_sessions\x18\x02 \x01(\x05\x12\x13\n\x0bmemory_used\x18\x03 \x01(\x02\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x82\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x03\x12\x18\n\x10max_draft_tokens\x18\t \x01(\x05\x12%\n\x04load\x18\n \x01(\x0b\x32\x17.specdec.v1.ReplicaLoad\x12\x0f\n\x07\x64rafter\x18\x0b \x01(\t\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16ReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specdec_api/common.proto\x12\nspecdec.v1\"C\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\"q\n\nProbMatrix\x12\x0c\n\x04rows\x18\x01 \x01(\x05\x12\x0c\n\x04\x63ols\x18\x02 \x01(\x05\x12\r\n\x05\x64\x65nse\x18\x03 \x01(\x0c\x12\x13\n\x0brow_offsets\x18\x04 \x01(\x0c\x12\x13\n\x0b\x63ol_indices\x18\x05 \x01(\x0c\x12\x0e\n\x06values\x18\x06 \x01(\x0c\"\xad\x01\n\x0cServerTiming\x12\x10\n\x08queue_us\x18\x01 \x01(\x03\x12\x12\n\ncompute_us\x18\x02 \x01(\x03\x12\x10\n\x08total_us\x18\x03 \x01(\x03\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x14\n\x0c\x62\x61tch_tokens\x18\x05 \x01(\x05\x12\x14\n\x0cprefill_lane\x18\x06 \x01(\x08\x12%\n\x04load\x18\x07 \x01(\x0b\x32\x17.specdec.v1.ReplicaLoad\"m\n\x0bReplicaLoad\x12\x0e\n\x06queued\x18\x01 \x01(\x05\x12\x15\n\rlive_sessions\x18\x02 \x01(\x05\x12\x13\n\x0bmemory_used\x18\x03 \x01(\x02\x12\x10\n\x08\x64raining\x18\x04 \x01(\x08\x12\x10\n\x08instance\x18\x05 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\x9f\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\x15\n\reos_token_ids\x18\x04 \x03(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x16\n\x0enum_parameters\x18\x08 \x01(\x03\x12\x18\n\x10max_draft_tokens\x18\t \x01(\x05\x12%\n\x04load\x18\n \x01(\x0b\x32\x17.specdec.v1.ReplicaLoad\x12\x0f\n\x07\x64rafter\x18\x0b \x01(\t\x12\x1b\n\x13weights_fingerprint\x18\x0c \x01(\t\"+\n\x15ReleaseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"*\n\x16ReleaseSessionResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,13 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SERVERTIMING']._serialized_start=225
   _globals['_SERVERTIMING']._serialized_end=398
   _globals['_REPLICALOAD']._serialized_start=400
-  _globals['_REPLICALOAD']._serialized_end=491
-  _globals['_GETMODELINFOREQUEST']._serialized_start=493
-  _globals['_GETMODELINFOREQUEST']._serialized_end=514
-  _globals['_MODELINFO']._serialized_start=517
-  _globals['_MODELINFO']._serialized_end=775
-  _globals['_RELEASESESSIONREQUEST']._serialized_start=777
-  _globals['_RELEASESESSIONREQUEST']._serialized_end=820
-  _globals['_RELEASESESSIONRESPONSE']._serialized_start=822
-  _globals['_RELEASESESSIONRESPONSE']._serialized_end=864
+  _globals['_REPLICALOAD']._serialized_end=509
+  _globals['_GETMODELINFOREQUEST']._serialized_start=511
+  _globals['_GETMODELINFOREQUEST']._serialized_end=532
+  _globals['_MODELINFO']._serialized_start=535
+  _globals['_MODELINFO']._serialized_end=822
+  _globals['_RELEASESESSIONREQUEST']._serialized_start=824
+  _globals['_RELEASESESSIONREQUEST']._serialized_end=867
+  _globals['_RELEASESESSIONRESPONSE']._serialized_start=869
+  _globals['_RELEASESESSIONRESPONSE']._serialized_end=911
 # @@protoc_insertion_point(module_scope)

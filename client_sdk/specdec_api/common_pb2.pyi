@@ -51,23 +51,25 @@ class ServerTiming(_message.Message):
     def __init__(self, queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., total_us: _Optional[int] = ..., batch_size: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., prefill_lane: _Optional[bool] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ...) -> None: ...
 
 class ReplicaLoad(_message.Message):
-    __slots__ = ("queued", "live_sessions", "memory_used", "draining")
+    __slots__ = ("queued", "live_sessions", "memory_used", "draining", "instance")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     queued: int
     live_sessions: int
     memory_used: float
     draining: bool
-    def __init__(self, queued: _Optional[int] = ..., live_sessions: _Optional[int] = ..., memory_used: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
+    instance: str
+    def __init__(self, queued: _Optional[int] = ..., live_sessions: _Optional[int] = ..., memory_used: _Optional[float] = ..., draining: _Optional[bool] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "tokenizer_fingerprint", "device", "dtype", "num_parameters", "max_draft_tokens", "load", "drafter")
+    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "tokenizer_fingerprint", "device", "dtype", "num_parameters", "max_draft_tokens", "load", "drafter", "weights_fingerprint")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +81,7 @@ class ModelInfo(_message.Message):
     MAX_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     max_context: int
@@ -90,7 +93,8 @@ class ModelInfo(_message.Message):
     max_draft_tokens: int
     load: ReplicaLoad
     drafter: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., drafter: _Optional[str] = ...) -> None: ...
+    weights_fingerprint: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., drafter: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ReleaseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -93,6 +93,14 @@ def same_target(info: common_pb2.ModelInfo, reference: common_pb2.ModelInfo | No
                     "near-ties", info.dtype, reference.dtype)
 
 
+def same_vocabulary_and_limits(new: common_pb2.ModelInfo, old: common_pb2.ModelInfo) -> bool:
+    """Whether the orchestrator may follow its role to `new` weights: what it read from the first replica at
+    startup (the tokenizer, the vocabulary, the context, EOS ids) still holds, so requests it checked
+    against `old` mean the same to `new`."""
+    return (new.vocab_size, new.max_context, new.tokenizer_fingerprint, list(new.eos_token_ids)) == \
+        (old.vocab_size, old.max_context, old.tokenizer_fingerprint, list(old.eos_token_ids))
+
+
 def pairable_draft(target: common_pb2.ModelInfo):
     """The check a draft replica passes: it pairs with the target (check_pair) and has the first draft
     replica's vocabulary. Draft replicas may host different models (a heterogeneous pool): the draft only
@@ -133,7 +141,7 @@ def replica_set(role: str, spec: str, flag: str, make_stub, check_info, tls: TLS
         # Resolved replicas are dialled by IP: their certificates are checked against the name resolved.
         tls = dataclasses.replace(tls, server_name=targets.dns_host)
     return ReplicaSet(role, targets, lambda address: _channel(address, tls, api_key_file), make_stub, check_info,
-                      resolve_interval_s)
+                      resolve_interval_s, may_follow=same_vocabulary_and_limits)
 
 
 def connect(verify_address: str, draft_address: str | None, tokenizer: str | None = None,

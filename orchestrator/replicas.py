@@ -198,10 +198,13 @@ class ReplicaSet:
     def __init__(self, role: str, targets: ReplicaTargets, open_channel: Callable[[str], grpc.Channel],
                  make_stub: Callable[[grpc.Channel], object],
                  check_info: Callable[[common_pb2.ModelInfo, common_pb2.ModelInfo | None], None] | None = None,
-                 resolve_interval_s: float = 10.0, resolver: Callable[[str, int], list[str]] = resolve_dns):
+                 resolve_interval_s: float = 10.0, resolver: Callable[[str, int], list[str]] = resolve_dns,
+                 may_follow: Callable[[common_pb2.ModelInfo, common_pb2.ModelInfo], bool] | None = None):
         """check_info(info, reference) raises IncompatibleReplica (or the deployment's IncompatibleModels)
-        when a replica may not serve this role; reference is the first accepted replica's info."""
+        when a replica may not serve this role; reference is the first accepted replica's info.
+        may_follow(new, old): whether the role may move to a new reference once no replica hosts the old."""
         self.role = role
+        self.may_follow = may_follow
         self.targets = targets
         self.open_channel = open_channel
         self.make_stub = make_stub
@@ -299,10 +302,31 @@ class ReplicaSet:
             replicas = sorted((r for r in self._replicas.values() if r.channel is not None),
                               key=lambda r: (order.get(r.address, len(order)), r.address))
         answers = [self._probe_pool.submit(self._probe, r) for r in replicas]
-        for replica, answer in zip(replicas, answers):
-            info = answer.result()
+        infos = [(replica, answer.result()) for replica, answer in zip(replicas, answers)]
+        for replica, info in infos:
             if info is not None:
                 self._accept(replica, info)
+        self._follow_an_update(infos)
+
+    def _follow_an_update(self, infos) -> None:
+        """When every replica that answers hosts something other than the role's reference (a rolling update
+        to new weights has replaced them all), the first of them becomes the reference, provided
+        `may_follow(new, old)` allows it (the orchestrator's tokenizer and limits still hold), and all are
+        judged again. Until then sessions stay on the replicas that match: a generation never mixes
+        models."""
+        answered = [(r, info) for r, info in infos if info is not None and r.listed]
+        with self._lock:
+            if self.reference is None or not answered or any(r.refused is None for r, _ in answered):
+                return
+        new = answered[0][1]
+        if self.may_follow is None or not self.may_follow(new, self.reference):
+            return
+        log.warning("every %s replica now hosts %r (weights %s…): it becomes the reference", self.role, new.model,
+                    new.weights_fingerprint[:12])
+        with self._lock:
+            self.reference = None
+        for replica, info in answered:
+            self._accept(replica, info)
 
     def wait_ready(self, timeout_s: float, hint: Callable[[grpc.StatusCode | None], str] = lambda code: "",
                    refusal: type[Exception] = ConnectionError) -> common_pb2.ModelInfo:

@@ -258,3 +258,35 @@ def test_speed_is_measured_on_decode_steps_only_and_forgotten_when_stale(monkeyp
     assert a.service_ms == 2.0 and a.view().service_ms == 2.0
     monkeypatch.setattr(replicas_module, "SPEED_TTL_S", 0.0)
     assert a.view().service_ms is None  # not measured lately: routed as if as fast as the best
+
+
+def test_a_rolling_update_to_new_weights_is_followed_once_no_replica_hosts_the_old(tiny):
+    """While old and new weights are both served, sessions stay with the old (the reference): a generation never
+    mixes models. Once every replica answering hosts the new weights (same tokenizer and limits), they become
+    the reference; a change of vocabulary would not be followed (the orchestrator read the old one)."""
+    from orchestrator.deployment import replica_set, same_target
+
+    old = verify_server.start(ModelServerSettings(str(tiny.target), host="localhost"))
+    new = verify_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost"))
+    other_vocab = verify_server.start(ModelServerSettings(str(tiny.other_vocab_draft), host="localhost"))
+    answer = [f"localhost:{old.port}"]
+    replicas = replica_set("verify", "dns:///specdec-verify:1", "--verify", verify_pb2_grpc.VerifyServiceStub,
+                           same_target, None, None, 30.0)
+    replicas.resolver = lambda host, port: list(answer)
+    try:
+        first = replicas.wait_ready(30)
+        answer.append(f"localhost:{new.port}")
+        replicas.refresh()
+        assert {a: up for a, _b, up in replicas.snapshot()} == {answer[0]: True, answer[1]: False}
+        answer.pop(0)  # the old pod is gone
+        replicas.refresh()
+        assert replicas.reference.weights_fingerprint != first.weights_fingerprint
+        assert [up for _a, _b, up in replicas.snapshot()] == [True]
+        answer[:] = [f"localhost:{other_vocab.port}"]
+        replicas.refresh()
+        assert [up for _a, _b, up in replicas.snapshot()] == [False]  # another vocabulary: not followed
+        assert "refused" in replicas.describe()[0]
+    finally:
+        replicas.close()
+        for server in (old, new, other_vocab):
+            server.stop(grace=None)

@@ -195,6 +195,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
     def GetInfo(self, request, context):
         d = self.deployment
         return orchestrator_pb2.OrchestratorInfo(
-            target_model=(d.verify.reference or d.verify_info).model,  # the model a rolling update moved to draft_model=d.draft_info.model if d.draft_info else "",
+            # The reference: the model a rolling update moved the verify replicas to, if one did.
+            target_model=(d.verify.reference or d.verify_info).model,
+            draft_model=d.draft_info.model if d.draft_info else "",
             tokenizer=d.tokenizer_name, vocab_size=d.verify_info.vocab_size, max_context=d.verify_info.max_context,
             default_num_draft_tokens=self.default_gamma, max_draft_tokens=self.max_gamma)

@@ -83,7 +83,7 @@ def serve(
         help="draft, --drafter layer-skip (the target's own checkpoint as --model, drafting with some of its decoder "
              "layers skipped; Llama-family models): 0-based indices of the layers to skip, comma-separated (e.g. "
              "2,4; at least one kept), auto (search held-out prompts for the set with the highest predicted "
-             "speedup; logged, ~40 s on the reference target), or @FILE (a set --skip-layers-save wrote)"),
+             "speedup; logged; 40-80 s on the reference target), or @FILE (a set --skip-layers-save wrote)"),
     skip_search_prompts: str | None = typer.Option(
         None, envvar=_env("skip_search_prompts"), show_default="the second half of models/prompts.jsonl",
         help="draft, --skip-layers auto: the held-out prompts to search on (JSONL, one {\"prompt\": ...} per line; "

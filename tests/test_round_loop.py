@@ -85,7 +85,7 @@ def _cache_holds(cache: list[int], sequence: list[int], claimed: int) -> bool:
 
 
 class FakeDraft(DraftSession):
-    """Proposes as draft_service/drafter.py does (argmax; or, sampling, the first token by coupled_sample on
+    """Proposes as draft_service/drafters/model.py does (argmax; or, sampling, the first token by coupled_sample on
     the seed and the rest from the seed's generator), its cache ending with all but the last proposed token."""
 
     def __init__(self, model: ToyModel, sampling: Sampling, min_confidence: float = 0.0, failing_calls=None):

@@ -16,6 +16,7 @@ Sessions are bound here and only here (`bind`, `unbind`): the choice is replica_
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import logging
 import re
@@ -42,10 +43,11 @@ PROBE_TIMEOUT_S = 2.0
 DOWN_RETRY_S = 1.0  # how soon a replica that did not answer is probed again
 SUSPECT_HOLD_S = 30.0  # a replica that hung or failed a call takes no new session for this long
 RELEASE_TIMEOUT_S = 1.0  # a session's release on a replica it left
-SPEED_SMOOTHING = 0.2  # weight of the newest call in a replica's measured compute per step
+SPEED_MIN_SAMPLES = 4  # decode calls measured before a replica's speed counts (one or two say little)
+SPEED_WINDOW = 16  # a replica's speed: the least compute per step and session among its last this many decode calls
 SPEED_TTL_S = 30.0  # a speed not measured again for this long is forgotten (the replica may have changed)
 LOAD_TTL_S = 1.0  # others' sessions and the queue a replica reported count this long (they go stale: see docs)
-PREFILL_TOKENS = 32  # calls feeding more tokens than this are prefills: their compute says nothing of a step
+PREFILL_TOKENS = 32  # calls feeding more tokens than this (or a session's first) are prefills: no speed from them
 
 
 _live_sets: weakref.WeakSet = weakref.WeakSet()  # the sets the gauges below report on
@@ -166,19 +168,26 @@ class Replica:
         self.queued = 0
         self.memory_used = 0.0
         self.reported_at = 0.0  # when its load was last reported
-        self.service_ms: float | None = None
-        self.service_at = 0.0  # when service_ms was last measured
+        self.steps_ms: collections.deque[float] = collections.deque(maxlen=SPEED_WINDOW)
+        self.service_at = 0.0  # when steps_ms was last added to
         self.last_error = ""
         self.last_code: grpc.StatusCode | None = None
         self.instance = ""  # the process its checked ModelInfo came from (ReplicaLoad.instance)
         self.suspect_until = 0.0  # hung or failed a call: no new session before this (time.monotonic)
+
+    @property
+    def service_ms(self) -> float | None:
+        """Its speed: the least compute per model step and session of its recent decode calls. The least, not
+        the mean: a busy host (other processes, a shared GIL, a noisy neighbour) only ever adds time, so the
+        least of a window is what the replica's hardware does, and identical replicas read alike."""
+        return min(self.steps_ms) if len(self.steps_ms) >= SPEED_MIN_SAMPLES else None
 
     def takes_sessions(self) -> bool:
         return self.listed and self.refused is None and not self.draining
 
     def view(self, require_answering: bool = True) -> ReplicaView:
         now = time.monotonic()
-        fresh = self.service_ms is not None and now - self.service_at < SPEED_TTL_S
+        fresh = now - self.service_at < SPEED_TTL_S
         answering = self.answering and now >= self.suspect_until
         # Our own sessions are counted exactly (bound); others' and the queue only from a recent report:
         # their sessions may have ended since, which we learn only from its next reply or poll.
@@ -212,6 +221,7 @@ class ReplicaSet:
         self.resolve_interval_s = resolve_interval_s
         self.resolver = resolver
         self.reference: common_pb2.ModelInfo | None = None
+        self.epoch = 0  # counts the references followed (a rolling update to new weights): see SessionClient
         self._replicas: dict[str, Replica] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -325,6 +335,7 @@ class ReplicaSet:
                     new.weights_fingerprint[:12])
         with self._lock:
             self.reference = None
+            self.epoch += 1
         for replica, info in answered:
             self._accept(replica, info)
 
@@ -428,21 +439,22 @@ class ReplicaSet:
         if close and replica.channel is not None:
             replica.channel.close()
 
-    def observe(self, replica: Replica, load: common_pb2.ReplicaLoad, compute_ms: float, fed: int,
-                steps: int, batch_size: int = 1) -> None:
-        """A reply's load, and its compute for `steps` model steps after feeding `fed` tokens, in passes
-        shared by `batch_size` sessions. Speed is measured on decode calls only (a prefill's compute, or
-        time spent queued, says nothing of how fast the replica steps, and a replica judged slow on such a
-        call would get no session to re-measure it), per session of the pass, so that a busy replica does
-        not look slow for being busy: its sessions are counted apart."""
+    def observe(self, replica: Replica, load: common_pb2.ReplicaLoad, compute_ms: float, steps: int,
+                batch_size: int = 1, decode: bool = True) -> None:
+        """A reply's load, and (a decode call: not a session's first, nor one feeding more than
+        PREFILL_TOKENS) its compute for `steps` model steps in passes shared by `batch_size` sessions. Speed
+        is measured on decode calls only (a prefill's compute, or time spent queued, says nothing of how
+        fast the replica steps, and a replica judged slow on such a call would get no session to re-measure
+        it), per session of the pass, so that a busy replica does not look slow for being busy: its sessions
+        are counted apart."""
         with self._lock:
             replica.answering = True
             self._take_load(replica, load)
-            if compute_ms > 0 and steps > 0 and fed <= PREFILL_TOKENS:
+            if decode and compute_ms > 0 and steps > 0:
                 step_ms = compute_ms / steps / max(1, batch_size)
-                stale = replica.service_ms is None or time.monotonic() - replica.service_at >= SPEED_TTL_S
-                replica.service_ms = step_ms if stale else (
-                    (1 - SPEED_SMOOTHING) * replica.service_ms + SPEED_SMOOTHING * step_ms)
+                if time.monotonic() - replica.service_at >= SPEED_TTL_S:
+                    replica.steps_ms.clear()
+                replica.steps_ms.append(step_ms)
                 replica.service_at = time.monotonic()
 
     @staticmethod

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from orchestrator.replicas import Replica, ReplicaSet
+from orchestrator.replicas import PREFILL_TOKENS, Replica, ReplicaSet
 from service_common.errors import DRAINING, ERROR_KIND_KEY, SESSION_LOST
 from service_common.session_fingerprint import PrefixChain
 from specdec_api import common_pb2, draft_pb2, verify_pb2
@@ -116,6 +116,7 @@ class Scored:
 
 
 class SessionClient:
+    one_model = False  # every call of a generation must reach the same model (the target: its tokens are final)
     retry_unavailable = False
     retry_exhausted_s = 0.0  # retry RESOURCE_EXHAUSTED (a full queue, no free slot) for this long
     wait_for_ready = True
@@ -132,6 +133,7 @@ class SessionClient:
         self.synced_len = 0
         self.reprefills = 0
         self.rebinds = 0  # times the session moved to another replica (counted in reprefills too)
+        self.epoch: int | None = None  # the role's reference at the first answer (one_model)
         self.calls: list[CallRecord] = []
         self.chain = PrefixChain()  # fingerprints of the prefixes it sends
 
@@ -140,6 +142,11 @@ class SessionClient:
         raise NotImplementedError
 
     def _bound(self, exclude: set[str]) -> Replica | None:
+        if self.one_model and self.epoch is not None and self.epoch != self.replicas.epoch:
+            # The role followed a rolling update to new weights since this generation began: going on
+            # would mix two models' tokens in one generation.
+            raise self._failure(grpc.StatusCode.UNAVAILABLE, f"the {self.replicas.role} replicas moved to new "
+                                "weights during this generation; retry it (it will run on the new model)")
         if self.replica is not None and self.replica.refused:
             # Found hosting something else since (a restart with other weights): nothing more from it.
             exclude.add(self.replica.address)
@@ -256,8 +263,10 @@ class SessionClient:
                     given_up.add(replica.address)
                 self._move()
                 continue
-            self.replicas.observe(replica, t.load, t.compute_us / 1000, len(committed) - prefix, steps,
-                                  max(1, t.batch_size))
+            self.replicas.observe(replica, t.load, t.compute_us / 1000, steps, max(1, t.batch_size),
+                                  decode=prefix > 0 and len(committed) - prefix <= PREFILL_TOKENS)
+            if self.epoch is None:
+                self.epoch = self.replicas.epoch
             call = CallRecord(observed, t.total_us / 1000, t.compute_us / 1000, t.queue_us / 1000,
                               request.ByteSize() + response.ByteSize(), max(1, t.batch_size), t.batch_tokens,
                               t.prefill_lane)
@@ -326,6 +335,7 @@ class DraftSession(SessionClient):
 
 
 class VerifySession(SessionClient):
+    one_model = True
     retry_unavailable = True  # without the target there is no generation; the draft falls back instead
     # A verify service refuses a caller's calls beyond its per-caller limits (--max-calls-per-caller,
     # --max-queue-per-caller), and one orchestrator is one caller: its generations past those limits wait

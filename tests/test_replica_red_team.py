@@ -454,13 +454,15 @@ def test_a_verify_replica_whose_device_failed_is_left_for_a_healthy_one(cluster,
 
 
 def test_when_every_verify_replica_serves_another_target_the_error_says_so(cluster):
-    """Every verify replica was restarted with another model: no generation can run. It fails with a status
-    whose details name the reason (another model), not "down or draining", and within rpc_timeout_s."""
+    """Every verify replica was restarted with another model, of another vocabulary (one with the same
+    tokenizer and limits is followed as a rolling update: tests/test_replica_sets.py): no generation can
+    run. It fails with a status whose details name the reason (another model), not "down or draining", and
+    within rpc_timeout_s."""
     verify = [cluster.serve("verify") for _ in range(2)]
     draft = cluster.serve("draft")
     orch = cluster.orchestrator(addresses(*verify), addresses(draft), rpc_timeout_s=3.0)
     for server in verify:
-        cluster.restart(server, "verify", model=cluster.tiny.noisy_draft)
+        cluster.restart(server, "verify", model=cluster.tiny.other_vocab_draft)
     deadline = time.monotonic() + 15
     while any(up for _a, _b, up in orch.servicer.deployment.verify.snapshot()):  # the probes found them out
         assert time.monotonic() < deadline

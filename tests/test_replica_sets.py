@@ -252,10 +252,13 @@ def test_speed_is_measured_on_decode_steps_only_and_forgotten_when_stale(monkeyp
     replicas = ReplicaSet.of_stubs("verify", {"a:1": None})
     a = replicas._replicas["a:1"]
     load = common_pb2.ReplicaLoad(live_sessions=2, queued=1)
-    replicas.observe(a, load, compute_ms=400.0, fed=500, steps=1)  # a prefill: no speed from it
+    replicas.observe(a, load, compute_ms=400.0, steps=1, decode=False)  # a prefill: no speed from it
     assert a.service_ms is None and (a.others, a.queued) == (2, 1)
-    replicas.observe(a, load, compute_ms=8.0, fed=5, steps=4)  # a draft call: 4 steps of 2 ms
-    assert a.service_ms == 2.0 and a.view().service_ms == 2.0
+    for compute_ms in (8.0, 20.0, 12.0):  # draft calls of 4 steps: 2, 5, 3 ms a step
+        replicas.observe(a, load, compute_ms=compute_ms, steps=4)
+    assert a.service_ms is None  # three measurements are too few to route by
+    replicas.observe(a, load, compute_ms=48.0, steps=4, batch_size=4)  # 4 sessions shared the passes: 3 ms each
+    assert a.service_ms == 2.0 and a.view().service_ms == 2.0  # the least: a busy host only adds time
     monkeypatch.setattr(replicas_module, "SPEED_TTL_S", 0.0)
     assert a.view().service_ms is None  # not measured lately: routed as if as fast as the best
 
@@ -290,3 +293,35 @@ def test_a_rolling_update_to_new_weights_is_followed_once_no_replica_hosts_the_o
         replicas.close()
         for server in (old, new, other_vocab):
             server.stop(grace=None)
+
+
+def test_a_generation_in_flight_when_the_set_follows_new_weights_fails_instead_of_mixing(tiny):
+    """The verify replicas all move to new weights (same tokenizer and limits) mid-generation: the set follows,
+    and the generation that began on the old weights ends with a clear UNAVAILABLE rather than scoring its
+    remaining tokens with another model. A generation begun after that runs on the new weights."""
+    from orchestrator.deployment import replica_set, same_target
+    from orchestrator.service_clients import VerifyFailed, VerifySession
+
+    old = verify_server.start(ModelServerSettings(str(tiny.target), host="localhost"))
+    new = verify_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost"))
+    answer = [f"localhost:{old.port}"]
+    replicas = replica_set("verify", "dns:///specdec-verify:1", "--verify", verify_pb2_grpc.VerifyServiceStub,
+                           same_target, None, None, 30.0)
+    replicas.resolver = lambda host, port: list(answer)
+    try:
+        replicas.wait_ready(30)
+        session = VerifySession(replicas, "in-flight", timeout_s=10)
+        committed = list(range(10, 30))
+        scored = session.verify(committed, [])
+        session.advance(scored.base, scored.cached_len, 0)
+        answer[:] = [f"localhost:{new.port}"]  # the rollout replaced every old pod
+        replicas.refresh()
+        assert replicas.epoch == 1
+        with pytest.raises(VerifyFailed, match="new weights during this generation"):
+            session.verify(committed + [scored.argmax_token_ids[0]], [])
+        later = VerifySession(replicas, "after", timeout_s=10)
+        assert later.verify(committed, []).argmax_token_ids  # served by the new weights
+    finally:
+        replicas.close()
+        old.stop(grace=None)
+        new.stop(grace=None)

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import grpc
 import pytest
@@ -208,6 +209,29 @@ def later_rounds(session: VerifySession, committed: list[int], rounds: int = 3) 
     return scored.argmax_token_ids
 
 
+class TwoReplicas(NamedTuple):
+    first_server: object
+    second_server: object
+    first: str
+    second: str
+    replicas: ReplicaSet
+    session: VerifySession
+    committed: list[int]
+
+
+def session_on_the_first_of_two(cluster, timeout_s: float, interval_s: float) -> TwoReplicas:
+    """Two verify replicas, the orchestrator's set over them, and a session a few rounds into the first."""
+    a, b = cluster.serve("verify"), cluster.serve("verify")
+    first, second = f"localhost:{a.port}", f"localhost:{b.port}"
+    replicas = verify_set(f"{first},{second}", interval_s=interval_s)
+    cluster.extra_stops.append(replicas.close)
+    committed = list(COMMITTED)
+    session = VerifySession(replicas, session_preferring(first, second), timeout_s=timeout_s)
+    later_rounds(session, committed)
+    assert session.replica_address == first
+    return TwoReplicas(a, b, first, second, replicas, session, committed)
+
+
 class Blackhole:
     """A TCP listener that accepts connections and never says a word (no HTTP/2 preface, no settings)."""
 
@@ -278,14 +302,7 @@ def test_every_verify_replica_away_then_the_first_one_tried_comes_back(cluster):
     """Both verify replicas stop; the one the session was on comes back after 1.5 s, the other never does.
     The call must be served by the one that came back within its deadline (it moved off it when the other
     still looked up, and must not rule it out for good)."""
-    a, b = cluster.serve("verify"), cluster.serve("verify")
-    first, second = f"localhost:{a.port}", f"localhost:{b.port}"
-    replicas = verify_set(f"{first},{second}", interval_s=30.0)
-    cluster.extra_stops.append(replicas.close)
-    committed = list(COMMITTED)
-    session = VerifySession(replicas, session_preferring(first, second), timeout_s=8.0)
-    later_rounds(session, committed)
-    assert session.replica_address == first
+    a, b, first, _, _, session, committed = session_on_the_first_of_two(cluster, timeout_s=8.0, interval_s=30.0)
     expected = reference_argmax(b, committed, DRAFTS)
     port = a.port
     a.stop(grace=None)
@@ -302,14 +319,7 @@ def test_every_verify_replica_away_then_the_first_one_tried_comes_back(cluster):
 
 # -- a replica restarted at the same address -------------------------------------------------------------
 def test_a_verify_replica_restarted_with_the_same_target_mid_generation_costs_a_reprefill_only(cluster):
-    a, b = cluster.serve("verify"), cluster.serve("verify")
-    first, second = f"localhost:{a.port}", f"localhost:{b.port}"
-    replicas = verify_set(f"{first},{second}")
-    cluster.extra_stops.append(replicas.close)
-    committed = list(COMMITTED)
-    session = VerifySession(replicas, session_preferring(first, second), timeout_s=15.0)
-    later_rounds(session, committed)
-    assert session.replica_address == first
+    a, b, _, _, _, session, committed = session_on_the_first_of_two(cluster, timeout_s=15.0, interval_s=0.5)
     expected = reference_argmax(b, committed, DRAFTS)
     cluster.restart(a, "verify")
     scored = session.verify(committed, DRAFTS)
@@ -321,14 +331,7 @@ def test_a_verify_replica_restarted_with_another_target_mid_generation_scores_no
     """The session's replica is restarted at its address with another model (a rollout, a wrong image).
     The next call finds the session lost; re-sending the prefix there would have the wrong model score
     the rest of the generation. Its verdict must be the target's."""
-    a, b = cluster.serve("verify"), cluster.serve("verify")
-    first, second = f"localhost:{a.port}", f"localhost:{b.port}"
-    replicas = verify_set(f"{first},{second}", interval_s=30.0)
-    cluster.extra_stops.append(replicas.close)
-    committed = list(COMMITTED)
-    session = VerifySession(replicas, session_preferring(first, second), timeout_s=15.0)
-    later_rounds(session, committed)
-    assert session.replica_address == first
+    a, b, _, _, _, session, committed = session_on_the_first_of_two(cluster, timeout_s=15.0, interval_s=30.0)
     expected = reference_argmax(b, committed, DRAFTS)
     cluster.restart(a, "verify", model=cluster.tiny.noisy_draft)
     wrong = reference_argmax(cluster.servers[-1], committed, DRAFTS)
@@ -340,13 +343,7 @@ def test_a_verify_replica_restarted_with_another_target_mid_generation_scores_no
 def test_a_verify_replica_found_serving_another_target_loses_the_sessions_bound_to_it(cluster):
     """As above, but the refresher has already probed the restarted replica and refused it: the sessions
     still bound to it must leave it too, not only new sessions."""
-    a, b = cluster.serve("verify"), cluster.serve("verify")
-    first, second = f"localhost:{a.port}", f"localhost:{b.port}"
-    replicas = verify_set(f"{first},{second}", interval_s=30.0)
-    cluster.extra_stops.append(replicas.close)
-    committed = list(COMMITTED)
-    session = VerifySession(replicas, session_preferring(first, second), timeout_s=15.0)
-    later_rounds(session, committed)
+    a, b, first, second, replicas, session, committed = session_on_the_first_of_two(cluster, timeout_s=15.0, interval_s=30.0)
     expected = reference_argmax(b, committed, DRAFTS)
     cluster.restart(a, "verify", model=cluster.tiny.noisy_draft)
     replicas.refresh()
@@ -504,13 +501,7 @@ def test_generations_stay_exact_and_put_while_the_names_resolve_to_flapping_subs
 def test_a_session_evicted_from_a_draining_replica_moves_with_its_whole_prefix(cluster):
     """The session's replica drains, then loses the session (evicted): the replica refuses to start it again
     (draining), so it moves to the other replica with its whole prefix, exact, and the drain then ends."""
-    a, b = cluster.serve("verify"), cluster.serve("verify")
-    first, second = f"localhost:{a.port}", f"localhost:{b.port}"
-    replicas = verify_set(f"{first},{second}", interval_s=30.0)
-    cluster.extra_stops.append(replicas.close)
-    committed = list(COMMITTED)
-    session = VerifySession(replicas, session_preferring(first, second), timeout_s=15.0)
-    later_rounds(session, committed)
+    a, b, first, second, _, session, committed = session_on_the_first_of_two(cluster, timeout_s=15.0, interval_s=30.0)
     drained = []
     drain = threading.Thread(target=lambda: drained.append(a.drain(20.0)))
     drain.start()

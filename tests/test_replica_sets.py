@@ -263,19 +263,26 @@ def test_speed_is_measured_on_decode_steps_only_and_forgotten_when_stale(monkeyp
     assert a.view().service_ms is None  # not measured lately: routed as if as fast as the best
 
 
+def verify_set_resolving_to(answer: list[str]) -> ReplicaSet:
+    """The orchestrator's verify set (its checks, as `connect` builds it) over a name that resolves to whatever
+    `answer` holds at each refresh; refreshed by hand (its interval is long)."""
+    from orchestrator.deployment import replica_set, same_target
+
+    replicas = replica_set("verify", "dns:///specdec-verify:1", "--verify", verify_pb2_grpc.VerifyServiceStub,
+                           same_target, None, None, 30.0)
+    replicas.resolver = lambda host, port: list(answer)
+    return replicas
+
+
 def test_a_rolling_update_to_new_weights_is_followed_once_no_replica_hosts_the_old(tiny):
     """While old and new weights are both served, sessions stay with the old (the reference): a generation never
     mixes models. Once every replica answering hosts the new weights (same tokenizer and limits), they become
     the reference; a change of vocabulary would not be followed (the orchestrator read the old one)."""
-    from orchestrator.deployment import replica_set, same_target
-
     old = verify_server.start(ModelServerSettings(str(tiny.target), host="localhost"))
     new = verify_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost"))
     other_vocab = verify_server.start(ModelServerSettings(str(tiny.other_vocab_draft), host="localhost"))
     answer = [f"localhost:{old.port}"]
-    replicas = replica_set("verify", "dns:///specdec-verify:1", "--verify", verify_pb2_grpc.VerifyServiceStub,
-                           same_target, None, None, 30.0)
-    replicas.resolver = lambda host, port: list(answer)
+    replicas = verify_set_resolving_to(answer)
     try:
         first = replicas.wait_ready(30)
         answer.append(f"localhost:{new.port}")
@@ -299,15 +306,12 @@ def test_a_generation_in_flight_when_the_set_follows_new_weights_fails_instead_o
     """The verify replicas all move to new weights (same tokenizer and limits) mid-generation: the set follows,
     and the generation that began on the old weights ends with a clear UNAVAILABLE rather than scoring its
     remaining tokens with another model. A generation begun after that runs on the new weights."""
-    from orchestrator.deployment import replica_set, same_target
     from orchestrator.service_clients import VerifyFailed, VerifySession
 
     old = verify_server.start(ModelServerSettings(str(tiny.target), host="localhost"))
     new = verify_server.start(ModelServerSettings(str(tiny.noisy_draft), host="localhost"))
     answer = [f"localhost:{old.port}"]
-    replicas = replica_set("verify", "dns:///specdec-verify:1", "--verify", verify_pb2_grpc.VerifyServiceStub,
-                           same_target, None, None, 30.0)
-    replicas.resolver = lambda host, port: list(answer)
+    replicas = verify_set_resolving_to(answer)
     try:
         replicas.wait_ready(30)
         session = VerifySession(replicas, "in-flight", timeout_s=10)

@@ -53,22 +53,19 @@ PREFILL_TOKENS = 32  # calls feeding more tokens than this (or a session's first
 _live_sets: weakref.WeakSet = weakref.WeakSet()  # the sets the gauges below report on
 
 
-def _observe_bound(_options):
-    for replicas in list(_live_sets):
-        for address, bound, _up in replicas.snapshot():
-            yield metrics.Observation(bound, {"role": replicas.role, "replica": address})
-
-
-def _observe_up(_options):
-    for replicas in list(_live_sets):
-        for address, _bound, up in replicas.snapshot():
-            yield metrics.Observation(int(up), {"role": replicas.role, "replica": address})
+def _observer(value: Callable[[int, bool], int]):
+    """A gauge callback: value(sessions bound, takes new sessions) for every replica of every live set."""
+    def observe(_options):
+        for replicas in list(_live_sets):
+            for address, bound, up in replicas.snapshot():
+                yield metrics.Observation(value(bound, up), {"role": replicas.role, "replica": address})
+    return observe
 
 
 _meter = metrics.get_meter("specdec.orchestrator")
-_meter.create_observable_gauge("specdec.replica.sessions", [_observe_bound], unit="{session}",
+_meter.create_observable_gauge("specdec.replica.sessions", [_observer(lambda bound, _up: bound)], unit="{session}",
                                description="sessions this orchestrator has bound to each replica")
-_meter.create_observable_gauge("specdec.replica.up", [_observe_up], unit="1",
+_meter.create_observable_gauge("specdec.replica.up", [_observer(lambda _bound, up: int(up))], unit="1",
                                description="1 while a replica takes new sessions (answering, right model, not draining)")
 
 
@@ -185,17 +182,20 @@ class Replica:
     def takes_sessions(self) -> bool:
         return self.listed and self.refused is None and not self.draining
 
+    def takes_new_sessions(self, now: float, require_answering: bool = True) -> bool:
+        """Whether a new session may bind here now: it takes sessions and (unless not required) answered
+        lately and is not held back after a failed call."""
+        return self.takes_sessions() and (not require_answering or (self.answering and now >= self.suspect_until))
+
     def view(self, require_answering: bool = True) -> ReplicaView:
         now = time.monotonic()
         fresh = now - self.service_at < SPEED_TTL_S
-        answering = self.answering and now >= self.suspect_until
         # Our own sessions are counted exactly (bound); others' and the queue only from a recent report:
         # their sessions may have ended since, which we learn only from its next reply or poll.
         recent = now - self.reported_at < LOAD_TTL_S
         return ReplicaView(self.address, self.bound, self.bound + self.others if recent else 0,
                            self.queued if recent else 0, self.memory_used,
-                           self.service_ms if fresh else None,
-                           self.takes_sessions() and (answering or not require_answering))
+                           self.service_ms if fresh else None, self.takes_new_sessions(now, require_answering))
 
     def __repr__(self) -> str:
         return f"Replica({self.address})"
@@ -483,8 +483,9 @@ class ReplicaSet:
         """Whether another replica (not in `exclude`) could take this session now: then a failed call
         moves rather than waits."""
         excluded = set(exclude)
+        now = time.monotonic()
         with self._lock:
-            return any(r is not replica and r.address not in excluded and r.view().usable
+            return any(r is not replica and r.address not in excluded and r.takes_new_sessions(now)
                        for r in self._replicas.values())
 
     def trusts(self, replica: Replica, instance: str) -> bool:
@@ -521,8 +522,9 @@ class ReplicaSet:
 
     def snapshot(self) -> list[tuple[str, int, bool]]:
         """(address, sessions bound, takes new sessions now) per replica, for reports and tests."""
+        now = time.monotonic()
         with self._lock:
-            return [(r.address, r.bound, r.view().usable)
+            return [(r.address, r.bound, r.takes_new_sessions(now))
                     for r in sorted(self._replicas.values(), key=lambda r: r.address)]
 
     def describe(self) -> list[str]:

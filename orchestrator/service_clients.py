@@ -212,7 +212,7 @@ class SessionClient:
             # fails at once, and so does a lone one named by a resolved name (it may come back at a new
             # address, which the refresher finds).
             attempt = remaining * ATTEMPT_SHARE if elsewhere else remaining
-            wait = self.wait_for_ready and self.replicas.lone() and not self.replicas.targets.resolved
+            wait = self.wait_for_ready and not self.replicas.targets.resolved and self.replicas.lone()
             span, trace_metadata = start_client_call(path)
             started = time.perf_counter()
             try:

@@ -144,6 +144,12 @@ def test_sixteen_generations_are_the_targets_own_and_spread_over_both_replicas_o
         # Each generation started one session per role, on one replica: none started twice (moved).
         assert sum(started) == GENERATIONS, f"{role}: {started}"
         assert min(started) >= MIN_SHARE * GENERATIONS, f"{role}: sessions per replica {started}"
+    # Each orchestrator's own metrics: every model replica up (takes new sessions), none left bound.
+    replicas = sum(len(cluster.of_component(role)) for role in MODEL_ROLES)
+    for pod in cluster.of_component("orchestrator"):
+        samples = scrape(pod)
+        assert samples.get("specdec_replica_up") == replicas, f"{pod.name}: {samples.get('specdec_replica_up')}"
+        assert samples.get("specdec_replica_sessions") == 0, f"{pod.name}: {samples.get('specdec_replica_sessions')}"
     for pod in cluster.all_pods():
         limit, peak = memory_limit_bytes(pod.container), pod.peak_rss_bytes()
         assert limit is None or peak is None or peak < limit, f"{pod.name}: peak RSS {peak >> 20} MiB over its limit {limit >> 20} MiB"

@@ -201,3 +201,51 @@ def test_a_second_sigterm_cuts_the_drain_short(tiny, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+class _SlowVerify(grpc.ServerInterceptor):
+    """Every Verify takes 30 ms more: a generation stays in flight long enough to watch a drain wait for it."""
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or not details.method.endswith("/Verify"):
+            return handler
+
+        def slow(request, context):
+            time.sleep(0.03)
+            return handler.unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(slow, handler.request_deserializer, handler.response_serializer)
+
+
+def test_a_draining_orchestrator_finishes_the_generations_streaming_and_refuses_new_ones(tiny):
+    """The orchestrator's drain: health NOT_SERVING, a new Generate refused with UNAVAILABLE, the generation
+    already streaming completes in full, and the drain waits for it and ends when it does."""
+    import orchestrator.server as orchestrator_server
+    from specdec_client import Client
+    from specdec_client.errors import SpecDecError
+
+    verify = verify_server.start(ModelServerSettings(str(tiny.target), host=HOST), interceptors=[_SlowVerify()])
+    orchestrator = orchestrator_server.start(orchestrator_server.OrchestratorSettings(
+        verify=f"{HOST}:{verify.port}", host=HOST))
+    address = f"{HOST}:{orchestrator.port}"
+    try:
+        with Client(address, timeout=120) as client:
+            alone = client.generate("def main():\n", max_new_tokens=40)
+            chunks = client.stream("def main():\n", max_new_tokens=40)
+            first = next(chunks)  # the generation is under way: ~40 rounds of 30 ms or more to go
+            drain = _Drain(orchestrator, 60.0)
+            _wait_for(lambda: orchestrator.servicer.draining)
+            assert _health(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(SpecDecError) as refused:
+                client.generate("import os\n", max_new_tokens=4)
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details
+            assert not drain.result, "the drain ended while a generation was still streaming"
+            rest = list(chunks)
+            assert first.token_ids + [t for c in rest for t in c.token_ids] == alone.token_ids
+            assert rest[-1].finish_reason == "length"
+            ended, _after_s = drain.wait()
+            assert ended
+    finally:
+        orchestrator.stop(grace=None)
+        verify.stop(grace=None)

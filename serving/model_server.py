@@ -49,11 +49,14 @@ class ModelServerSettings:
     api_key_file: str | None = None  # callers must send a key from this file
     health_port: int | None = None  # plaintext health service alone on this port (for probes under TLS)
     max_request_mb: float = DEFAULT_MAX_REQUEST_MB  # larger requests are refused before they are parsed
-    # Draft services only (draft_service/drafters/): the drafter, or a comma-separated chain of drafters, and the
-    # n-gram drafter's match lengths.
+    # Draft services only (draft_service/drafters/): the drafter, or a comma-separated chain of drafters, the
+    # n-gram drafter's match lengths, and the layer-skip drafter's layers (the `serve draft` flags of these names).
     drafter: str = "model"
     ngram_min: int = 1
     ngram_max: int = 3
+    skip_layers: str = "auto"  # "2,4" | "auto" | "@FILE"
+    skip_search_prompts: str | None = None  # JSONL with a `prompt` field; None: the default held-out prompts
+    skip_layers_save: str | None = None  # with auto: write the chosen set here (JSON)
 
 
 CPU_CHUNK_TOKENS = 128  # a 128-token pass of the reference target: ~75 ms on this project's 2-core CPU

@@ -271,18 +271,12 @@ def serve(
             prefill_cpus=prefill_cpus, prefill_min_tokens=prefill_min_tokens,
             prefill_chunk_tokens=prefill_chunk_tokens, max_queue_per_caller=max_queue_per_caller,
             pass_tokens=pass_tokens, **security)
-        if role is Role.draft and layer_skip_flags:
-            from dataclasses import fields
-
-            from draft_service.drafters.layer_skip import LayerSkipSettings
-
-            settings = LayerSkipSettings(**{f.name: getattr(settings, f.name) for f in fields(settings)},
-                                         skip_layers="auto" if skip_layers is None else skip_layers,
-                                         skip_search_prompts=skip_search_prompts, skip_layers_save=skip_layers_save)
         if role is Role.draft:
             settings.drafter = drafter or settings.drafter
             settings.ngram_min = settings.ngram_min if ngram_min is None else ngram_min
             settings.ngram_max = settings.ngram_max if ngram_max is None else ngram_max
+            settings.skip_layers = settings.skip_layers if skip_layers is None else skip_layers
+            settings.skip_search_prompts, settings.skip_layers_save = skip_search_prompts, skip_layers_save
 
             from draft_service.server import start
         else:

@@ -19,7 +19,7 @@ import verify_service.server as verify_server
 from draft_service.drafters import build_drafter, drafter_names
 from draft_service.drafters import skip_search
 from draft_service.drafters.base import ProposeJob
-from draft_service.drafters.layer_skip import LayerSkipDrafter, LayerSkipSettings, parse_skip_layers
+from draft_service.drafters.layer_skip import LayerSkipDrafter, parse_skip_layers
 from serving.kv_cache import make_runner
 from serving.lean_llama import LeanLlama
 from serving.model_loading import load_model
@@ -111,7 +111,7 @@ def test_crop_and_extend_of_the_skipped_cache_match_a_fresh_run(four_model):
 
 # -- the drafter ----------------------------------------------------------------------------------------------
 def test_proposals_are_the_skipped_models_and_sampled_rows_its_probabilities(four_layers, four_model):
-    drafter = build_drafter(LayerSkipSettings(str(four_layers), drafter="layer-skip", skip_layers="1,2"))
+    drafter = build_drafter(ModelServerSettings(str(four_layers), drafter="layer-skip", skip_layers="1,2"))
     assert isinstance(drafter, LayerSkipDrafter) and drafter.description == "layer-skip(skip=1,2 of 4)"
     reference_model = hf_without(four_model, (1, 2))
     # greedy, several sessions in one call: each the argmax chain of the pruned HF model
@@ -138,7 +138,7 @@ def test_the_search_returns_a_valid_set_and_the_save_file_restarts_without_searc
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in PROMPTS[:6]))
     saved = tmp_path / "skip.json"
-    drafter = build_drafter(LayerSkipSettings(str(four_layers), drafter="layer-skip", skip_layers="auto",
+    drafter = build_drafter(ModelServerSettings(str(four_layers), drafter="layer-skip", skip_layers="auto",
                                               skip_search_prompts=str(prompts), skip_layers_save=str(saved)))
     record = json.loads(saved.read_text())
     assert record["skip_layers"] == drafter.skip and record["num_layers"] == 4 and record["prompts"] == 6
@@ -150,12 +150,12 @@ def test_the_search_returns_a_valid_set_and_the_save_file_restarts_without_searc
         raise AssertionError("a saved set needs no search")
 
     monkeypatch.setattr(skip_search, "search", no_search)
-    again = build_drafter(LayerSkipSettings(str(four_layers), drafter="layer-skip", skip_layers=f"@{saved}"))
+    again = build_drafter(ModelServerSettings(str(four_layers), drafter="layer-skip", skip_layers=f"@{saved}"))
     assert again.skip == drafter.skip
     record["num_layers"] = 7
     saved.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="saved for a model of 7 layers; this one has 4"):
-        build_drafter(LayerSkipSettings(str(four_layers), drafter="layer-skip", skip_layers=f"@{saved}"))
+        build_drafter(ModelServerSettings(str(four_layers), drafter="layer-skip", skip_layers=f"@{saved}"))
 
 
 def test_the_search_picks_the_best_set_it_evaluated_by_predicted_speedup(four_layers):
@@ -194,7 +194,7 @@ def test_bad_skip_layers_are_refused_before_the_weights_load(four_layers, spec, 
 
     monkeypatch.setattr(layer_skip, "load_model", lambda *a: pytest.fail("loaded weights for a bad --skip-layers"))
     with pytest.raises(ValueError, match=message):
-        build_drafter(LayerSkipSettings(str(four_layers), drafter="layer-skip", skip_layers=spec))
+        build_drafter(ModelServerSettings(str(four_layers), drafter="layer-skip", skip_layers=spec))
 
 
 def test_other_architectures_the_hf_runtime_and_a_save_without_a_search_are_refused(tiny, four_layers, tmp_path):
@@ -202,11 +202,11 @@ def test_other_architectures_the_hf_runtime_and_a_save_without_a_search_are_refu
     GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
     AutoTokenizer.from_pretrained(tiny.target).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="supports Llama-family models .* is 'gpt2'"):
-        build_drafter(LayerSkipSettings(str(tmp_path / "gpt2"), drafter="layer-skip", skip_layers="1"))
+        build_drafter(ModelServerSettings(str(tmp_path / "gpt2"), drafter="layer-skip", skip_layers="1"))
     with pytest.raises(ValueError, match="runs on the lean runtime"):
-        build_drafter(LayerSkipSettings(str(four_layers), drafter="layer-skip", skip_layers="1", runtime="hf"))
+        build_drafter(ModelServerSettings(str(four_layers), drafter="layer-skip", skip_layers="1", runtime="hf"))
     with pytest.raises(ValueError, match="--skip-layers-save writes what --skip-layers auto chooses"):
-        build_drafter(LayerSkipSettings(str(four_layers), drafter="layer-skip", skip_layers="1",
+        build_drafter(ModelServerSettings(str(four_layers), drafter="layer-skip", skip_layers="1",
                                         skip_layers_save=str(tmp_path / "x.json")))
     assert parse_skip_layers(" 3, 1 ") == [1, 3] and drafter_names("ngram,layer-skip") == ["ngram", "layer-skip"]
 
@@ -227,7 +227,7 @@ def test_serve_draft_refuses_bad_skip_layers_and_the_flags_without_layer_skip(ti
 def start_layer_skip_stack(target, **layer_skip) -> Stack:
     """Verify (the target), a layer-skip draft service on the same checkpoint, and an orchestrator."""
     verify = verify_server.start(ModelServerSettings(str(target), host="localhost"))
-    draft = draft_server.start(LayerSkipSettings(str(target), host="localhost", drafter="layer-skip", **layer_skip))
+    draft = draft_server.start(ModelServerSettings(str(target), host="localhost", drafter="layer-skip", **layer_skip))
     orchestrator = orchestrator_server.start(orchestrator_server.OrchestratorSettings(
         verify=f"localhost:{verify.port}", draft=f"localhost:{draft.port}", host="localhost"))
     return Stack(verify, draft, orchestrator)

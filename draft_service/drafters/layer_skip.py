@@ -21,13 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from draft_service.drafters.model import ModelDrafter
 from serving.kv_cache import make_runner
 from serving.model_loading import LoadedModel, load_model
-from serving.model_server import ModelServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SEARCH_PROMPTS = Path(__file__).resolve().parents[2] / "models" / "prompts.jsonl"
 DEFAULT_SEARCH_COUNT = 16
 MAX_SEARCH_PROMPTS = 32  # of a file given with --skip-search-prompts, the first this many
-
-
-@dataclass
-class LayerSkipSettings(ModelServerSettings):
-    """A draft service's settings with the layer-skip drafter's (the `serve draft` flags of the same names)."""
-    skip_layers: str = "auto"  # "2,4" | "auto" | "@FILE"
-    skip_search_prompts: str | None = None  # JSONL with a `prompt` field; None: DEFAULT_SEARCH_PROMPTS' second half
-    skip_layers_save: str | None = None  # with auto: write the chosen set here (JSON)
 
 
 def parse_skip_layers(spec: str) -> list[int] | str:
@@ -107,7 +97,7 @@ def save_choice(path: str, model: str, report) -> None:
 
 def search_prompts(settings, tokenizer) -> list[list[int]]:
     """The held-out prompts the search runs on, as token ids."""
-    path = getattr(settings, "skip_search_prompts", None)
+    path = settings.skip_search_prompts
     given = path is not None
     path = Path(path) if given else DEFAULT_SEARCH_PROMPTS
     if not path.is_file():
@@ -143,8 +133,8 @@ class LayerSkipDrafter(ModelDrafter):
 
         from serving import lean_llama
 
-        spec = parse_skip_layers(getattr(settings, "skip_layers", "auto"))
-        save = getattr(settings, "skip_layers_save", None)
+        spec = parse_skip_layers(settings.skip_layers)
+        save = settings.skip_layers_save
         if save and spec != "auto":
             raise ValueError("--skip-layers-save writes what --skip-layers auto chooses; with a given set there is "
                              "nothing to save")

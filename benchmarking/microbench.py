@@ -37,19 +37,19 @@ def _median_ms(run, repeats: int) -> float:
 
 
 def _loaded(path):
-    from serving.kv_cache import make_runner
+    from serving.runtimes import make_runtime
     from serving.model_loading import load_model
 
     loaded = load_model(str(path), "cpu", "auto")
-    return loaded, make_runner(loaded.model, loaded.device, "auto")
+    return loaded, make_runtime(loaded.model, loaded.device, "auto")
 
 
 def logits(prompts: int = 6, new_tokens: int = 40) -> dict:
     """Greedy continuations from `generate`; each runtime re-scores them 5 positions per pass."""
     from transformers import AutoTokenizer
 
-    from serving.kv_cache import ModelRunner
-    from serving.lean_llama import LeanLlama
+    from serving.runtimes.hf import ModelRunner
+    from serving.runtimes.lean import LeanLlama
 
     loaded, _ = _loaded(DEFAULT_TARGET)
     model, tokenizer = loaded.model, AutoTokenizer.from_pretrained(str(DEFAULT_TARGET))

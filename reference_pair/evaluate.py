@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serving.kv_cache import ModelRunner, make_runner
+from serving.runtimes import make_runtime
+from serving.runtimes.hf import ModelRunner
 from speculation.gamma_policy import best_gamma, expected_speedup
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ def evaluate(target_dir: str, draft_dir: str, prompts_path: str, new_tokens: int
 
     cpu = torch.device("cpu")
     target_ms = decode_ms_per_token(ModelRunner(target, cpu), probe, context)
-    draft_runner = make_runner(draft, cpu, "auto")
+    draft_runner = make_runtime(draft, cpu, "auto")
     draft_ms = decode_ms_per_token(draft_runner, probe, context)
     draft_hf_ms = decode_ms_per_token(ModelRunner(draft, cpu), probe, context)
     c = draft_ms / target_ms

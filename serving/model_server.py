@@ -9,7 +9,7 @@ import torch
 
 from service_common.caller_limits import DEFAULT_MAX_WORKERS
 from service_common.server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
-from serving.kv_cache import make_runner
+from serving.runtimes import make_runtime
 from serving.metrics import watch_sessions
 from serving.model_loading import LoadedModel, ModelIdentity, load_model
 from serving.model_worker import PASS_TOKENS, PrefillLane, parse_cpus
@@ -33,7 +33,7 @@ class ModelServerSettings:
     # Calls one caller may have in flight (each holds a handler thread); beyond: RESOURCE_EXHAUSTED at once.
     # None: half of max_workers (128 by default, as max_queue_per_caller is half of max_queue); 0: no limit.
     max_calls_per_caller: int | None = None
-    runtime: str = "auto"  # auto | lean | hf (serving/kv_cache.py: make_runner)
+    runtime: str = "auto"  # auto | lean | hf (serving/runtimes: make_runtime)
     max_batch: int = 32  # sessions per forward pass (batching needs the lean runtime)
     max_wait_ms: float = 0.0  # hold a pass open this long for sessions expected back; 0: what is queued
     max_queue: int = 256  # requests waiting for the worker before RESOURCE_EXHAUSTED
@@ -107,7 +107,7 @@ class Hosted:
 def host_model(settings: ModelServerSettings) -> Hosted:
     """The usual host: a causal LM from --model and its runner (the verify service's target)."""
     loaded = load_model(settings.model, settings.device, settings.dtype)
-    runner = make_runner(loaded.model, loaded.device, settings.runtime)
+    runner = make_runtime(loaded.model, loaded.device, settings.runtime)
     return Hosted(loaded, runner, runner.new_cache, runner)
 
 
@@ -123,7 +123,7 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
     if problems:
         raise ValueError("; ".join(problems))
     hosted = host(settings)
-    if lane is not None and hosted.runner is not None and getattr(hosted.runner, "name", "") != "lean":
+    if lane is not None and hosted.runner is not None and not hosted.runner.capabilities.concurrent_passes:
         # Two forwards at once on one model: the lean runner keeps no state between calls but the
         # caches it is given; the HF forward is not checked for that. (No model: nothing shared between lanes.)
         raise ValueError("--prefill-cpus needs the lean runtime (a Llama model, --runtime auto or lean)")

@@ -14,6 +14,7 @@ from service_common.callers import caller_of
 from service_common.errors import InvalidArgument, OutOfRange
 from serving.metrics import record_batch
 from serving.model_loading import LoadedModel, ModelIdentity
+from serving.runtimes.clock import clock_for
 from serving.model_worker import PASS_TOKENS, ModelWorker, PrefillLane, Timed
 from serving.sessions import Session, SessionStore, owner
 from specdec_api import common_pb2
@@ -41,7 +42,8 @@ class ModelServiceBase:
         self.worker = ModelWorker(self.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                   max_queue=max_queue, on_batch=record_batch, tokens_of=self.tokens_of,
                                   prefill_lane=prefill_lane, chunk_tokens=chunk_tokens, split=self.split,
-                                  max_queue_per_caller=max_queue_per_caller, pass_tokens=pass_tokens)
+                                  max_queue_per_caller=max_queue_per_caller, pass_tokens=pass_tokens,
+                                  clock=clock_for(None) if runner is None else runner.clock)
 
     def run_batch(self, payloads):
         """One forward over the payloads (each has a `.cache`). If it raises, every cache goes back to the
@@ -162,7 +164,8 @@ class ModelServiceBase:
             eos_token_ids=loaded.eos_token_ids, tokenizer_fingerprint=loaded.tokenizer_fingerprint,
             device=str(loaded.device), dtype="" if loaded.dtype is None else str(loaded.dtype).removeprefix("torch."),
             num_parameters=loaded.num_parameters, max_draft_tokens=self.max_draft_tokens, load=self.load(),
-            weights_fingerprint=loaded.weights_fingerprint)
+            weights_fingerprint=loaded.weights_fingerprint,
+            runtime="" if self.runner is None else self.runner.name)
 
 
 def annotate_server_span(done: Timed, **attributes) -> None:

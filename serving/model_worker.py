@@ -92,6 +92,7 @@ from typing import Any
 import grpc
 
 from service_common.errors import ResourceExhausted, ServiceError
+from serving.runtimes.clock import DeviceClock
 
 log = logging.getLogger(__name__)
 
@@ -216,8 +217,12 @@ class ModelWorker:
                  tokens_of: Callable[[Any], int] | None = None, prefill_lane: PrefillLane | None = None,
                  max_queue_per_caller: int | None = None, pass_tokens: int = PASS_TOKENS,
                  solo_tokens: int | None = None, chunk_tokens: int = 0,
-                 split: Callable[[Any, int], tuple[Any, Any] | None] | None = None):
+                 split: Callable[[Any, int], tuple[Any, Any] | None] | None = None,
+                 clock: DeviceClock | None = None):
         self.run_batch = run_batch
+        # Times each pass's compute on the device that runs it (serving/runtimes/clock.py): on a GPU the host
+        # clock alone would time the kernel launches, not the work.
+        self.clock = clock or DeviceClock()
         self.tokens_of = tokens_of  # a payload's token count: its cost to its caller, and the pass's batch_tokens
         self.max_batch, self.max_wait_s, self.max_queue = max(1, max_batch), max_wait_ms / 1000, max_queue
         self.max_queue_per_caller = max(1, max_queue // 2) if max_queue_per_caller is None else max_queue_per_caller
@@ -506,12 +511,12 @@ class ModelWorker:
         with self._queue:
             self._clock = max(self._clock, self._charge(job))
         enqueued_unix = time.time_ns()
-        started = time.perf_counter_ns()
+        started = self.clock.now_ns()
         try:
             result = self.run_batch([job.payload])[0]
+            compute_ns = self.clock.now_ns() - started
         finally:
             self._left([job.key])
-        compute_ns = time.perf_counter_ns() - started
         self._count_batch(1, 0)
         return _timed(result, 0, compute_ns, enqueued_unix, 1, self._tokens([job.payload]))
 
@@ -597,11 +602,11 @@ class ModelWorker:
                 self._drop(job)
         if not live:
             return
-        started = time.perf_counter_ns()
+        started = self.clock.now_ns()
         results = None
         try:
             results = self.run_batch([job.payload for job in live])
-            finished = time.perf_counter_ns()
+            finished = self.clock.now_ns()
         except Exception as error:  # noqa: BLE001 - handed to its caller, or the pass is run again
             if len(live) == 1:
                 if alone:

@@ -17,7 +17,7 @@ from draft_service.drafters.chain import ChainDrafter
 from draft_service.drafters.model import ModelDrafter
 from draft_service.drafters.ngram import NgramCache, NgramDrafter
 from service_common.session_fingerprint import fingerprint
-from serving.kv_cache import make_runner
+from serving.runtimes import make_runtime
 from serving.model_loading import load_model, read_identity
 from serving.model_server import ModelServerSettings
 from serving.sessions import SessionStore
@@ -160,7 +160,7 @@ def test_a_chain_feeds_its_model_the_tokens_ngram_rounds_skipped(tiny):
     more committed): whenever the chain's model proposes, it proposes what a model fed the whole committed prefix
     at once proposes; whenever the lookup proposes, what the lookup over the committed tokens gives."""
     loaded = load_model(str(tiny.draft))
-    model = ModelDrafter(loaded, make_runner(loaded.model, loaded.device))
+    model = ModelDrafter(loaded, make_runtime(loaded.model, loaded.device))
     chain = ChainDrafter([NgramDrafter(loaded, 2, 3), model])
     store = SessionStore(chain.new_cache)
     rng = random.Random(3)

@@ -10,7 +10,7 @@ import verify_service.server as verify_server
 from service_common.server import start_server
 from serving.model_loading import load_model
 from serving.model_server import ModelServerSettings, start_model_server
-from serving.kv_cache import ModelRunner
+from serving.runtimes.hf import ModelRunner
 from serving.sessions import SessionStore
 from specdec_api import verify_pb2_grpc
 from tests.conftest import PROMPTS, Stack, start_stack

@@ -20,8 +20,8 @@ from draft_service.drafters import build_drafter, drafter_names
 from draft_service.drafters import skip_search
 from draft_service.drafters.base import ProposeJob
 from draft_service.drafters.layer_skip import LayerSkipDrafter, parse_skip_layers
-from serving.kv_cache import make_runner
-from serving.lean_llama import LeanLlama
+from serving.runtimes import make_runtime
+from serving.runtimes.lean import LeanLlama
 from serving.model_loading import load_model
 from serving.model_server import ModelServerSettings
 from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2_grpc
@@ -160,7 +160,7 @@ def test_the_search_returns_a_valid_set_and_the_save_file_restarts_without_searc
 
 def test_the_search_picks_the_best_set_it_evaluated_by_predicted_speedup(four_layers):
     loaded = load_model(str(four_layers))
-    full = make_runner(loaded.model, loaded.device, "lean")
+    full = make_runtime(loaded.model, loaded.device, "lean")
     tokenizer = AutoTokenizer.from_pretrained(four_layers)
     report = skip_search.search(full, [tokenizer(text)["input_ids"] for text in PROMPTS[:5]], beam=1)
     chosen = report.chosen

@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from serving.kv_cache import KVCache, ModelRunner, make_runner
-from serving.lean_llama import LeanLlama
+from serving.runtimes import RUNTIMES, Runtime, make_runtime
+from serving.runtimes.hf import KVCache, ModelRunner
+from serving.runtimes.lean import LeanLlama
 
 
 def tiny_llama(kv_heads=4, bias=False):
@@ -66,10 +67,10 @@ def test_lean_llama_matches_the_hf_forward_to_rounding(kv_heads, bias):
 
 def test_runtime_choice():
     model = tiny_llama()
-    assert make_runner(model, torch.device("cpu"), "auto").name == "lean"
-    assert make_runner(model, torch.device("cpu"), "hf").name == "hf"
+    assert make_runtime(model, torch.device("cpu"), "auto").name == "lean"
+    assert make_runtime(model, torch.device("cpu"), "hf").name == "hf"
     with pytest.raises(ValueError, match="--runtime"):
-        make_runner(model, torch.device("cpu"), "fastest")
+        make_runtime(model, torch.device("cpu"), "fastest")
 
 
 def test_a_model_whose_cache_cannot_roll_back_is_refused_at_startup():
@@ -78,4 +79,40 @@ def test_a_model_whose_cache_cannot_roll_back_is_refused_at_startup():
 
     model = MambaForCausalLM(MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=4)).eval()
     with pytest.raises(ValueError, match="'mamba' models cannot be served: their KV cache cannot roll back"):
-        make_runner(model, torch.device("cpu"), "auto")
+        make_runtime(model, torch.device("cpu"), "auto")
+
+
+# -- the conformance test every runtime must pass (serving/runtimes/base.py) -----------------------------------
+CONCRETE_RUNTIMES = [name for name in RUNTIMES if name != "auto"]
+
+
+def ragged_steps(runtime):
+    """Three sessions at different lengths through one pass at each step: a prefill of different sizes, a
+    decode step fed on the device (decode_step), a rollback of one session, and a ragged multi-token append."""
+    caches = [runtime.new_cache() for _ in range(3)]
+    out = runtime.extend_batch(caches, [list(range(10, 40)), list(range(50, 57)), [3]], [3, 1, 1])
+    tokens = torch.tensor([5, 6, 7], device=runtime.device)
+    out.append(runtime.decode_step(caches, tokens))
+    caches[0].crop(29)
+    out += runtime.extend_batch(caches, [[8, 9, 10, 11], [12], [13, 14]], [4, 1, 2])
+    return torch.cat([o.float().cpu() for o in out]), [c.length for c in caches]
+
+
+@pytest.mark.parametrize("name", CONCRETE_RUNTIMES)
+@pytest.mark.parametrize("kv_heads,bias", [(4, False), (2, True)], ids=["mha", "gqa-bias"])
+def test_every_runtime_conforms_to_the_hf_forward(name, kv_heads, bias):
+    """One session's repertoire (`steps`) and a ragged batch of three, against the HF forward run session by
+    session: same logits to rounding, same greedy picks, same cache lengths; and what it says of itself."""
+    model = tiny_llama(kv_heads, bias)
+    runtime = make_runtime(model, torch.device("cpu"), name)
+    assert runtime.name == name and isinstance(runtime, Runtime)
+    assert runtime.clock.now_ns() > 0 and runtime.device == torch.device("cpu")
+    reference = ModelRunner(model, torch.device("cpu"))
+    expected, ours = steps(reference.extend, reference.new_cache()), steps(runtime.extend, runtime.new_cache())
+    torch.testing.assert_close(ours.float(), expected, atol=1e-5, rtol=1e-4)
+    assert ours.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    expected, expected_lengths = ragged_steps(reference)
+    ours, lengths = ragged_steps(runtime)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    assert ours.argmax(-1).tolist() == expected.argmax(-1).tolist()
+    assert lengths == expected_lengths == [33, 9, 4]

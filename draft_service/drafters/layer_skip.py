@@ -2,7 +2,7 @@
 loads the TARGET checkpoint and drafts with some of its decoder layers skipped. No second model to train or ship;
 lossless, because the verify service scores every draft with the whole target.
 
-Skipping is the lean runtime's (serving/lean_llama.py: LeanLlama.skipping): the kept layers run in order on the
+Skipping is the lean runtime's (serving/runtimes/lean.py: LeanLlama.skipping): the kept layers run in order on the
 residual stream, which passes a skipped layer by unchanged, and a session's KV cache holds the kept layers' keys and
 values only (kept / total of the target's per token). Drafting is the model drafter's loop (model.py: propose_batch)
 on that runner, so sessions batch ragged as the model drafter's do, greedy drafts are the argmax, and sampled ones
@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from draft_service.drafters.model import ModelDrafter
-from serving.kv_cache import make_runner
+from serving.runtimes import make_runtime
 from serving.model_loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class LayerSkipDrafter(ModelDrafter):
         ModelServerSettings, with none of the layer-skip fields, means auto)."""
         from transformers import AutoConfig, AutoTokenizer
 
-        from serving import lean_llama
+        from serving.runtimes import lean as lean_llama
 
         spec = parse_skip_layers(settings.skip_layers)
         save = settings.skip_layers_save
@@ -153,7 +153,7 @@ class LayerSkipDrafter(ModelDrafter):
         else:
             skip = None
         loaded = load_model(settings.model, settings.device, settings.dtype)
-        full = make_runner(loaded.model, loaded.device, "lean")
+        full = make_runtime(loaded.model, loaded.device, "lean")
         if skip is None:
             from draft_service.drafters.skip_search import search
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from draft_service.drafters.base import Drafter, Proposal, ProposeJob
-from serving.kv_cache import make_runner
+from serving.runtimes import make_runtime
 from serving.model_loading import LoadedModel, load_model
 from speculation.sampling import coupled_sample, logits_to_probs, sample
 
@@ -27,7 +27,7 @@ class ModelDrafter(Drafter):
     def from_settings(cls, settings) -> ModelDrafter:
         """--model loaded the standard way, on --device in --dtype, run by --runtime."""
         loaded = load_model(settings.model, settings.device, settings.dtype)
-        return cls(loaded, make_runner(loaded.model, loaded.device, settings.runtime))
+        return cls(loaded, make_runtime(loaded.model, loaded.device, settings.runtime))
 
     def new_cache(self):
         return self.runner.new_cache()

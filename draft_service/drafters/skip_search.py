@@ -28,7 +28,7 @@ What the prediction leaves out: the cost of a round beyond c * gamma + 1 target 
 gamma + 1 positions costing more than one step). On the reference target over gRPC that was ~0.6 of a target step
 per round, which is why a set predicted at x1.2 measured x0.93 against the target alone in the same stack.
 
-Knows nothing about gRPC or sessions: it takes a lean runner (serving/lean_llama.py) and token ids.
+Knows nothing about gRPC or sessions: it takes a lean runner (serving/runtimes/lean.py) and token ids.
 """
 
 from __future__ import annotations

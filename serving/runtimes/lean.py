@@ -9,7 +9,7 @@ pre-transposed products make scoring gamma + 1 positions cheaper, and sessions b
 (`extend_batch`).
 
 Its logits match HF's to float rounding, not bit for bit; so do HF's own when it scores several
-positions in one pass instead of `generate`'s one-token steps (serving/kv_cache.py: make_runner gives
+positions in one pass instead of `generate`'s one-token steps (serving/runtimes/__init__.py: make_runtime gives
 the measured differences). Greedy exactness against `generate` is tested on this runtime
 (tests/test_greedy_exactness.py); rejection sampling is exact for any proposal distribution as long as
 draft_probs are the ones the draft sampled from, which they are.
@@ -30,11 +30,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from serving.runtimes.base import Capabilities, Runtime
+
+
+def unsupported(config) -> str:
+    """Why this runtime cannot serve a model of this config exactly; "" when it can."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if getattr(config, "model_type", "") != "llama":
+        return f"model_type {getattr(config, 'model_type', None)!r} is not one it computes"
+    if getattr(config, "hidden_act", "") != "silu":
+        return f"hidden_act {config.hidden_act!r} is not silu"
+    if rope.get("rope_type", "default") != "default":
+        return f"rope_type {rope.get('rope_type')!r} is not one it computes"
+    if getattr(config, "mlp_bias", False):
+        return "MLP biases are not computed"
+    return ""
+
 
 def supports(config) -> bool:
-    rope = getattr(config, "rope_parameters", None) or {}
-    return (getattr(config, "model_type", "") == "llama" and getattr(config, "hidden_act", "") == "silu"
-            and rope.get("rope_type", "default") == "default" and not getattr(config, "mlp_bias", False))
+    return not unsupported(config)
 
 
 @dataclass
@@ -82,7 +96,11 @@ class LeanCache:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
-class LeanLlama:
+class LeanLlama(Runtime):
+    name = "lean"
+    # Ragged batches across sessions; no state between calls but the caches given, so two threads may run at once.
+    capabilities = Capabilities(batches_sessions=True, concurrent_passes=True)
+
     def __init__(self, model: torch.nn.Module):
         config = model.config
         self.config = config

@@ -10,7 +10,8 @@ import inspect
 
 import torch
 
-from serving.growable_cache import new_cache
+from serving.runtimes.base import Capabilities, Runtime
+from serving.runtimes.growable_cache import new_cache
 
 
 class KVCache:
@@ -37,14 +38,17 @@ class KVCache:
         return total
 
 
-class ModelRunner:
+class ModelRunner(Runtime):
     """Runs a causal LM through its own HF forward on a KVCache; returns only the logits needed."""
 
     name = "hf"
+    # Sessions run one after another (below); the HF forward is not checked for two threads at once.
+    capabilities = Capabilities(batches_sessions=False, concurrent_passes=False)
 
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model = model
         self.device = device
+        self.dtype = next(model.parameters()).dtype
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def new_cache(self) -> KVCache:
@@ -64,7 +68,7 @@ class ModelRunner:
         the lean runtime batches them ragged."""
         return [self.extend(c, t, k) for c, t, k in zip(caches, token_lists, keeps)]
 
-    def check_rollback(self) -> None:
+    def check(self) -> None:
         """Raise ValueError, naming the model type, when its cache cannot drop rejected draft tokens.
 
         Caches of full / sliding-window attention are our growable ones; others (linear attention,
@@ -81,30 +85,3 @@ class ModelRunner:
         if cache.length != 2:
             raise ValueError(f"{self.model.config.model_type!r} models cannot be served: cropping their cache to "
                              f"2 tokens left {cache.length}")
-
-
-RUNTIMES = ("auto", "hf", "lean")
-
-
-def make_runner(model: torch.nn.Module, device: torch.device, runtime: str = "auto"):
-    """`hf`: the model's own forward, for any causal LM. `lean`: serving/lean_llama.py for Llama models.
-    `auto` (the default, for drafts and targets): lean where supported, else hf.
-
-    Neither is bit-identical to `generate`'s one-token steps when it scores several positions at once:
-    a [5, hidden] matrix product sums in another order than five [1, hidden] ones. Measured on the
-    reference target, both differ from the one-token logits by ~1e-5 (HF 1.1e-5, lean 1.3e-5), far
-    below the gaps between greedy candidates; the greedy-exactness tests run on whichever is default."""
-    from serving import lean_llama
-
-    if runtime not in RUNTIMES:
-        raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    if runtime == "lean" and not lean_llama.supports(model.config):
-        raise ValueError(f"--runtime lean supports Llama models with default RoPE; "
-                         f"{model.config.model_type!r} needs --runtime hf")
-    if runtime == "lean" or (runtime == "auto" and lean_llama.supports(model.config)):
-        runner = lean_llama.LeanLlama(model)
-        runner.name = "lean"
-        return runner
-    runner = ModelRunner(model, device)
-    runner.check_rollback()
-    return runner

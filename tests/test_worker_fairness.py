@@ -379,3 +379,40 @@ def test_a_generation_beside_a_verify_flood_is_exact_and_waits_at_most_one_flood
     print(f"alone {alone_s * 1000:.0f} ms, beside the flood {flooded_s * 1000:.0f} ms, {len(rounds)} verify "
           f"passes, longest flood pass {longest * 1000:.1f} ms, bound {bound * 1000:.0f} ms")
     assert flooded_s <= bound
+
+
+def test_without_inline_runs_every_forward_runs_on_the_workers_own_thread():
+    """On a GPU (inline=False) the handler threads never run a forward themselves: one thread per device runs them
+    all. With inline runs (the CPU default), an idle worker lets the calling thread run its job."""
+    def run_on(inline: bool, concurrent: bool) -> set[str]:
+        threads = set()
+
+        def run_batch(payloads):
+            threads.add(threading.current_thread().name)
+            return payloads
+
+        worker = ModelWorker(run_batch, name=f"device-{inline}", inline=inline)
+        if concurrent:
+            with ThreadPoolExecutor(4) as pool:
+                assert list(pool.map(lambda i: worker.submit(i, key=i).result, range(8))) == list(range(8))
+        else:
+            assert [worker.submit(i, key=i).result for i in range(8)] == list(range(8))
+        return threads
+
+    assert run_on(False, concurrent=True) == run_on(False, concurrent=False) == {"device-False"}
+    # One job at a time to an idle worker: the calling thread runs each itself.
+    assert run_on(True, concurrent=False) == {threading.current_thread().name}
+
+
+def test_the_worker_times_passes_with_the_clock_it_is_given():
+    """The compute a reply reports is read from the device clock (serving/runtimes/clock.py), not the host's."""
+    class TenMsClock:
+        def __init__(self):
+            self.ns = 0
+
+        def now_ns(self):
+            self.ns += 10_000_000
+            return self.ns
+
+    worker = ModelWorker(lambda payloads: payloads, clock=TenMsClock(), inline=False)
+    assert worker.submit("x").compute_us == 10_000

@@ -46,10 +46,25 @@ class ModelIdentity:
     weights_fingerprint: str = ""  # "": no weights
 
 
+def auto_dtype(device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """What `--dtype auto` loads weights as, on a device of this type ("cpu", "cuda", ...) and, for CUDA, this
+    compute capability (torch.cuda.get_device_capability).
+
+    float32 off CUDA: CPUs without native bf16/fp16 matmuls run them slower than float32, and the exactness
+    tests' reference is float32. bfloat16 on Ampere and later (sm_80+), which compute it natively at full speed
+    and whose float32 range it keeps (no overflow in activations). float16 before Ampere (sm_75 T4, sm_70 V100):
+    they have fp16 tensor cores but no native bf16, which they emulate many times slower. A CUDA device whose
+    capability is unknown is taken as pre-Ampere: float16 runs everywhere CUDA does."""
+    if device_type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if capability is not None and tuple(capability) >= (8, 0) else torch.float16
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
-        # bf16/fp16 matmuls are slow on CPUs without native support; fp32 is the safe CPU default.
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        device_type = torch.device(device).type
+        capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None
+        return auto_dtype(device_type, capability)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]

@@ -185,3 +185,22 @@ def test_served_by_lean_exactly_like_generate(name, tokenizer, tmp_path):
         assert 0 < accepted < drafted
     finally:
         stack.stop()
+
+
+# -- --dtype auto (serving/model_loading.py) ---------------------------------------------------------------------
+@pytest.mark.parametrize("device_type,capability,expected", [
+    ("cpu", None, torch.float32),
+    ("mps", None, torch.float32),
+    ("cuda", (9, 0), torch.bfloat16),  # H100 / H200
+    ("cuda", (8, 0), torch.bfloat16),  # A100
+    ("cuda", (8, 9), torch.bfloat16),  # L4
+    ("cuda", (7, 5), torch.float16),  # T4
+    ("cuda", (7, 0), torch.float16),  # V100
+    ("cuda", (6, 1), torch.float16),
+    ("cuda", None, torch.float16),
+])
+def test_dtype_auto_is_bfloat16_from_ampere_on_float16_before_and_float32_off_cuda(device_type, capability, expected):
+    from serving.model_loading import auto_dtype, resolve_dtype
+
+    assert auto_dtype(device_type, capability) == expected
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("float16", "cpu") == torch.float16

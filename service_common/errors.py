@@ -1,7 +1,8 @@
 """Errors a person can act on, and their one translation into gRPC status codes (server side).
 
 Handlers raise these; `StatusInterceptor` turns them into `context.abort` with the matching code, so no
-servicer method contains status-code plumbing. Anything else becomes INTERNAL with the exception text,
+servicer method contains status-code plumbing. Running out of (device) memory becomes RESOURCE_EXHAUSTED, saying
+which flags make room (`out_of_memory`). Anything else becomes INTERNAL with the exception text,
 logged once with its traceback. A request body that does not parse is the caller's error:
 INVALID_ARGUMENT, with one short log line at most once a second per server, never a traceback.
 """
@@ -65,11 +66,27 @@ class Downstream(ServiceError):
         self.code = code
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is a device (or host) allocation failing: torch.cuda.OutOfMemoryError (torch.OutOfMemoryError),
+    a RuntimeError saying "out of memory" (CUDA, MPS, XPU), a MemoryError. By name: this layer imports no torch."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+
+
+OUT_OF_MEMORY = ("the model service ran out of device memory running this request's forward pass; retry later, "
+                 "or start it with a smaller --max-batch, --prefill-chunk-tokens or --pass-tokens (smaller passes), "
+                 "a smaller --gpu-memory-fraction (the static runtime's KV pool) or fewer --max-sessions")
+
+
 def _abort(context: grpc.ServicerContext, error: Exception) -> None:
     if isinstance(error, ServiceError):
         if error.kind:
             context.set_trailing_metadata(((ERROR_KIND_KEY, error.kind),))
         context.abort(error.code, str(error))
+    if out_of_memory(error):  # the caller can retry it, and the operator can act on it: not INTERNAL
+        log.warning("out of memory: %s: %s", type(error).__name__, str(error)[:300])
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{OUT_OF_MEMORY} ({type(error).__name__}: {str(error)[:200]})")
     log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 

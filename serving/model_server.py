@@ -9,7 +9,7 @@ import torch
 
 from service_common.caller_limits import DEFAULT_MAX_WORKERS
 from service_common.server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
-from serving.runtimes import make_runtime
+from serving.runtimes import RuntimeOptions, make_runtime, runtime_options
 from serving.metrics import watch_sessions
 from serving.model_loading import LoadedModel, ModelIdentity, load_model
 from serving.model_worker import PASS_TOKENS, PrefillLane, parse_cpus
@@ -33,7 +33,12 @@ class ModelServerSettings:
     # Calls one caller may have in flight (each holds a handler thread); beyond: RESOURCE_EXHAUSTED at once.
     # None: half of max_workers (128 by default, as max_queue_per_caller is half of max_queue); 0: no limit.
     max_calls_per_caller: int | None = None
-    runtime: str = "auto"  # auto | lean | hf (serving/runtimes: make_runtime)
+    runtime: str = "auto"  # auto | lean | static | hf (serving/runtimes: make_runtime)
+    # The static runtime's KV pool (serving/runtimes/static.py): each session's slot, in tokens (0: the model's
+    # context; the service's max_context is then at most this), and on CUDA the fraction of the free device
+    # memory the pool takes (less a reserve for activations and graphs); on a CPU session_memory_mb sizes it.
+    slot_tokens: int = 0
+    gpu_memory_fraction: float = 0.9
     max_batch: int = 32  # sessions per forward pass (batching needs the lean runtime)
     max_wait_ms: float = 0.0  # hold a pass open this long for sessions expected back; 0: what is queued
     max_queue: int = 256  # requests waiting for the worker before RESOURCE_EXHAUSTED
@@ -93,6 +98,42 @@ def prefill_lane_from(settings: ModelServerSettings) -> PrefillLane | None:
     return lane
 
 
+def runtime_options_from(settings: ModelServerSettings) -> RuntimeOptions:
+    if settings.slot_tokens < 0:
+        raise ValueError(f"--slot-tokens must be >= 0 (0: the model's context), got {settings.slot_tokens}")
+    if not 0 < settings.gpu_memory_fraction <= 1:
+        raise ValueError(f"--gpu-memory-fraction must be in (0, 1], got {settings.gpu_memory_fraction}")
+    return RuntimeOptions(slot_tokens=settings.slot_tokens, gpu_memory_fraction=settings.gpu_memory_fraction,
+                          session_memory_mb=settings.session_memory_mb, max_sessions=settings.max_sessions)
+
+
+def sessions_for_slots(slots: int) -> int:
+    """The most sessions a store may be bounded to when its caches take slots of a fixed pool: the store
+    admits a quarter over its bound for a caller below its fair share (serving/sessions.py), and holds a
+    session's old cache while it makes the new one (a restart at prefix 0)."""
+    bound = max(1, slots - 2)
+    while bound > 1 and bound + max(1, bound // 4) + 1 > slots:
+        bound -= 1
+    return bound
+
+
+def fit_to_pool(hosted: Hosted, settings: ModelServerSettings) -> tuple[int, int]:
+    """The session store's bounds (max_sessions, max_bytes), and the service's max_context, for a runner with
+    a fixed KV pool (the static runtime: `session_slots` slots of `slot_bytes`, `max_context` tokens each):
+    the pool is then the memory budget, the store evicts idle sessions (freeing their slots) before the pool
+    runs out, and no request may pass a slot. Other runners: the flags' bounds, unchanged."""
+    max_sessions, max_bytes = settings.max_sessions, int(settings.session_memory_mb * (1 << 20))
+    runner = hosted.runner
+    slots = getattr(runner, "session_slots", None)
+    if slots:
+        max_sessions = min(max_sessions, sessions_for_slots(slots))
+        max_bytes = max_sessions * runner.slot_bytes
+    limit = getattr(runner, "max_context", None)
+    if limit and hosted.identity.max_context > limit:
+        hosted.identity.max_context = limit  # GetModelInfo says it; requests past it are refused (OUT_OF_RANGE)
+    return max_sessions, max_bytes
+
+
 @dataclass
 class Hosted:
     """What a model service serves, built from its flags: what it says it is (GetModelInfo, and the limits its
@@ -122,13 +163,14 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
     problems = worker_problems(settings)
     if problems:
         raise ValueError("; ".join(problems))
-    hosted = host(settings)
+    with runtime_options(runtime_options_from(settings)):  # the runtimes `host` makes are sized by the flags
+        hosted = host(settings)
+    max_sessions, max_bytes = fit_to_pool(hosted, settings)
     if lane is not None and hosted.runner is not None and not hosted.runner.capabilities.concurrent_passes:
         # Two forwards at once on one model: the lean runner keeps no state between calls but the
         # caches it is given; the HF forward is not checked for that. (No model: nothing shared between lanes.)
         raise ValueError("--prefill-cpus needs the lean runtime (a Llama model, --runtime auto or lean)")
-    store = SessionStore(hosted.new_cache, max_bytes=int(settings.session_memory_mb * (1 << 20)), max_sessions=settings.max_sessions,
-                         ttl_s=settings.session_ttl_s)
+    store = SessionStore(hosted.new_cache, max_bytes=max_bytes, max_sessions=max_sessions, ttl_s=settings.session_ttl_s)
     servicer = servicer_class(hosted.identity, hosted.backend, store, max_draft_tokens=settings.max_draft_tokens,
                               max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,
                               max_queue=settings.max_queue, prefill_lane=lane, chunk_tokens=chunk_tokens,

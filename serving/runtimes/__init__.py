@@ -1,21 +1,53 @@
-"""Model runtimes behind one interface (base.py): `hf` (the model's own forward, any causal LM) and `lean`
-(a lean forward for the Llama family, lean.py). `make_runtime` picks one for a loaded model; `auto` takes the
-fastest that serves the model exactly on its device."""
+"""Model runtimes behind one interface (base.py): `hf` (the model's own forward, any causal LM), `lean`
+(a lean forward for the Llama family, lean.py) and `static` (the same architectures on a preallocated KV
+pool, CUDA graphs for decode steps: the GPU fast path, static.py). `make_runtime` picks one for a loaded model;
+`auto` takes the fastest that serves the model exactly on its device."""
 
 from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from serving.runtimes.base import Capabilities, Cache, Runtime
 from serving.runtimes.clock import DeviceClock, clock_for
 
-RUNTIMES = ("auto", "hf", "lean")
+RUNTIMES = ("auto", "hf", "lean", "static")
 
 
-def make_runtime(model: torch.nn.Module, device: torch.device, runtime: str = "auto") -> Runtime:
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What a runtime with a preallocated KV pool (static) is sized by: the service's flags."""
+    slot_tokens: int = 0  # each session's capacity; 0: the model's context
+    gpu_memory_fraction: float = 0.9  # of the free device memory (after the weights), less a reserve
+    session_memory_mb: float | None = None  # the CPU pool; None: static.DEFAULT_POOL_MB
+    max_sessions: int = 1024
+    graphs: bool = True  # CUDA graphs for decode steps (static, on CUDA)
+
+
+_OPTIONS: contextvars.ContextVar[RuntimeOptions | None] = contextvars.ContextVar("runtime_options", default=None)
+
+
+@contextmanager
+def runtime_options(options: RuntimeOptions) -> Iterator[None]:
+    """Runtimes made inside (make_runtime without `options`) are sized by these: how a service's flags reach
+    the runtime a drafter builds for itself."""
+    token = _OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+def make_runtime(model: torch.nn.Module, device: torch.device, runtime: str = "auto",
+                 options: RuntimeOptions | None = None) -> Runtime:
     """`hf`: the model's own forward, for any causal LM. `lean`: serving/runtimes/lean.py for the architectures
-    it computes exactly (`lean.unsupported(config)` says why not). `auto` (the default, for drafts and targets):
-    lean where supported, else hf.
+    it computes exactly (`lean.unsupported(config)` says why not). `static`: the same architectures on a KV
+    pool sized by `options` (else those of the enclosing `runtime_options`), with CUDA graphs on CUDA.
+    `auto` (the default, for drafts and targets): static on CUDA and lean elsewhere where supported, else hf.
 
     Neither is bit-identical to `generate`'s one-token steps when it scores several positions at once:
     a [5, hidden] matrix product sums in another order than five [1, hidden] ones. Measured on the
@@ -26,15 +58,25 @@ def make_runtime(model: torch.nn.Module, device: torch.device, runtime: str = "a
     if runtime not in RUNTIMES:
         raise ValueError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     why_not = lean.unsupported(model.config)
-    if runtime == "lean" and why_not:
-        raise ValueError(f"--runtime lean cannot serve this {model.config.model_type!r} model: {why_not}; "
+    if runtime in ("lean", "static") and why_not:
+        raise ValueError(f"--runtime {runtime} cannot serve this {model.config.model_type!r} model: {why_not}; "
                          f"use --runtime hf")
-    if runtime == "lean" or (runtime == "auto" and not why_not):
-        chosen: Runtime = lean.LeanLlama(model)
+    from serving.runtimes import static
+
+    on_cuda = torch.device(device).type == "cuda"
+    if runtime == "static" or (runtime == "auto" and on_cuda and not why_not and not static.unsupported_model(model)):
+        options = options or _OPTIONS.get() or RuntimeOptions()
+        chosen: Runtime = static.StaticRuntime(
+            model, slot_tokens=options.slot_tokens, pool_mb=options.session_memory_mb,
+            gpu_memory_fraction=options.gpu_memory_fraction, max_sessions=options.max_sessions,
+            graphs=options.graphs)
+    elif runtime == "lean" or (runtime == "auto" and not why_not):
+        chosen = lean.LeanLlama(model)
     else:
         chosen = hf.ModelRunner(model, device)
     chosen.check()
     return chosen
 
 
-__all__ = ["RUNTIMES", "Capabilities", "Cache", "DeviceClock", "Runtime", "clock_for", "make_runtime"]
+__all__ = ["RUNTIMES", "Capabilities", "Cache", "DeviceClock", "Runtime", "RuntimeOptions", "clock_for",
+           "make_runtime", "runtime_options"]

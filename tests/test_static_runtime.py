@@ -239,3 +239,51 @@ def test_greedy_output_through_the_services_on_the_static_runtime_equals_generat
             assert result.token_ids == expected[0, inputs["input_ids"].shape[1]:].tolist(), prompt
             drafted += result.stats["drafted_tokens"]
     assert drafted > 0
+
+
+def test_the_graph_path_pads_onto_the_scratch_slot_and_a_failed_capture_runs_eagerly(monkeypatch, caplog):
+    """No GPU here: a stand-in for the CUDA graph whose replay runs the captured function on the static buffers
+    checks what decode_step does around it (the static inputs, padding rows on the scratch slot, the clone
+    of the output rows, one graph per shape); then a capture that fails leaves that shape eager, said once."""
+    from serving.runtimes import static
+
+    model = llama(context=160)
+    graphed = StaticRuntime(model, slots=4, length_step=16)
+    eager = StaticRuntime(model, slots=4, length_step=16, graphs=False)
+
+    def capture(bucket, length):
+        meta, tokens = torch.zeros(2, bucket, dtype=torch.long), torch.zeros(bucket, dtype=torch.long)
+        out = torch.empty(bucket, graphed.vocab)
+
+        class Replay:
+            def replay(self):
+                out.copy_(graphed._decode(tokens, meta[0], meta[1], length))
+
+        return static._Graph(Replay(), meta, tokens, out)
+
+    monkeypatch.setattr(graphed, "_capture", capture)
+    graphed.use_graphs = True
+    results = []
+    for runtime in (graphed, eager):
+        caches = [runtime.new_cache() for _ in range(3)]
+        out = runtime.extend_batch(caches, [list(range(1, 12)), list(range(20, 33)), [3]], [1, 1, 1])
+        for step in range(8):  # lengths cross from the 16 bucket into the 32 one
+            out.append(runtime.decode_step(caches, torch.tensor([40 + step, 50 + step, 60 + step])))
+        out.append(runtime.decode_step(caches[:1], torch.tensor([7])))
+        results.append(torch.cat(out))
+    close(results[0], results[1])
+    stats = graphed.stats()
+    assert stats["graph_replays"] == 9 and stats["graphs_captured"] == 3
+    assert stats["graph_shapes"] == [(1, 32), (4, 16), (4, 32)] and eager.stats()["eager_decode_steps"] == 9
+
+    def broken(bucket, length):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(graphed, "_capture", broken)
+    cache = graphed.new_cache()
+    graphed.extend(cache, list(range(1, 40)), 1)
+    with caplog.at_level("WARNING", logger="serving.runtimes.static"):
+        for _ in range(3):
+            graphed.decode_step([cache], torch.tensor([5]))
+    assert graphed.stats()["capture_failures"] == 1 and graphed.stats()["eager_decode_steps"] == 3
+    assert len([r for r in caplog.records if "runs eagerly" in r.message]) == 1

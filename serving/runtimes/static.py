@@ -223,6 +223,9 @@ class StaticRuntime(Runtime):
                 if not 0 < gpu_memory_fraction <= 1:
                     raise ValueError(f"--gpu-memory-fraction must be in (0, 1], got {gpu_memory_fraction}")
                 free, _ = torch.cuda.mem_get_info(self.device)
+                # Memory torch's caching allocator holds but no tensor uses (a runtime built and dropped before
+                # this one) is free to this process too.
+                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
                 budget = int(free * gpu_memory_fraction) - RESERVE_BYTES - self._activation_bytes()
                 where = (f"{gpu_memory_fraction} of the {free >> 20} MiB free on {self.device} less "
                          f"{(RESERVE_BYTES + self._activation_bytes()) >> 20} MiB for activations and graphs")

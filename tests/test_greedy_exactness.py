@@ -171,7 +171,8 @@ def test_a_gpt2_pair_is_served_exactly_too(tiny, tokenizer, tmp_path):
 def test_sliding_window_models_are_served_exactly(tokenizer, tmp_path):
     """Mistral (every layer windowed) as the target, a Qwen2 hybrid (full + sliding layers) as the draft,
     with a 4-token window so it fills in every generation: rollback past the window must not break either
-    service's cache, and the output stays the target's `generate`."""
+    service's cache, and the output stays the target's `generate`. The lean runtime serves both (its windows
+    are exact: serving/runtimes/lean.py)."""
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     shared = dict(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
@@ -188,7 +189,7 @@ def test_sliding_window_models_are_served_exactly(tokenizer, tmp_path):
     for name, model in {"target": target_model(4), "draft": draft}.items():
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
-    served = _served_like_generate(tmp_path / "target", tmp_path / "draft", PROMPTS[:8])
+    served = _served_like_generate(tmp_path / "target", tmp_path / "draft", PROMPTS[:8], runtime="lean")
     unwindowed = target_model(None).eval()
     with torch.inference_mode():
         window_mattered = any(

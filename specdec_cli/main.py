@@ -552,5 +552,90 @@ def study(
     print_study(results, as_json)
 
 
+@app.command()
+def plan(
+    alpha: float | None = typer.Option(None, help="acceptance rate: Leviathan's per-token alpha (`specdec bench` "
+                                                  "reports it as alpha)"),
+    draft_step_ms: float | None = typer.Option(None, help="measured: one draft token on the draft's own device, ms"),
+    colocated_draft_step_ms: float | None = typer.Option(
+        None, help="measured: one draft token on the target's GPU, ms (plans the co-located placements)"),
+    verify_ms: float | None = typer.Option(
+        None, help="measured: a verify pass's cost A, ms; with --verify-per-token-ms B a pass feeding k tokens costs "
+                   "A + B*k (a round feeds gamma + 1)"),
+    verify_per_token_ms: float | None = typer.Option(None, help="measured: B of the verify pass, ms per fed token"),
+    target_step_ms: float | None = typer.Option(None, help="measured: the target alone, ms per token (default: "
+                                                           "verify(1))"),
+    overhead_ms: float | None = typer.Option(
+        None, help="measured per-round overhead, ms: the round's wall time less draft and verify compute (`specdec "
+                   "bench`: overhead; default 0, then the predictions are floors)"),
+    target_overhead_ms: float | None = typer.Option(
+        None, help="the target alone's overhead per token beside its step, ms (default 0: the bare forward)"),
+    rtt_ms: float = typer.Option(0.0, help="split placements: network round trip added to each call, ms"),
+    draft_device: str | None = typer.Option(None, help="device description: the draft's GPU (H200, H100-SXM, "
+                                                       "H100-PCIe, A100-80GB, L40S, L4, A10G, T4, RTX-4090)"),
+    target_device: str | None = typer.Option(None, help="device description: the target's GPU"),
+    draft_params: str | None = typer.Option(None, help="draft parameters, e.g. 1B, 1.24B, 350M"),
+    target_params: str | None = typer.Option(None, help="target parameters, e.g. 8B"),
+    draft_model: Path | None = typer.Option(None, help="a local model directory to count the draft's parameters in"),
+    target_model: Path | None = typer.Option(None, help="a local model directory to count the target's parameters in"),
+    dtype: str = typer.Option("bfloat16", help="weights' dtype for the device description (bytes per parameter)"),
+    bandwidth_gbs: float | None = typer.Option(None, help="memory bandwidth (GB/s) of both devices, overriding the "
+                                                          "table (one GPU, or a device it lacks)"),
+    draft_bandwidth_gbs: float | None = typer.Option(None, help="the draft device's memory bandwidth, GB/s"),
+    target_bandwidth_gbs: float | None = typer.Option(None, help="the target device's memory bandwidth, GB/s"),
+    bench_json: Path | None = typer.Option(
+        None, help="take alpha, the draft step, the verify pass and the overhead from `specdec bench --json` output "
+                   "(or a line of benchmarking.sweep); other flags override what it gives"),
+    gamma: int | None = typer.Option(None, help="also show every placement at this gamma"),
+    max_gamma: int = typer.Option(16, min=1, help="the largest gamma considered"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    check_reference: str | None = typer.Option(
+        None, help="e.g. 2,4,6: measure the shipped pair on this machine's cores in every placement at these "
+                   "gammas (calibrating on split, no overlap, at gamma 0 and the smallest and largest) and print "
+                   "predicted against measured tokens/s"),
+    count: int = typer.Option(6, help="--check-reference: prompts per run"),
+    max_new_tokens: int = typer.Option(96, help="--check-reference: tokens per generation"),
+):
+    """Predict which placement of draft and target pays (split over two devices, with or without overlap, or both on
+    one GPU) and at which gamma, from measured step costs, a bench report, or GPUs and model sizes."""
+    from speculation import placement as pl
+    from specdec_cli import plan as planner
+
+    if check_reference:
+        _from_checkout("plan --check-reference", "benchmarking")
+        result = planner.check_reference([int(g) for g in check_reference.split(",") if g.strip()], count,
+                                         max_new_tokens)
+        typer.echo(json.dumps(result) if as_json else planner.format_check(result))
+        return
+    try:
+        values: dict = {}
+        if draft_device or target_device or draft_params or target_params or draft_model or target_model:
+            values.update(planner.costs_from_description(
+                draft_device, target_device, draft_params, target_params, draft_model, target_model, dtype,
+                bandwidth_gbs, draft_bandwidth_gbs, target_bandwidth_gbs))
+        if bench_json:
+            values.update(planner.costs_from_bench(json.loads(bench_json.read_text().splitlines()[0]
+                                                              if bench_json.suffix == ".jsonl" else bench_json.read_text())))
+        given = dict(alpha=alpha, draft_step_ms=draft_step_ms, colocated_draft_step_ms=colocated_draft_step_ms,
+                     verify_base_ms=verify_ms, verify_per_token_ms=verify_per_token_ms, target_step_ms=target_step_ms,
+                     overhead_ms=overhead_ms, target_overhead_ms=target_overhead_ms)
+        values.update({k: v for k, v in given.items() if v is not None})
+        missing = [flag for flag, key in (("--alpha", "alpha"), ("--draft-step-ms or --draft-device", "draft_step_ms"),
+                                          ("--verify-ms or --target-device", "verify_base_ms")) if key not in values]
+        if missing:
+            raise ValueError(f"give {', '.join(missing)} (or --bench-json)")
+        notes = list(values.pop("notes", ()))
+        if values.get("colocated_draft_step_ms") is None:
+            notes.append("co-located placements left out: give --colocated-draft-step-ms or --target-device")
+        if "overhead_ms" not in values:
+            notes.append("no --overhead-ms: predictions are floors (measure it with `specdec bench`)")
+        costs = pl.Costs(rtt_ms=rtt_ms, notes=tuple(notes), **values)
+        report = planner.plan_report(costs, max_gamma, gamma)
+    except (ValueError, OSError, KeyError) as error:
+        typer.echo(f"specdec: plan: {error}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(report) if as_json else planner.format_report(report))
+
+
 if __name__ == "__main__":
     app()

@@ -34,6 +34,9 @@ except ModuleNotFoundError:  # Python 3.10: the test extra brings tomli
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 KUSTOMIZATIONS = ["base", "overlays/gpu", "overlays/cpu"]
+# Draft and verify in every orchestrator's pod, on its one GPU: no draft or verify Deployments of their own, so the
+# per-role checks above do not apply; it is rendered, validated and checked on its own below.
+COLOCATED = "overlays/colocated"
 LOADERS = sorted(path.relative_to(K8S).as_posix() for path in (K8S / "fill-models").glob("*.yaml"))
 # gRPC probes are GA from 1.27; the newest is the newest schema kubernetes-validate ships.
 OLDEST_KUBERNETES = "1.27"
@@ -136,10 +139,10 @@ def _kubernetes_validate():
     return kubernetes_validate
 
 
-@pytest.mark.parametrize("source", KUSTOMIZATIONS + LOADERS)
+@pytest.mark.parametrize("source", KUSTOMIZATIONS + [COLOCATED] + LOADERS)
 def test_every_object_is_valid_kubernetes_under_strict_schemas(source):
     kv = _kubernetes_validate()
-    docs = render(source) if source in KUSTOMIZATIONS else load_file(source)
+    docs = render(source) if source in KUSTOMIZATIONS + [COLOCATED] else load_file(source)
     problems = []
     for version in (OLDEST_KUBERNETES, kv.latest_version()):
         for doc in docs:
@@ -342,6 +345,59 @@ def test_the_cpu_overlay_runs_the_shipped_pair_from_the_image_anywhere():
             # KV caches live in the container's memory on the CPU: the budget must fit under the limit.
             limit_mb = _mebibytes(container["resources"]["limits"]["memory"])
             assert float(env(container)["SPECDEC_SESSION_MEMORY_MB"]) < limit_mb / 2, role
+
+
+def test_the_colocated_overlay_runs_draft_and_verify_on_the_one_gpu_of_each_orchestrator_pod():
+    docs = render(COLOCATED)
+    [workload] = objects(docs, "Deployment").values()
+    spec = pod_spec(workload)
+    containers = {c["name"]: c for c in spec["containers"]}
+    assert containers.keys() == {"orchestrator", "models"}
+    orchestrator, models = containers["orchestrator"], containers["models"]
+    # One container holds the GPU: the device plugin gives it to the container that requests it.
+    assert [name for name, c in containers.items() if GPU in json.dumps(c.get("resources", {}))] == ["models"]
+    assert models["resources"]["requests"][GPU] == models["resources"]["limits"][GPU] == 1
+    assert any(t.get("key") == GPU for t in spec["tolerations"]) and spec.get("nodeSelector")
+    # ... and runs both services on it, the verify first, every flag a `serve` flag, the ports the pod declares.
+    script = models["args"][0]
+    assert models["command"] == ["bash", "-c"] and models["image"] == orchestrator["image"]
+    assert script.index("specdec serve verify") < script.index("specdec serve draft")
+    flags = {p.opts[0] for p in serve_flags() if p.opts and p.opts[0].startswith("--")}
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]+", script))
+    assert "--gpu-memory-fraction" in used and used <= flags, used - flags
+    known = {p.envvar for p in serve_flags() if getattr(p, "envvar", None)}
+    for container in containers.values():
+        assert {v["name"] for v in container["env"] if v["name"].startswith("SPECDEC_")} <= known
+    assert env(models)["SPECDEC_DEVICE"] == "cuda" and env(models).get("SPECDEC_DTYPE")
+    ports = {p["containerPort"]: p["name"] for c in containers.values() for p in c["ports"]}
+    assert len(ports) == sum(len(c["ports"]) for c in containers.values()), "two containers declare one port"
+    assert len(set(ports.values())) == len(ports), "port names must be unique in the pod"
+    for role in MODEL_ROLES:
+        port = int(re.search(rf"serve {role} .*?--port (\d+)", script, re.S)[1])
+        assert ports[port] == role and env(orchestrator)[f"SPECDEC_{role.upper()}"] == f"localhost:{port}"
+        health = int(re.search(rf"serve {role} .*?--health-port (\d+)", script, re.S)[1])
+        assert ports[health] == f"{role}-health"
+    assert models["startupProbe"]["grpc"]["port"] == container_port(models, "draft-health")  # the last to start
+    assert models["readinessProbe"]["grpc"]["port"] == container_port(models, "verify-health")
+    # Drafting ahead would contend with verify for the device (docs/gpu.md).
+    assert env(orchestrator)["SPECDEC_OVERLAP"] == "false"
+    # The models outlast the orchestrator's drain, and the pod's grace covers theirs.
+    assert float(env(models)["SPECDEC_DRAIN_TIMEOUT_S"]) > drain_timeout_s(orchestrator)
+    for container in containers.values():
+        assert spec["terminationGracePeriodSeconds"] > (pre_stop_s(container) + drain_timeout_s(container)
+                                                        + SERVER_STOP_GRACE_S)
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert spec["securityContext"]["runAsUser"] == dockerfile_uid()
+    # No draft or verify pods, Services or budgets remain; other pods reach only the public port, probes and scrapes.
+    assert not [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") in MODEL_ROLES]
+    [policy] = objects(docs, "NetworkPolicy").values()
+    assert selects(policy["spec"]["podSelector"], workload["spec"]["template"]["metadata"]["labels"])
+    opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+    assert "grpc" in opened and not opened & set(MODEL_ROLES)
+    assert all(name in ports.values() or name in {"grpc", "health", "metrics"} for name in opened)
+    [public] = objects(docs, "Service").values()
+    assert selects({"matchLabels": public["spec"]["selector"]}, workload["spec"]["template"]["metadata"]["labels"])
+    assert _claims(workload) <= objects(docs, "PersistentVolumeClaim").keys()
 
 
 def _mebibytes(quantity: str) -> float:

@@ -39,6 +39,7 @@ rounding (the oracle's continuation, computed once target-only, stays the target
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import inspect
 import json
@@ -64,13 +65,13 @@ LLAMA3_ROPE_8B = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, 
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 LLAMA3_ROPE_1B = {**LLAMA3_ROPE_8B, "factor": 32.0}
 TINY_ROPE = {**LLAMA3_ROPE_8B, "original_max_position_embeddings": 256}  # llama3 scaling too, at a tiny context
-# max_position_embeddings: 8192 here (the real configs say 131072): the rotary tables and any runtime that
-# sizes by the context stay small; nothing measured here reaches past 2.1k tokens.
+# max_position_embeddings: 16384 here (the real configs say 131072; llama3 RoPE wants it above the original 8192):
+# rotary tables and any runtime that sizes by the context stay small; nothing measured reaches past 2.1k tokens.
 TARGET_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                 intermediate_size=14336, vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                 intermediate_size=14336, vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=16384,
                  tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE_8B, head_dim=128)
 DRAFT_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                intermediate_size=8192, vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                intermediate_size=8192, vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=16384,
                 tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE_1B, head_dim=64)
 TINY_TARGET = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, vocab_size=512, rms_norm_eps=1e-5, max_position_embeddings=1024,
@@ -269,7 +270,7 @@ def structure(model, seed: int) -> None:
     import torch
 
     embed, head = model.model.embed_tokens.weight, model.lm_head.weight
-    if embed.data_ptr() == head.data_ptr():
+    if embed is head or embed.data_ptr() == head.data_ptr():
         raise ValueError("a structured model needs untied embeddings")
     vocab = embed.shape[0]
     generator = torch.Generator(device="cpu").manual_seed(seed + 7)
@@ -286,8 +287,8 @@ def structure(model, seed: int) -> None:
 def weight_read_bytes(model) -> int:
     """Bytes one forward reads of the weights: every parameter, except an untied input embedding (a pass reads
     only its tokens' rows of it)."""
-    embed = model.model.embed_tokens.weight
-    tied = embed.data_ptr() == model.lm_head.weight.data_ptr()
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    tied = embed is head or (embed.device.type != "meta" and embed.data_ptr() == head.data_ptr())
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total if tied else total - embed.numel() * embed.element_size()
 
@@ -327,6 +328,20 @@ def build_static(model, graphs: bool, **sizes):
     return runtime, ""
 
 
+def make_rt(model, device, name: str, sessions: int, slot_tokens: int):
+    """make_runtime(model, device, name), with a pooled runtime (static) sized for `sessions` sessions of
+    `slot_tokens` where make_runtime takes options (else its defaults: 90 % of the free GPU memory)."""
+    from serving import runtimes
+
+    options = getattr(runtimes, "RuntimeOptions", None)
+    if options is not None and "options" in inspect.signature(runtimes.make_runtime).parameters:
+        fields = inspect.signature(options).parameters
+        wanted = {"max_sessions": sessions, "slot_tokens": slot_tokens}
+        return runtimes.make_runtime(model, device, name,
+                                     options=options(**{k: v for k, v in wanted.items() if k in fields}))
+    return runtimes.make_runtime(model, device, name)
+
+
 def serving_runtime(model, device, slots: int, slot_tokens: int):
     """The runtime the services would serve this model with on this device: static on CUDA where it exists and
     takes the model (its KV pool sized here: `slots` sessions of `slot_tokens`, not 90 % of the GPU, so that two
@@ -334,7 +349,8 @@ def serving_runtime(model, device, slots: int, slot_tokens: int):
     from serving.runtimes import make_runtime
 
     why = "cpu: auto" if device.type != "cuda" else ""
-    if device.type == "cuda":
+    # GPU_CHECK_FORCE_STATIC=1: the static runtime off CUDA too (eager there), to try the GPU run's path on a CPU
+    if device.type == "cuda" or os.environ.get("GPU_CHECK_FORCE_STATIC") == "1":
         runtime, why = build_static(model, True, slots=slots, slot_tokens=slot_tokens)
         if runtime is not None:
             return runtime, f"static (slots={slots}, slot_tokens={slot_tokens})"
@@ -358,6 +374,14 @@ def free_device(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def release(caches: list) -> None:
+    """Give pooled caches' slots back now (the static runtime's caches have release(); others need nothing)."""
+    for cache in caches:
+        give_back = getattr(cache, "release", None)
+        if callable(give_back):
+            give_back()
 
 
 def prefill(runtime, caches: list, context: int, vocab: int, rng: random.Random, chunk: int = 512) -> None:
@@ -507,6 +531,7 @@ def section_verify(sec: Section, ctx: dict) -> None:
                     log(f"  verify ctx {context} sessions {sessions} tokens {n}: ERROR {row['error']}")
                 rows.append(row)
                 sec.write()
+        release(caches)  # now: the timing closures above still hold the last context's caches
         del caches
         free_device(device)
     first = plan["contexts"][0]
@@ -545,10 +570,7 @@ def time_decode(runtime, device, sessions: int, context: int, steps: int, reps: 
                 "event_ms_per_step": r(t["event_ms"] / steps, 4) if "event_ms" in t else None, "steps": steps,
                 "reps": reps}
     finally:
-        for c in caches:
-            release = getattr(c, "release", None)
-            if callable(release):
-                release()
+        release(caches)
 
 
 def section_draft(sec: Section, ctx: dict) -> None:
@@ -621,7 +643,10 @@ def section_draft(sec: Section, ctx: dict) -> None:
 def spec_greedy(target_rt, draft_rt, prompt: list[int], gamma: int, max_new: int, eos: set[int]) -> list[int]:
     """Greedy speculative decoding straight on two runtimes (no services): draft gamma, verify gamma + 1,
     keep the agreeing prefix and the target's own next token, roll both caches back."""
+    import torch
+
     tc, dc = target_rt.new_cache(), draft_rt.new_cache()
+    device = getattr(draft_rt, "device", None)
     seq = list(prompt)
     out: list[int] = []
     nxt = int(target_rt.extend(tc, seq, 1)[-1].argmax())
@@ -634,8 +659,8 @@ def spec_greedy(target_rt, draft_rt, prompt: list[int], gamma: int, max_new: int
         for j in range(gamma):
             token = int(logits[-1].argmax())
             drafts.append(token)
-            if j < gamma - 1:
-                logits = draft_rt.extend(dc, [token], 1)
+            if j < gamma - 1:  # the draft's inner loop: decode_step (a CUDA graph on the static runtime)
+                logits = draft_rt.decode_step([dc], torch.tensor([token], device=device))
         scores = target_rt.extend(tc, [seq[-1]] + drafts, gamma + 1).argmax(-1).tolist()
         accepted = 0
         while accepted < gamma and scores[accepted] == drafts[accepted]:
@@ -661,7 +686,7 @@ def section_exactness(sec: Section, ctx: dict) -> None:
     import verify_service.server as verify_server
     from local_stack.paths import DEFAULT_DRAFT, DEFAULT_TARGET, load_prompts
     from serving.model_server import ModelServerSettings
-    from serving.runtimes import RUNTIMES, make_runtime
+    from serving.runtimes import RUNTIMES
     from specdec_client import Client
 
     device, plan, data = ctx["device"], ctx["plan"], sec.data
@@ -699,7 +724,8 @@ def section_exactness(sec: Section, ctx: dict) -> None:
                     checks.append({"runtime": name, "skipped": why or why2})
                     continue
             else:
-                t_rt, d_rt = make_runtime(target, device, name), make_runtime(draft, device, name)
+                t_rt = make_rt(target, device, name, 4, 1024)
+                d_rt = make_rt(draft, device, name, 4, 1024)
         except Exception as error:  # noqa: BLE001 - a runtime that cannot serve the pair here
             checks.append({"runtime": name, "skipped": f"{type(error).__name__}: {error}"})
             continue
@@ -714,7 +740,10 @@ def section_exactness(sec: Section, ctx: dict) -> None:
         del t_rt, d_rt
     # ... and through the services (in this process; their auto runtimes, the orchestrator's acceptance)
     if not sec.over("exactness through the services", 5):
-        settings = dict(device=str(device), dtype="float32", host="localhost")
+        # A pooled runtime (static, auto's choice on CUDA) sized for a few sessions, not 90 % of the GPU.
+        settings = dict(device=str(device), dtype="float32", host="localhost", max_sessions=16)
+        known = {f.name for f in dataclasses.fields(ModelServerSettings)}
+        settings.update({k: v for k, v in {"gpu_memory_fraction": 0.2, "slot_tokens": 1024}.items() if k in known})
         verify = drafter = orchestrator = None
         t0 = time.perf_counter()
         try:

@@ -9,7 +9,6 @@ from service_common.errors import InvalidArgument
 from service_common.session_fingerprint import session_tag
 from serving.model_service import ModelServiceBase, annotate_server_span, encode_to_message, timing
 from specdec_api import draft_pb2, draft_pb2_grpc
-from speculation.sampling import seeded_generator
 
 
 class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
@@ -40,9 +39,6 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
         append = list(request.append_tokens)
         self.check_session(request.session_id, request.prefix_len, append, gamma - 1)
         sampling = self.sampling_from(request.sampling)
-        generator = None
-        if not sampling.greedy:
-            generator = seeded_generator(request.seed)
 
         if not 0.0 <= request.min_confidence <= 1.0:  # checked before the session is touched
             raise InvalidArgument(f"min_confidence must be in [0, 1], got {request.min_confidence}")
@@ -50,7 +46,9 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
             raise InvalidArgument(f"vocab_limit must be >= 0 (0: no limit), got {request.vocab_limit}")
 
         with self.session(request, context) as session:
-            job = ProposeJob(session.cache, append, gamma, sampling, generator, request.min_confidence,
+            # No generator: sampled drafts are the race keyed by the request's seed (speculation/sampling.py), so a
+            # retried pass draws what it would have drawn alone with nothing to put back.
+            job = ProposeJob(session.cache, append, gamma, sampling, None, request.min_confidence,
                              request.vocab_limit, request.seed)
             done = self.submit(job, session, context)
             # The cache holds the append and as many of its own proposals as the drafter fed (the model: all but

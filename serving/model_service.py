@@ -49,8 +49,10 @@ class ModelServiceBase:
         """One forward over the payloads (each has a `.cache`). If it raises, every cache goes back to the
         length it had before, so the worker can retry each payload alone and only the bad one fails."""
         lengths = [payload.cache.length for payload in payloads]
-        # A seeded draft's generator too: a retried proposal must draw what it would have drawn alone, or
-        # one caller's failing request would change another's seeded sample.
+        # A payload's generator too, if it carries one: a retry must draw what it would have drawn alone, or one
+        # caller's failing request would change another's seeded sample. The model drafter's proposals carry none
+        # now (their draws are the race keyed by the request's seed: a retry redraws them by construction); kept
+        # for any payload that does (tests/test_hardening.py holds it to this).
         generators = [(g, g.get_state()) for g in (getattr(p, "generator", None) for p in payloads) if g is not None]
         try:
             return self.forward(payloads)

@@ -161,3 +161,41 @@ def test_sample_draws_each_row_from_its_distribution_and_never_a_zero_probabilit
         assert chi_square_p(counts, rows[r]) > 1e-3
     with pytest.raises(ValueError, match="sum to"):
         sample(torch.zeros(1, 10), generator)
+
+
+def test_the_race_is_an_exact_sample_of_each_row_over_seeds_and_never_draws_a_zero_probability_id():
+    """The one sampler (speculation/sampling.py: race) alone: rows of any scale (a residual is not normalised),
+    zero-probability ids at both ends and inside, each row keyed by (seed, stream, index) as the draft keys its
+    steps; a chi-square test per row against the row's distribution."""
+    from speculation.sampling import DRAFT_STREAM, race, race_key
+
+    torch.manual_seed(5)
+    rows = torch.randn(3, 12).softmax(-1) * torch.tensor([[1.0], [0.3], [7.0]])
+    rows[:, [0, 5, 11]] = 0.0
+    draws = torch.stack([race(rows, [race_key(seed, DRAFT_STREAM, step) for step in range(3)])
+                         for seed in range(5000)])  # [5000, 3]
+    for r in range(3):
+        counts = torch.bincount(draws[:, r], minlength=12).float()
+        assert counts[[0, 5, 11]].sum() == 0
+        assert chi_square_p(counts, rows[r] / rows[r].sum()) > 1e-3
+    spiky = torch.zeros(1, 50_000)
+    spiky[0, 49_999], spiky[0, 3] = 1e-30, 1.0  # a tiny mass next to a huge one still only ever loses
+    assert all(int(race(spiky, [race_key(s, 0, 0)])[0]) == 3 for s in range(200))
+
+
+def test_equal_distributions_drawn_with_one_seed_always_agree_even_at_different_widths():
+    """The coupling the bonus relies on: the noise of id v depends on (seed, v) only, so the draft's guess over its
+    rows and the target's bonus over rows padded wider (or on another device) pick the same token whenever the
+    distributions agree; with different seeds or streams they agree only by chance."""
+    from speculation.sampling import COUPLED_STREAM, DRAFT_STREAM, coupled_sample, race, race_key
+
+    torch.manual_seed(6)
+    p = (torch.randn(40) * 2).softmax(-1)
+    padded = torch.nn.functional.pad(p, (0, 24))  # a target with 24 padding ids
+    seeds = range(2000)
+    guesses = [int(race(p[None], [race_key(s, COUPLED_STREAM, 0)])[0]) for s in seeds]
+    assert guesses == [coupled_sample(padded, s) for s in seeds]
+    other_stream = [int(race(p[None], [race_key(s, DRAFT_STREAM, 0)])[0]) for s in seeds]
+    chance = float((p * p).sum())
+    agreement = sum(a == b for a, b in zip(guesses, other_stream)) / len(seeds)
+    assert abs(agreement - chance) < 0.05, (agreement, chance)

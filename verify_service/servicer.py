@@ -9,12 +9,13 @@ from service_common.session_fingerprint import session_tag
 from serving.model_service import ModelServiceBase, encode_to_message, annotate_server_span, timing
 from specdec_api import verify_pb2, verify_pb2_grpc
 from speculation.wire import encode_probs
-from verify_service.verifier import ScoreJob, forward_batch, score, split_job
+from verify_service.verifier import ScoreJob, score_batch, split_job
 
 
 class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
     def forward(self, jobs):
-        return forward_batch(self.runner, jobs)
+        """The pass the worker times: the forward, the probabilities and the copy to the host (verifier.py)."""
+        return score_batch(self.runner, jobs)
 
     @staticmethod
     def tokens_of(job: ScoreJob) -> int:
@@ -34,11 +35,11 @@ class VerifyServicer(ModelServiceBase, verify_pb2_grpc.VerifyServiceServicer):
         sampling = self.sampling_from(request.sampling)
 
         with self.session(request, context) as session:
-            job = ScoreJob(session.cache, append + drafts, len(drafts) + 1)
+            job = ScoreJob(session.cache, append + drafts, len(drafts) + 1, sampling)
             done = self.submit(job, session, context)
             session.record(job.tokens)
             cached_len = session.length
-        scores = score(done.result, sampling)
+        scores = done.result
         annotate_server_span(done, **{"specdec.session": session_tag(request.session_id), "specdec.tokens": self.tokens_of(job)})
         reply = verify_pb2.VerifyResponse(argmax_token_ids=scores.argmax_token_ids, cached_len=cached_len)
         if scores.target_probs is not None:

@@ -3,7 +3,7 @@
 The command to run on the GPU machine (one H200, no network; the wheels come from benchmarking/gpu_wheels.txt,
 fetched here into .whl/ by benchmarking/fetch_gpu_wheels.sh, and travel with `carry: [".whl"]`):
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.:client_sdk PYTHONUNBUFFERED=1 GRPC_VERBOSITY=ERROR && python3 -m benchmarking.gpu_check --device cuda --out $OUT --budget-s 420
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.:client_sdk PYTHONUNBUFFERED=1 GRPC_VERBOSITY=ERROR && python3 -m benchmarking.gpu_check --device cuda --out $OUT --budget-s 330
 
 On a CPU, the same sections on tiny configs (hidden 64, 2 layers, vocabulary 512), in well under a minute
 (tests/test_gpu_check.py runs this):
@@ -88,7 +88,7 @@ PLANS = {
         exact_prompts=4, exact_new=32, gammas_exact=[1, 4], drift_positions=512, drift_cfg="draft",
         prompt_len=64, max_new=128, single_prompts=4, streams=8, alphas=[0.8, 0.6], gammas=[4, 8],
         slot_tokens=4096, verify_slots=40, service_slots=48, service_slot_tokens=1024, child_ready_s=300,
-        budgets={"environment": 30, "verify": 130, "draft": 50, "exactness": 50, "services": 200},
+        budgets={"environment": 25, "verify": 80, "draft": 40, "exactness": 45, "services": 140},
         reserves={"environment": 0, "verify": 0, "draft": 20, "exactness": 20, "services": 100},
     ),
     "tiny": dict(
@@ -896,7 +896,7 @@ def child_main(role: str, spec: dict) -> None:
 
         running = orchestrator_server.start(orchestrator_server.OrchestratorSettings(
             verify=spec["verify"], draft=spec["draft"], host="localhost", tokenizer=spec["tokenizer"],
-            num_draft_tokens=4, max_draft_tokens=16, ready_timeout_s=60.0))
+            num_draft_tokens=4, max_draft_tokens=16, ready_timeout_s=60.0, overlap=spec.get("overlap", True)))
         print(json.dumps({"ready": running.port}), flush=True)
     else:
         from serving.model_server import Hosted, ModelServerSettings, start_model_server
@@ -1029,12 +1029,19 @@ def section_services(sec: Section, ctx: dict) -> None:
                                               "draft": f"localhost:{draft_ready['ready']}",
                                               "tokenizer": str(tok_dir), "device": "cpu"}, log_path)
         CHILDREN.append(orchestrator)
+        # A second orchestrator without overlap: co-located, drafting ahead shares the one GPU with the verify
+        # it should hide behind (speculation/placement.py predicts it adds instead); both are measured.
+        serial = Child("orchestrator", {"verify": f"localhost:{verify_ready['ready']}",
+                                        "draft": f"localhost:{draft_ready['ready']}", "overlap": False,
+                                        "tokenizer": str(tok_dir), "device": "cpu"}, log_path)
+        CHILDREN.append(serial)
         address = f"localhost:{orchestrator.ready(max(sec.left(), 10))['ready']}"
+        ctx["no_overlap_address"] = f"localhost:{serial.ready(max(sec.left(), 10))['ready']}"
         data["startup_s"] = r(time.perf_counter() - t0, 2)
         log(f"  services up in {data['startup_s']} s: verify {verify_ready.get('runtime_choice')}, draft "
             f"{draft_ready.get('runtime_choice')}")
         sec.write()
-        services_measure(sec, plan, address, control, vocab)
+        services_measure(sec, plan, {True: address, False: ctx["no_overlap_address"]}, control, vocab)
     except Exception:
         data["services_log_tail"] = tail(log_path.read_text(errors="replace"), 40) if log_path.exists() else ""
         raise
@@ -1044,8 +1051,10 @@ def section_services(sec: Section, ctx: dict) -> None:
         CHILDREN.clear()
 
 
-def services_measure(sec: Section, plan: dict, address: str, control: Path, vocab: int) -> None:
+def services_measure(sec: Section, plan: dict, addresses: dict, control: Path, vocab: int) -> None:
+    """`addresses`: the orchestrator with overlap (True) and without (False)."""
     data = sec.data
+    address = addresses[True]
     rng = random.Random(3)
     streams = plan["streams"]
     prompts = [[rng.randrange(1, vocab) for _ in range(plan["prompt_len"])] for _ in range(streams)]
@@ -1077,9 +1086,10 @@ def services_measure(sec: Section, plan: dict, address: str, control: Path, voca
     def sequences():
         return [prompts[i] + outputs[i] for i in sorted(outputs)]
 
-    jobs = []  # (alpha, gamma, concurrency), in priority order: the done-when first
+    jobs = []  # (alpha, gamma, concurrency[, overlap]), in priority order: the done-when first
     first_gamma = plan["gammas"][0]
     jobs.append((plan["alphas"][0], first_gamma, 1))
+    jobs.append((plan["alphas"][0], first_gamma, 1, False))
     jobs.append(("target", 0, streams))
     jobs.append((plan["alphas"][0], first_gamma, streams))
     for alpha in plan["alphas"][1:]:
@@ -1090,9 +1100,11 @@ def services_measure(sec: Section, plan: dict, address: str, control: Path, voca
     for alpha in plan["alphas"][1:]:
         jobs.append((alpha, first_gamma, streams))
     base_multi = None
-    for alpha, gamma, concurrency in jobs:
+    for alpha, gamma, concurrency, *rest in jobs:
+        overlap = rest[0] if rest else True
         label = (f"target-only, {concurrency} streams" if alpha == "target"
-                 else f"alpha {alpha}, gamma {gamma}, {concurrency} stream{'s' if concurrency > 1 else ''}")
+                 else f"alpha {alpha}, gamma {gamma}, {concurrency} stream{'s' if concurrency > 1 else ''}"
+                      f"{'' if overlap else ', no overlap'}")
         if sec.over(label, 5):
             continue
         batch = single if concurrency == 1 else prompts
@@ -1108,7 +1120,8 @@ def services_measure(sec: Section, plan: dict, address: str, control: Path, voca
             sec.data.setdefault("skipped", []).append(f"{label}: no target-only continuation for every prompt")
             continue
         write_control(control, alpha, sequences())
-        summary = run_streams(address, batch, max_new, gamma, concurrency)
+        summary = run_streams(addresses[overlap], batch, max_new, gamma, concurrency)
+        summary["overlap"] = overlap
         base = base_single if concurrency == 1 else base_multi
         summary["speedup_vs_target_only"] = r(summary["tokens_per_s"] / base, 3) if base else None
         record(label, summary, alpha)

@@ -43,7 +43,9 @@ class ModelServiceBase:
                                   max_queue=max_queue, on_batch=record_batch, tokens_of=self.tokens_of,
                                   prefill_lane=prefill_lane, chunk_tokens=chunk_tokens, split=self.split,
                                   max_queue_per_caller=max_queue_per_caller, pass_tokens=pass_tokens,
-                                  clock=clock_for(None) if runner is None else runner.clock)
+                                  clock=clock_for(None) if runner is None else runner.clock,
+                                  # On a GPU every forward runs on the worker's one thread (serving/model_worker.py).
+                                  inline=runner is None or runner.device.type == "cpu")
 
     def run_batch(self, payloads):
         """One forward over the payloads (each has a `.cache`). If it raises, every cache goes back to the

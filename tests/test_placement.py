@@ -139,19 +139,39 @@ def test_the_command_prints_a_table_and_json_and_reads_a_bench_report(tmp_path):
     assert done.exit_code == 2 and "--draft-step-ms" in done.output
 
 
-def test_predictions_match_the_shipped_pair_measured_on_these_cores():
-    """A small version of docs/gpu.md's check (`specdec plan --check-reference 2,4,6`): calibrate on split without
-    overlap (draft and orchestrator on core 0, verify on core 1) at gamma 0, 2 and 6, then predict a gamma it did
-    not see (split, 4) and the placement whose model differs most from the others: draft and verify on one core
-    with overlap, where drafting ahead adds to the round instead of hiding (at gamma 6 it predicts 20 % slower
-    rounds than overlap hidden behind verify would). The full check agreed within 7 %; 15 % leaves room for a
-    shared two-core machine's drift over a short run, and still fails a model that hid the contended draft-ahead."""
-    prompts = planner.load_default_prompts(4)
-    split = planner.measure_layout(planner.CPU_LAYOUTS[pl.SPLIT], [0, 2, 4, 6], prompts, 48)
+# docs/gpu.md, "Checked against measured runs" (`specdec plan --check-reference 2,4,6`, the shipped pair on this
+# machine's cores): the calibration it printed, and each placement's measured decode tokens/s at gamma 2, 4, 6.
+RECORDED_CALIBRATION = dict(alpha=0.8164, draft_step_ms=0.5597, verify_base_ms=6.9957, verify_per_token_ms=0.9272,
+                            colocated_draft_step_ms=0.5597, overhead_ms=2.9882, target_step_ms=5.1837,
+                            target_overhead_ms=1.1516)
+RECORDED_MEASURED = {pl.SPLIT: (174.2, 209.2, 210.3), pl.SPLIT_OVERLAP: (189.1, 212.1, 214.0),
+                     pl.COLOCATED: (178.3, 210.1, 203.3), pl.COLOCATED_OVERLAP: (155.4, 179.7, 173.2)}
+
+
+def test_the_model_reproduces_the_recorded_measured_runs():
+    """The planner's model against the runs it was checked on: from the recorded calibration, every placement's
+    prediction at gamma 2, 4 and 6 is within 8 % of what was measured (the run agreed within 7 %), and the model
+    ranks co-located overlap slowest as measured. Timing the runs again belongs to the benchmark command (its
+    numbers drift with the machine's load), not to the suite; this keeps the model honest against real numbers:
+    a model that hid the contended draft-ahead would predict colocated+overlap ~20 % too fast and fail here."""
+    costs = pl.Costs(**RECORDED_CALIBRATION)
+    for placement, measured in RECORDED_MEASURED.items():
+        for gamma, tokens_per_s in zip((2, 4, 6), measured):
+            predicted = pl.predict(placement, gamma, costs).tokens_per_s
+            assert predicted == pytest.approx(tokens_per_s, rel=0.08), (placement, gamma, predicted)
+    for gamma in (2, 4, 6):
+        slowest = min(RECORDED_MEASURED, key=lambda placement: pl.predict(placement, gamma, costs).tokens_per_s)
+        assert slowest == pl.COLOCATED_OVERLAP
+
+
+def test_the_reference_check_measures_every_placement_and_calibrates_from_it():
+    """The live check's machinery on a short run (2 prompts x 24 tokens): split without overlap measured at gamma
+    0, 2 and 6 calibrates costs that are positive and an alpha in (0, 1], and the contended placement runs and
+    reports rounds; how close its predictions come is the benchmark's to say (docs/gpu.md)."""
+    prompts = planner.load_default_prompts(2)
+    split = planner.measure_layout(planner.CPU_LAYOUTS[pl.SPLIT], [0, 2, 6], prompts, 24)
     costs = planner.calibrate(split[0], [split[2], split[6]])
-    contended = planner.measure_layout(planner.CPU_LAYOUTS[pl.COLOCATED_OVERLAP], [6], prompts, 48)
-    checks = [(pl.SPLIT, 4, split[4]), (pl.COLOCATED_OVERLAP, 6, contended[6])]
-    for placement, gamma, measured in checks:
-        predicted = pl.predict(placement, gamma, costs).tokens_per_s
-        assert measured.rounds and math.isfinite(predicted)
-        assert predicted == pytest.approx(measured.tokens_per_s, rel=0.15), (placement, gamma, costs)
+    assert 0.0 < costs.alpha <= 1.0 and costs.draft_step_ms > 0 and costs.verify_base_ms > 0
+    contended = planner.measure_layout(planner.CPU_LAYOUTS[pl.COLOCATED_OVERLAP], [4], prompts, 24)
+    assert contended[4].rounds and contended[4].tokens_per_s > 0
+    assert math.isfinite(pl.predict(pl.COLOCATED_OVERLAP, 4, costs).tokens_per_s)

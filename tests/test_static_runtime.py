@@ -287,3 +287,46 @@ def test_the_graph_path_pads_onto_the_scratch_slot_and_a_failed_capture_runs_eag
             graphed.decode_step([cache], torch.tensor([5]))
     assert graphed.stats()["capture_failures"] == 1 and graphed.stats()["eager_decode_steps"] == 3
     assert len([r for r in caplog.records if "runs eagerly" in r.message]) == 1
+
+
+def test_short_passes_replay_graphs_of_padded_shapes_and_write_only_their_own_slots(monkeypatch):
+    """No GPU here: `_capture_graph` is replaced by a stand-in whose replay reruns the captured function on the
+    same static buffers, so what extend_batch does around a graph runs for real: every session padded to the
+    pass's longest (a padding token's key and value go to the scratch slot), padding sessions on the scratch slot,
+    the kept rows read after the replay. Logits and every session's keys and values must equal an eager runtime's
+    on the same weights, through verify-sized passes of several shapes, a rollback, and a length bucket crossed."""
+    model = llama(context=160)
+    graphed = StaticRuntime(model, slots=6, length_step=16)
+    eager = StaticRuntime(model, slots=6, length_step=16, graphs=False)
+
+    def stand_in(run):
+        out = run()
+
+        class Replay:
+            def replay(self):
+                out.copy_(run())
+
+        return Replay(), out
+
+    monkeypatch.setattr(graphed, "_capture_graph", stand_in)
+    graphed.use_graphs = True
+    outputs, pools = [], []
+    for runtime in (graphed, eager):
+        caches = [runtime.new_cache() for _ in range(3)]
+        out = runtime.extend_batch(caches, [list(range(1, 12)), list(range(20, 26)), [3]], [1, 2, 1])
+        for step in range(6):  # verify-like passes of 5, then ragged 1..3 tokens; lengths cross 16 -> 32
+            if step % 2:
+                out += runtime.extend_batch(caches, [[40 + step] * 3, [50 + step], [60 + step] * 2], [3, 1, 2])
+            else:
+                out += runtime.extend_batch(caches, [[40 + step + j for j in range(5)]] * 3, [5, 5, 5])
+            caches[step % 3].crop(caches[step % 3].length - 2)  # a rollback
+        out += runtime.extend_batch(caches[:1], [[7, 8]], [2])
+        outputs.append(torch.cat(out))
+        pools.append([runtime.kv[:, :, c.slot, :c.length].clone() for c in caches])
+    close(outputs[0], outputs[1])
+    for ours, theirs in zip(*pools):
+        assert torch.equal(ours, theirs)
+    stats = graphed.stats()
+    assert stats["extend_graph_replays"] == 8 and stats["extend_passes"] == 0 and stats["extend_capture_failures"] == 0
+    assert stats["extend_graph_shapes"] == [(1, 2, 48), (4, 3, 32), (4, 5, 16), (4, 5, 32), (4, 11, 16)]
+    assert eager.stats()["extend_passes"] == 8 and eager.stats()["extend_graph_replays"] == 0

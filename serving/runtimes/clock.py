@@ -1,12 +1,16 @@
 """Device clocks: how the model worker times a forward pass on the device that runs it.
 
 On a CPU the work is done when the call returns, so the wall clock is the compute time. On a GPU a call
-returns once its kernels are queued: timing it on the host measures launch, not compute. The CUDA clock
-synchronizes the device inside the timer, at the start (so that earlier work is not billed to this pass)
-and at the end (so that all of this pass's work is). A synchronize rather than CUDA events: the events
-would time the kernels alone, and leave out the host's launch work between them, which on a decode step
-is most of the cost (DESIGN.md, principle 11). The pass's own results are read to the host inside the
-timed call anyway, so the end synchronize costs nothing extra.
+returns once its kernels are queued: timing it on the host measures launch, not compute. The CUDA clock waits
+for the calling thread's current stream inside the timer, at the start (so that earlier work is not billed to
+this pass) and at the end (so that all of this pass's work is). It waits on an event recorded on that stream,
+not with a device-wide synchronize: another thread may be capturing a CUDA graph on another stream (two
+runtimes in one process: the draft's decode graphs beside the verify's passes), and a device-wide synchronize
+during a capture is an error that also invalidates the capture (seen on an H200: "operation not permitted when
+stream is capturing"). A wait rather than CUDA events' elapsed time: the events would time the kernels alone,
+and leave out the host's launch work between them, which on an eager decode step is most of the cost
+(DESIGN.md, principle 11). The pass's own results are read to the host inside the timed call anyway, so the
+end wait costs nothing extra.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ class CudaClock(DeviceClock):
         self.device = device
 
     def now_ns(self) -> int:
-        torch.cuda.synchronize(self.device)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        done.synchronize()
         return time.perf_counter_ns()
 
 

@@ -50,6 +50,10 @@ from serving.runtimes.base import Capabilities, Runtime
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)  # decode graphs are captured at these batch sizes; beyond 32: eager
+# Passes of at most this many new tokens per session (verify of gamma + 1, a proposal's first step) replay graphs
+# too, captured per (batch bucket, tokens per session, length bucket); longer ones (prefills) run eagerly.
+GRAPH_TOKENS = 16
+MAX_EXTEND_GRAPHS = 192  # shapes beyond this many run eagerly (each graph holds its output rows)
 LENGTH_STEP = 256
 DEFAULT_POOL_MB = 4096.0  # the CPU pool when no --session-memory-mb is given (the store's default budget)
 # Device memory left outside the pool, besides the passes' gathered keys and values (_activation_bytes).
@@ -100,21 +104,43 @@ def batch_bucket(n: int) -> int | None:
 @dataclass
 class _Layer:
     norm1: torch.Tensor
-    q: torch.Tensor  # [heads * head_dim, hidden]: the model's own weight
-    q_bias: torch.Tensor | None
-    k: torch.Tensor
-    k_bias: torch.Tensor | None
-    v: torch.Tensor
-    v_bias: torch.Tensor | None
-    o: torch.Tensor
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]: q_proj, k_proj, v_proj's weights, one tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [hidden, heads * head_dim]: the model's own weight
     o_bias: torch.Tensor | None
     norm2: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]: gate_proj and up_proj's weights, one tensor
     down: torch.Tensor
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     windowed: bool
+
+
+def fuse_in_place(modules: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The modules' weights (and biases) as one tensor stacked along the output dimension, WITHOUT a second copy:
+    the fused tensor is made once and each module's parameter becomes a view of it, so the model's own forward
+    (HF generate, the exactness checks) reads the same memory. The values are unchanged. A second runtime over the
+    same model finds the fusion already done (`_specdec_fused`) and shares it."""
+    first = modules[0]
+    done = getattr(first, "_specdec_fused", None)
+    if done is not None and all(getattr(m, "_specdec_fused", None) is done for m in modules):
+        return done
+    biases = [getattr(m, "bias", None) for m in modules]
+    with torch.no_grad():
+        weight = torch.cat([m.weight.detach() for m in modules])
+        bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+        offset = 0
+        for module, b in zip(modules, biases):
+            rows = module.weight.shape[0]
+            module.weight = torch.nn.Parameter(weight[offset:offset + rows], requires_grad=False)
+            if bias is not None:
+                module.bias = torch.nn.Parameter(bias[offset:offset + rows], requires_grad=False)
+            elif b is not None:  # some but not all have a bias: add it after the fused product
+                raise ValueError("cannot fuse projections of which only some have a bias")
+            offset += rows
+    for module in modules:
+        module._specdec_fused = (weight, bias)
+    return weight, bias
 
 
 class StaticCache:
@@ -148,6 +174,16 @@ class _Graph:
     meta: torch.Tensor  # [2, batch]: slots, positions (static input)
     tokens: torch.Tensor  # [batch] (static input)
     out: torch.Tensor  # [batch, vocab] float32 (static output)
+
+
+@dataclass
+class _ExtendGraph:
+    """A pass of `per` new tokens for each of `bucket` sessions. Static input `meta`, one flat long tensor:
+    ids, positions, write rows ([bucket * per] each), slots [bucket], then room for the rows to keep
+    [bucket * per] (read after the replay, outside the graph). Static output: logits of every row."""
+    graph: object
+    meta: torch.Tensor
+    out: torch.Tensor  # [bucket * per, vocab] float32
 
 
 class StaticRuntime(Runtime):
@@ -188,16 +224,19 @@ class StaticRuntime(Runtime):
             def w(module):
                 return module.weight.detach()
 
-            def b(module):
-                return module.bias.detach() if getattr(module, "bias", None) is not None else None
-
             q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+            # One product for q, k and v and one for gate and up (fewer, larger kernels: on a GPU a decode step is
+            # mostly small kernels), over the model's own memory (fuse_in_place: no second copy of the weights).
+            qkv, qkv_bias = fuse_in_place([attn.q_proj, attn.k_proj, attn.v_proj])
+            gate_up, gate_up_bias = fuse_in_place([mlp.gate_proj, mlp.up_proj])
+            if gate_up_bias is not None or getattr(mlp.down_proj, "bias", None) is not None:
+                raise ValueError("the static runtime computes no MLP biases")  # (lean.unsupported refuses them)
+            o_bias = attn.o_proj.bias.detach() if getattr(attn.o_proj, "bias", None) is not None else None
             self.layers.append(_Layer(
-                norm1=w(layer.input_layernorm), q=w(attn.q_proj), q_bias=b(attn.q_proj), k=w(attn.k_proj),
-                k_bias=b(attn.k_proj), v=w(attn.v_proj), v_bias=b(attn.v_proj), o=w(attn.o_proj),
-                o_bias=b(attn.o_proj), norm2=w(layer.post_attention_layernorm), gate=w(mlp.gate_proj),
-                up=w(mlp.up_proj), down=w(mlp.down_proj), q_norm=None if q_norm is None else w(q_norm),
-                k_norm=None if k_norm is None else w(k_norm), windowed=window is not None))
+                norm1=w(layer.input_layernorm), qkv=qkv, qkv_bias=qkv_bias, o=w(attn.o_proj), o_bias=o_bias,
+                norm2=w(layer.post_attention_layernorm), gate_up=gate_up, down=w(mlp.down_proj),
+                q_norm=None if q_norm is None else w(q_norm), k_norm=None if k_norm is None else w(k_norm),
+                windowed=window is not None))
 
         context = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
         if slot_tokens < 0:
@@ -214,6 +253,10 @@ class StaticRuntime(Runtime):
         scale = getattr(rotary, "attention_scaling", 1.0)
         self.cos = (table.cos() * scale).to(self.dtype)  # [slot_tokens, head_dim]
         self.sin = (table.sin() * scale).to(self.dtype)
+        # rotate_half(x) * sin == flip_halves(x) * signed_sin, where signed_sin is sin with its first half negated:
+        # rotary in three kernels (flip, mul, addcmul) for q and k together instead of five each.
+        half = self.head_dim // 2
+        self.signed_sin = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
 
         element = torch.empty((), dtype=self.dtype).element_size()
         self.slot_bytes = len(self.layers) * 2 * self.slot_tokens * self.kv_heads * self.head_dim * element
@@ -252,10 +295,12 @@ class StaticRuntime(Runtime):
         self.use_graphs = bool(graphs) and self.device.type == "cuda"
         self.capabilities = Capabilities(batches_sessions=True, concurrent_passes=False, graphs=self.use_graphs)
         self._graphs: dict[tuple[int, int], _Graph | None] = {}  # None: capture failed, that shape runs eagerly
+        self._extend_graphs: dict[tuple[int, int, int], _ExtendGraph | None] = {}  # (bucket, per, length)
         self._graph_pool = None
         self._stats_lock = threading.Lock()
         self._stats = {"graphs_captured": 0, "graph_replays": 0, "capture_failures": 0, "eager_decode_steps": 0,
-                       "extend_passes": 0}
+                       "extend_passes": 0, "extend_graphs_captured": 0, "extend_graph_replays": 0,
+                       "extend_capture_failures": 0}
 
     # -- sessions ------------------------------------------------------------------------------------------
     def new_cache(self) -> StaticCache:
@@ -276,7 +321,8 @@ class StaticRuntime(Runtime):
             out = dict(self._stats)
         out.update(graphs=self.use_graphs, slots=self.session_slots, free_slots=len(self._free),
                    slot_tokens=self.slot_tokens, slot_bytes=self.slot_bytes, pool_bytes=self.pool_bytes,
-                   graph_shapes=sorted(k for k, g in self._graphs.items() if g is not None))
+                   graph_shapes=sorted(k for k, g in self._graphs.items() if g is not None),
+                   extend_graph_shapes=sorted(k for k, g in self._extend_graphs.items() if g is not None))
         return out
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -341,16 +387,26 @@ class StaticRuntime(Runtime):
         # Query heads sharing a key head fold into the query length: [n, 1, group * T, L].
         masks = [m[:, None, None].expand(n, 1, group, per, length).reshape(n, 1, group * per, length) for m in masks]
         x = F.embedding(ids, self.embed)
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        signed_sin = self.signed_sin[positions][:, None]
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (self.hidden,), layer.norm1, self.eps)
-            q = F.linear(h, layer.q, layer.q_bias).view(-1, heads, head_dim)
-            k = F.linear(h, layer.k, layer.k_bias).view(-1, kv_heads, head_dim)
-            v = F.linear(h, layer.v, layer.v_bias).view(-1, kv_heads, head_dim)
-            if layer.q_norm is not None:
-                q = F.rms_norm(q, (head_dim,), layer.q_norm, self.eps)
-            if layer.k_norm is not None:
-                k = F.rms_norm(k, (head_dim,), layer.k_norm, self.eps)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [tokens, (heads + 2 kv_heads) * head_dim]
+            v = qkv[:, q_size + kv_size:].view(-1, kv_heads, head_dim)
+            if layer.q_norm is None and layer.k_norm is None:
+                # q and k rotated together: [tokens, heads + kv_heads, head_dim]
+                qk = qkv[:, :q_size + kv_size].view(-1, heads + kv_heads, head_dim)
+                flipped = qk.view(-1, heads + kv_heads, 2, head_dim // 2).flip(-2).view_as(qk)
+                qk = torch.addcmul(qk * cos, flipped, signed_sin)
+                q, k = qk[:, :heads], qk[:, heads:]
+            else:  # Qwen3: per-head norms on q and k before the rotation
+                q = qkv[:, :q_size].view(-1, heads, head_dim)
+                k = qkv[:, q_size:q_size + kv_size].view(-1, kv_heads, head_dim)
+                if layer.q_norm is not None:
+                    q = F.rms_norm(q, (head_dim,), layer.q_norm, self.eps)
+                if layer.k_norm is not None:
+                    k = F.rms_norm(k, (head_dim,), layer.k_norm, self.eps)
+                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             pool_k = self.kv[i, 0].view(rows * capacity, kv_heads, head_dim)
             pool_v = self.kv[i, 1].view(rows * capacity, kv_heads, head_dim)
             pool_k.index_copy_(0, write, k)
@@ -360,15 +416,20 @@ class StaticRuntime(Runtime):
             if q_index is not None:
                 q = q.new_zeros(n * per, heads, head_dim).index_copy_(0, q_index, q)
             # [n * T, heads, d] -> [n, kv_heads, group * T, d]: head h = kv * group + r, as HF's repeat_kv
-            q = q.view(n, per, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * per, head_dim)
+            q = q.reshape(n, per, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4).reshape(n, kv_heads, group * per, head_dim)
             attended = F.scaled_dot_product_attention(q, keys, values,
                                                       attn_mask=masks[-1] if layer.windowed else masks[0])
             attended = attended.view(n, kv_heads, group, per, head_dim).permute(0, 3, 1, 2, 4).reshape(n * per, heads * head_dim)
             if q_index is not None:
                 attended = attended.index_select(0, q_index)
-            x = x + F.linear(attended, layer.o, layer.o_bias)
+            # Residual adds fused into the products (addmm: one kernel, not two).
+            if layer.o_bias is None:
+                x = torch.addmm(x, attended, layer.o.t())
+            else:
+                x = x + F.linear(attended, layer.o, layer.o_bias)
             h = F.rms_norm(x, (self.hidden,), layer.norm2, self.eps)
-            x = x + F.linear(F.silu(F.linear(h, layer.gate)) * F.linear(h, layer.up), layer.down)
+            gate, up = F.linear(h, layer.gate_up).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate) * up, layer.down.t())
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -376,12 +437,21 @@ class StaticRuntime(Runtime):
 
     @torch.inference_mode()
     def extend_batch(self, caches: list[StaticCache], token_lists: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
-        """Eager: prefill and verify passes (any number of new tokens per session, ragged)."""
+        """Prefill and verify passes (any number of new tokens per session, ragged). On CUDA a pass of at most
+        GRAPH_TOKENS tokens per session for at most 32 sessions replays a graph; others run eagerly."""
         counts = [len(tokens) for tokens in token_lists]
         self._admit(caches, counts)
         n, per, total = len(caches), max(counts), sum(counts)
         starts = [cache.length for cache in caches]
         length = self._bucket(max(s + c for s, c in zip(starts, counts)))
+        bucket = batch_bucket(n) if self.use_graphs and per <= GRAPH_TOKENS else None
+        graph = self._extend_graph(bucket, per, length) if bucket is not None else None
+        if graph is not None:
+            logits = self._replay_extend(graph, bucket, per, caches, token_lists, starts, keeps)
+            for cache, start, count in zip(caches, starts, counts):
+                cache.length = start + count
+            self._count("extend_graph_replays")
+            return list(logits.split(list(keeps)))
         padded = total != n * per
         ids = [t for tokens in token_lists for t in tokens]
         positions = [p for s, c in zip(starts, counts) for p in range(s, s + c)]
@@ -404,6 +474,74 @@ class StaticRuntime(Runtime):
             cache.length = start + count
         self._count("extend_passes")
         return list(logits.split(list(keeps)))
+
+    # -- graphs of short passes (verify, a proposal's first step) ---------------------------------------------
+    def _replay_extend(self, graph: _ExtendGraph, bucket: int, per: int, caches: list[StaticCache],
+                       token_lists: list[list[int]], starts: list[int], keeps: list[int]) -> torch.Tensor:
+        """Every session padded to `per` tokens and the pass to `bucket` sessions: a padding token repeats its
+        session's last position and writes its key and value to the scratch slot (never to the session's), a
+        padding session is all scratch. Returns the logits of the rows to keep, [sum(keeps), vocab]."""
+        ids, positions, write, rows = [], [], [], []
+        for i, (cache, tokens, start, keep) in enumerate(zip(caches, token_lists, starts, keeps)):
+            count = len(tokens)
+            ids += tokens + [0] * (per - count)
+            positions += [start + j for j in range(count)] + [start + count - 1] * (per - count)
+            write += [cache.slot * self.slot_tokens + start + j for j in range(count)] + [0] * (per - count)
+            rows += range(i * per + count - keep, i * per + count)
+        pad = (bucket - len(caches)) * per
+        slots = [cache.slot for cache in caches] + [0] * (bucket - len(caches))
+        host = ids + [0] * pad + positions + [0] * pad + write + [0] * pad + slots + rows
+        graph.meta[:len(host)].copy_(self._host(host), non_blocking=True)
+        graph.graph.replay()
+        start = 3 * bucket * per + bucket
+        return graph.out.index_select(0, graph.meta[start:start + len(rows)])
+
+    def _extend_graphed(self, meta: torch.Tensor, bucket: int, per: int, length: int) -> torch.Tensor:
+        """What an extend graph captures: the forward over the static inputs in `meta`, logits of every row."""
+        size = bucket * per
+        ids, positions, write = meta[:size], meta[size:2 * size], meta[2 * size:3 * size]
+        slots = meta[3 * size:3 * size + bucket]
+        x = self._forward(ids, positions, write, slots, positions.view(bucket, per), None, length)
+        return self._logits(x)
+
+    def _extend_graph(self, bucket: int, per: int, length: int) -> _ExtendGraph | None:
+        key = (bucket, per, length)
+        if key in self._extend_graphs:
+            return self._extend_graphs[key]
+        if len(self._extend_graphs) >= MAX_EXTEND_GRAPHS:
+            return None
+        try:
+            self._extend_graphs[key] = self._capture_extend(bucket, per, length)
+            self._count("extend_graphs_captured")
+        except Exception as error:  # noqa: BLE001 - any capture failure: that shape runs eagerly, as exact
+            self._extend_graphs[key] = None
+            self._count("extend_capture_failures")
+            log.warning("static runtime: capturing the graph of a pass of %d tokens for %d sessions at length %d "
+                        "failed (%s: %s); such passes go without a graph", per, bucket, length,
+                        type(error).__name__, error)
+        return self._extend_graphs[key]
+
+    def _capture_extend(self, bucket: int, per: int, length: int) -> _ExtendGraph:
+        """As _capture: warm up on a side stream, capture into the shared pool; all-zero inputs point every row at
+        the scratch slot, position 0."""
+        meta = torch.zeros(4 * bucket * per + bucket, dtype=torch.long, device=self.device)
+        out = self._capture_graph(lambda: self._extend_graphed(meta, bucket, per, length))
+        return _ExtendGraph(out[0], meta, out[1])
+
+    def _capture_graph(self, run):
+        """(graph, output) of `run` captured per PyTorch's recipe (torch.cuda.graph)."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            out = run()
+        return graph, out
 
     def _decode(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """One token per row: what a graph captures and what runs eagerly. Returns [rows, vocab] float32."""
@@ -457,17 +595,7 @@ class StaticRuntime(Runtime):
         slot at position 0, so they change no session's keys."""
         meta = torch.zeros(2, bucket, dtype=torch.long, device=self.device)
         tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode(tokens, meta[0], meta[1], length)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            out = self._decode(tokens, meta[0], meta[1], length)
+        graph, out = self._capture_graph(lambda: self._decode(tokens, meta[0], meta[1], length))
         return _Graph(graph, meta, tokens, out)
 
     def check(self) -> None:

@@ -542,6 +542,22 @@ def section_verify(sec: Section, ctx: dict) -> None:
                          "met": None if done is None else done["ratio_to_floor"] <= 1.3}
     data["runtime_stats"] = runtime_stats(runtime)
     log(f"  done-when (5 tokens, 1 session <= 1.3x floor): {data['done_when']['ratio']} -> {data['done_when']['met']}")
+    if getattr(runtime, "use_graphs", False) and not sec.over("the same pass without graphs", 5):
+        # The same weights without graphs (the fusion is shared, not copied): what the graphs are worth here.
+        try:
+            eager, why = build_static(model, False, slots=2, slot_tokens=slot_tokens)
+            cache = eager.new_cache()
+            prefill(eager, [cache], first, vocab, rng)
+            tokens = [[rng.randrange(1, vocab) for _ in range(5)]]
+            t = timed(lambda: eager.extend_batch([cache], tokens, [5]), device, plan["warmup"], plan["reps"],
+                      setup=lambda: cache.crop(first))
+            data["eager_5_tokens_1_session"] = {**t, "ratio_to_floor": r(t["ms"] / done["floor_ms"], 3) if done else None}
+            log(f"  without graphs (5 tokens, 1 session, context {first}): {t['ms']:.3f} ms")
+            release([cache])
+            del eager
+        except Exception as error:  # noqa: BLE001
+            data["eager_5_tokens_1_session"] = {"error": f"{type(error).__name__}: {error}"}
+        sec.write()
 
 
 def time_decode(runtime, device, sessions: int, context: int, steps: int, reps: int, vocab: int) -> dict:
@@ -569,6 +585,40 @@ def time_decode(runtime, device, sessions: int, context: int, steps: int, reps: 
         return {"ms_per_step": r(t["ms"] / steps, 4), "ms_per_step_min": r(t["ms_min"] / steps, 4),
                 "event_ms_per_step": r(t["event_ms"] / steps, 4) if "event_ms" in t else None, "steps": steps,
                 "reps": reps}
+    finally:
+        release(caches)
+
+
+def profile_decode(runtime, device, context: int, vocab: int, steps: int = 4) -> dict:
+    """What one decode step at 1 session is made of on the device: kernels per step, their summed device time, and
+    the most expensive kind (torch.profiler; kernels inside a replayed graph are recorded too). The gap between
+    the summed kernel time and the weight-read floor is kernel count times each small kernel's minimum."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(2)
+    caches = [runtime.new_cache()]
+    try:
+        prefill(runtime, caches, context, vocab, rng)
+        tokens = torch.tensor([rng.randrange(1, vocab)], device=device)
+        for _ in range(2):
+            tokens = runtime.decode_step(caches, tokens).argmax(-1)
+        sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                tokens = runtime.decode_step(caches, tokens).argmax(-1)
+            sync(device)
+        kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None
+                   and str(e.device_type).endswith("CUDA")]
+        by_name: dict[str, float] = {}
+        for e in kernels:
+            by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total if hasattr(e, "device_time_total") \
+                else by_name.get(e.name, 0.0) + e.cuda_time_total
+        total_us = sum(by_name.values())
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+        return {"kernels_per_step": r(len(kernels) / steps, 1), "kernel_ms_per_step": r(total_us / steps / 1000, 4),
+                "top": [[name[:60], r(us / steps, 1)] for name, us in top]}
     finally:
         release(caches)
 
@@ -628,6 +678,15 @@ def section_draft(sec: Section, ctx: dict) -> None:
             log(f"  draft decode step, {sessions} session(s), {name}: {row.get('ms_per_step', row.get('error'))} ms")
             sec.write()
     data["runtime_stats"] = {name: runtime_stats(rt) for name, rt in variants.items()}
+    for name in ("static_graphs", "static_eager"):
+        if name in variants and not sec.over(f"kernel profile of {name}", 3):
+            try:
+                data.setdefault("kernel_profile", {})[name] = profile_decode(
+                    variants[name], device, plan["draft_context"], cfg["vocab_size"])
+                log(f"  kernels per decode step, {name}: {data['kernel_profile'][name]}")
+            except Exception as error:  # noqa: BLE001
+                data.setdefault("kernel_profile", {})[name] = {"error": f"{type(error).__name__}: {error}"}
+            sec.write()
     one = results.get(str(plan["draft_sessions"][0]), {})
     graphs_ms = one.get("static_graphs", {}).get("ms_per_step")
     eager_ms = (one.get("static_eager") or {}).get("ms_per_step") or (one.get("lean_eager") or {}).get("ms_per_step")

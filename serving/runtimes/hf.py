@@ -10,7 +10,7 @@ import inspect
 
 import torch
 
-from serving.runtimes.base import Capabilities, Runtime
+from serving.runtimes.base import Capabilities, Runtime, to_device
 from serving.runtimes.growable_cache import new_cache
 
 
@@ -57,7 +57,7 @@ class ModelRunner(Runtime):
     @torch.inference_mode()
     def extend(self, cache: KVCache, token_ids: list[int], keep: int) -> torch.Tensor:
         """Append `token_ids` to the cache; return the logits of the last `keep` positions [keep, vocab]."""
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        input_ids = to_device(torch.tensor([token_ids], dtype=torch.long), self.device)
         kwargs = {"logits_to_keep": keep} if self._keeps_logits else {}
         out = self.model(input_ids=input_ids, past_key_values=cache.cache, use_cache=True, **kwargs)
         return out.logits[0, -keep:].float()

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from serving.runtimes.base import Capabilities, Runtime
+from serving.runtimes.base import Capabilities, Runtime, to_device
 
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
@@ -242,7 +242,6 @@ class LeanLlama(Runtime):
         """Append tokens; return float32 logits of the last `keep` positions [keep, vocab]."""
         return self.extend_batch([cache], [token_ids], [keep])[0]
 
-    @torch.inference_mode()
     def extend_batch(self, caches: list[LeanCache], token_lists: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
         """One forward for several sessions of different lengths (ragged: no padding, no cache copies).
 
@@ -250,19 +249,33 @@ class LeanLlama(Runtime):
         batching pays (the weights are read once); attention runs per session over its own KV buffer.
         Returns each session's float32 logits for its last `keep` positions.
         """
+        return self._forward(caches, [len(tokens) for tokens in token_lists], keeps,
+                             host_ids=[t for tokens in token_lists for t in tokens])
+
+    def decode_step(self, caches: list[LeanCache], tokens: torch.Tensor) -> torch.Tensor:
+        """One token per session fed from the device as it is (no read to the host)."""
+        n = len(caches)
+        return torch.cat(self._forward(caches, [1] * n, [1] * n, device_ids=tokens))
+
+    @torch.inference_mode()
+    def _forward(self, caches: list[LeanCache], counts: list[int], keeps: list[int], host_ids: list[int] | None = None,
+                 device_ids: torch.Tensor | None = None) -> list[torch.Tensor]:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         q_size, kv_size = heads * head_dim, kv_heads * head_dim
         spans = []  # (row offset, token count, cache start) per session
         offset = 0
-        for cache, tokens in zip(caches, token_lists):
-            cache.reserve(cache.length + len(tokens))
-            spans.append((offset, len(tokens), cache.length))
-            offset += len(tokens)
-        flat = [t for tokens in token_lists for t in tokens]
-        x = self.embed[torch.tensor(flat, device=self.device)]  # [total, hidden]
-        # Index tensors built from Python lists: one op each, not one per session (the draft's steps
-        # are per-session op overhead more than arithmetic).
-        positions = torch.tensor([p for _, n, start in spans for p in range(start, start + n)], device=self.device)
+        for cache, count in zip(caches, counts):
+            cache.reserve(cache.length + count)
+            spans.append((offset, count, cache.length))
+            offset += count
+        # Index tensors built from Python lists: one op for all sessions, not one per session (the draft's steps
+        # are per-session op overhead more than arithmetic); ids, positions and the rows to keep go to the device
+        # in ONE copy, non-blocking from pinned memory on a GPU (three blocking copies were three host syncs).
+        positions = [p for _, n, start in spans for p in range(start, start + n)]
+        rows = [r for (row, n, _), keep in zip(spans, keeps) for r in range(row + n - keep, row + n)]
+        index = to_device(torch.tensor((host_ids or []) + positions + rows), self.device)
+        ids, positions, rows = index.split([len(host_ids or []), len(positions), len(rows)])
+        x = self.embed[device_ids if device_ids is not None else ids]  # [total, hidden]
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [total, 1, head_dim]
         # Per session, the first cached key its new tokens may see and the mask over keys from there on. Full
         # attention: causal within the new tokens, everything cached before them visible. Windowed: HF's
@@ -312,7 +325,5 @@ class LeanLlama(Runtime):
             x = x + (F.silu(gate) * up) @ layer.down_t
         for (_, n, start), cache in zip(spans, caches):
             cache.length = start + n
-        rows = torch.tensor([r for (row, n, _), keep in zip(spans, keeps) for r in range(row + n - keep, row + n)],
-                            device=self.device)
         logits = (F.rms_norm(x[rows], (x.shape[-1],), self.final_norm, self.eps) @ self.lm_head_t).float()
         return list(logits.split(list(keeps)))

@@ -7,7 +7,7 @@
     python -m benchmarking.microbench spans     # CPU per span and per traced gRPC call
     python -m benchmarking.microbench batch     # one ragged verify forward: sessions x tokens each
     python -m benchmarking.microbench propose   # one batched greedy draft proposal: CPU ms per call
-    python -m benchmarking.microbench sample    # one sampled token: inverse CDF, torch.multinomial, Gumbel
+    python -m benchmarking.microbench sample    # one sampled token: the race sampler, torch.multinomial, coupled
     python -m benchmarking.microbench bf16      # greedy vs generate in bfloat16: ours and HF assisted
 
 Run them pinned (`taskset -c 1 ...`) with one torch thread, as the bench pins the target side. The VM's
@@ -156,15 +156,16 @@ def propose(blocks: int = 7, calls: int = 20, gamma: int = 4, context: int = 200
 
 def sample(repeats: int = 2000, vocab: int = 4096) -> dict:
     """One draw from a [1, vocab] distribution (the reference pair's vocabulary), in microseconds:
-    speculation.sampling.sample (inverse CDF), torch.multinomial (what it replaced) and coupled_sample."""
+    speculation.sampling.sample (the exponential race on hashed noise, which runs on any device), torch.multinomial
+    and coupled_sample."""
     from speculation.sampling import Sampling, coupled_sample, logits_to_probs
-    from speculation.sampling import sample as inverse_cdf
+    from speculation.sampling import sample as race_sample
 
     probs = logits_to_probs(torch.randn(1, vocab, generator=torch.Generator().manual_seed(0)) * 3, Sampling(1.0))
     generator = torch.Generator().manual_seed(1)
     out = {}
     for _ in range(3):  # alternating, for this VM's drift
-        for name, draw in (("inverse_cdf_us", lambda: inverse_cdf(probs, generator)),
+        for name, draw in (("race_us", lambda: race_sample(probs, generator)),
                            ("multinomial_us", lambda: torch.multinomial(probs, 1, generator=generator)),
                            ("coupled_us", lambda: coupled_sample(probs[0], 7))):
             out.setdefault(name, []).append(round(1000 * _median_ms(draw, repeats // 3), 1))

@@ -169,7 +169,8 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
     if lane is not None and hosted.runner is not None and not hosted.runner.capabilities.concurrent_passes:
         # Two forwards at once on one model: the lean runner keeps no state between calls but the
         # caches it is given; the HF forward is not checked for that. (No model: nothing shared between lanes.)
-        raise ValueError("--prefill-cpus needs the lean runtime (a Llama model, --runtime auto or lean)")
+        raise ValueError("--prefill-cpus needs a runtime that runs two passes at once: lean (Llama, Mistral, Qwen2/3 "
+                         "models, --runtime auto or lean on a CPU)")
     store = SessionStore(hosted.new_cache, max_bytes=max_bytes, max_sessions=max_sessions, ttl_s=settings.session_ttl_s)
     servicer = servicer_class(hosted.identity, hosted.backend, store, max_draft_tokens=settings.max_draft_tokens,
                               max_batch=settings.max_batch, max_wait_ms=settings.max_wait_ms,

@@ -107,7 +107,7 @@ def test_bad_prefill_lane_flags_are_refused_with_a_message():
 def test_the_lane_needs_the_lean_runtime(tiny):
     from verify_service import server as verify_server
 
-    with pytest.raises(ValueError, match="needs the lean runtime"):
+    with pytest.raises(ValueError, match="needs a runtime that runs two passes at once"):
         verify_server.start(ModelServerSettings(str(tiny.target), host="localhost", runtime="hf", prefill_cpus="0"))
 
 

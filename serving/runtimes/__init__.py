@@ -1,5 +1,5 @@
 """Model runtimes behind one interface (base.py): `hf` (the model's own forward, any causal LM), `lean`
-(a lean forward for the Llama family, lean.py) and `static` (the same architectures on a preallocated KV
+(a lean forward for Llama 2/3.x, Mistral and Qwen2/3, lean.py) and `static` (the same architectures on a preallocated KV
 pool, CUDA graphs for decode steps: the GPU fast path, static.py). `make_runtime` picks one for a loaded model;
 `auto` takes the fastest that serves the model exactly on its device."""
 

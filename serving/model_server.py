@@ -35,7 +35,7 @@ class ModelServerSettings:
     max_calls_per_caller: int | None = None
     runtime: str = "auto"  # auto | lean | static | hf (serving/runtimes: make_runtime)
     # The static runtime's KV pool (serving/runtimes/static.py): each session's slot, in tokens (0: the model's
-    # context; the service's max_context is then at most this), and on CUDA the fraction of the free device
+    # context, at most static.DEFAULT_SLOT_TOKENS; the service's max_context is then at most this), and on CUDA the fraction of the free device
     # memory the pool takes (less a reserve for activations and graphs); on a CPU session_memory_mb sizes it.
     slot_tokens: int = 0
     gpu_memory_fraction: float = 0.9
@@ -100,7 +100,7 @@ def prefill_lane_from(settings: ModelServerSettings) -> PrefillLane | None:
 
 def runtime_options_from(settings: ModelServerSettings) -> RuntimeOptions:
     if settings.slot_tokens < 0:
-        raise ValueError(f"--slot-tokens must be >= 0 (0: the model's context), got {settings.slot_tokens}")
+        raise ValueError(f"--slot-tokens must be >= 0 (0: the model's context, at most 8192), got {settings.slot_tokens}")
     if not 0 < settings.gpu_memory_fraction <= 1:
         raise ValueError(f"--gpu-memory-fraction must be in (0, 1], got {settings.gpu_memory_fraction}")
     return RuntimeOptions(slot_tokens=settings.slot_tokens, gpu_memory_fraction=settings.gpu_memory_fraction,

@@ -66,8 +66,8 @@ def serve(
              "else the model's own HF forward"),
     slot_tokens: int = typer.Option(
         0, envvar=_env("slot_tokens"),
-        help="static runtime: each session's KV slot, in tokens (0: the model's context); the service's context "
-             "(max_context) is at most this"),
+        help="static runtime: each session's KV slot, in tokens (0: the model's context, at most 8192: a slot is "
+             "reserved whole per session); the service's context (max_context) is at most this"),
     gpu_memory_fraction: float = typer.Option(
         0.9, envvar=_env("gpu_memory_fraction"),
         help="static runtime on CUDA: the fraction of the free device memory (after the weights, less a reserve "

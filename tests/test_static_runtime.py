@@ -330,3 +330,15 @@ def test_short_passes_replay_graphs_of_padded_shapes_and_write_only_their_own_sl
     assert stats["extend_graph_replays"] == 8 and stats["extend_passes"] == 0 and stats["extend_capture_failures"] == 0
     assert stats["extend_graph_shapes"] == [(1, 2, 48), (4, 3, 32), (4, 5, 16), (4, 5, 32), (4, 11, 16)]
     assert eager.stats()["extend_passes"] == 8 and eager.stats()["extend_graph_replays"] == 0
+
+
+def test_by_default_a_slot_is_the_models_context_up_to_8192_tokens():
+    """A slot is reserved whole per session, so the default caps it: a long-context model still serves many sessions
+    (its service's max_context says how far), and --slot-tokens asks for more."""
+    from serving.runtimes.static import DEFAULT_SLOT_TOKENS
+
+    long_context = StaticRuntime(llama(context=3 * DEFAULT_SLOT_TOKENS), slots=1)
+    assert long_context.slot_tokens == long_context.max_context == DEFAULT_SLOT_TOKENS
+    assert StaticRuntime(llama(context=128), slots=1).slot_tokens == 128
+    assert StaticRuntime(llama(context=3 * DEFAULT_SLOT_TOKENS), slots=1,
+                         slot_tokens=2 * DEFAULT_SLOT_TOKENS).max_context == 2 * DEFAULT_SLOT_TOKENS

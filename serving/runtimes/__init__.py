@@ -21,7 +21,7 @@ RUNTIMES = ("auto", "hf", "lean", "static")
 @dataclass(frozen=True)
 class RuntimeOptions:
     """What a runtime with a preallocated KV pool (static) is sized by: the service's flags."""
-    slot_tokens: int = 0  # each session's capacity; 0: the model's context
+    slot_tokens: int = 0  # each session's capacity; 0: the model's context, at most static.DEFAULT_SLOT_TOKENS
     gpu_memory_fraction: float = 0.9  # of the free device memory (after the weights), less a reserve
     session_memory_mb: float | None = None  # the CPU pool; None: static.DEFAULT_POOL_MB
     max_sessions: int = 1024

@@ -55,6 +55,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)  # decode graphs are captured at these batc
 GRAPH_TOKENS = 16
 MAX_EXTEND_GRAPHS = 192  # shapes beyond this many run eagerly (each graph holds its output rows)
 LENGTH_STEP = 256
+# A slot's tokens when --slot-tokens is 0: every session reserves its whole slot, so the model's own context would
+# leave room for few sessions (Llama-3.1-8B's 131,072 tokens are 16 GiB a slot in bf16: 3 sessions on an 80 GB card).
+DEFAULT_SLOT_TOKENS = 8192
 DEFAULT_POOL_MB = 4096.0  # the CPU pool when no --session-memory-mb is given (the store's default budget)
 # Device memory left outside the pool, besides the passes' gathered keys and values (_activation_bytes).
 RESERVE_BYTES = 1 << 30
@@ -192,7 +195,7 @@ class StaticRuntime(Runtime):
     def __init__(self, model: torch.nn.Module, *, slot_tokens: int = 0, slots: int | None = None,
                  pool_mb: float | None = None, gpu_memory_fraction: float = 0.9, max_sessions: int = 1024,
                  graphs: bool = True, length_step: int = LENGTH_STEP):
-        """slot_tokens: each session's capacity (0: the model's context); it is also the most this runtime
+        """slot_tokens: each session's capacity (0: the model's context up to DEFAULT_SLOT_TOKENS); it is also the most this runtime
         serves (`max_context`). The pool's slots: `slots` when given; else on CUDA as many as fit in
         gpu_memory_fraction of the free device memory less a reserve for activations and graphs; on the CPU
         as many as fit in pool_mb (the --session-memory-mb budget); at most what max_sessions sessions need
@@ -241,7 +244,7 @@ class StaticRuntime(Runtime):
         context = int(getattr(config, "max_position_embeddings", 0) or 0) or 2048
         if slot_tokens < 0:
             raise ValueError(f"--slot-tokens must be >= 0 (0: the model's context), got {slot_tokens}")
-        self.slot_tokens = min(context, slot_tokens) if slot_tokens else context
+        self.slot_tokens = min(context, slot_tokens or DEFAULT_SLOT_TOKENS)
         self.max_context = self.slot_tokens
         self.length_step = max(1, length_step)
         # Rotary tables as the model's own rotary embedding has them (its inv_freq and attention_scaling),

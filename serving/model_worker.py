@@ -569,6 +569,10 @@ class ModelWorker:
                 batch = self._collect()
                 if batch:
                     self._run_jobs(batch, "main")
+            # Let go of the pass's jobs before waiting for the next: their payloads hold session caches, and a
+            # cache the session store has dropped must die now (a static runtime's slot goes back to its pool when
+            # its cache dies; held here, a released session's slot stayed taken until the next pass).
+            batch = None
 
     def _prefill_loop(self) -> None:
         lane = self.prefill_lane
@@ -593,6 +597,7 @@ class ModelWorker:
             finally:
                 with self._queue:
                     self._on_lane = None
+                batch = None  # as in _loop: a finished pass's caches must not outlive their sessions
 
     def _run_jobs(self, batch: list[_Job], lane: str, alone: bool = False) -> None:
         """One forward pass over the taken jobs still wanted; each caller gets its result or its error. A

@@ -124,9 +124,8 @@ def fuse_in_place(modules: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.T
     the fused tensor is made once and each module's parameter becomes a view of it, so the model's own forward
     (HF generate, the exactness checks) reads the same memory. The values are unchanged. A second runtime over the
     same model finds the fusion already done (`_specdec_fused`) and shares it."""
-    first = modules[0]
-    done = getattr(first, "_specdec_fused", None)
-    if done is not None and all(getattr(m, "_specdec_fused", None) is done for m in modules):
+    done = getattr(modules[0], "_specdec_fused", None)
+    if done is not None and _still_views_of(modules, done):
         return done
     biases = [getattr(m, "bias", None) for m in modules]
     with torch.no_grad():
@@ -141,9 +140,30 @@ def fuse_in_place(modules: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.T
             elif b is not None:  # some but not all have a bias: add it after the fused product
                 raise ValueError("cannot fuse projections of which only some have a bias")
             offset += rows
+    fused = (weight, bias)
     for module in modules:
-        module._specdec_fused = (weight, bias)
-    return weight, bias
+        module._specdec_fused = fused
+    return fused
+
+
+def _still_views_of(modules: list[torch.nn.Module], fused: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
+    """Whether every module's weight (and bias) is still its rows of the fused tensors: not when the model's weights
+    were replaced since (load_state_dict(assign=True), a new parameter), whose values the fusion would not hold."""
+    weight, bias = fused
+    offset = 0
+    for module in modules:
+        if getattr(module, "_specdec_fused", None) is not fused:
+            return False
+        rows = module.weight.shape[0]
+        expected = weight[offset:offset + rows]
+        if module.weight.data_ptr() != expected.data_ptr() or module.weight.shape != expected.shape:
+            return False
+        if bias is not None:
+            own = getattr(module, "bias", None)
+            if own is None or own.data_ptr() != bias[offset:offset + rows].data_ptr():
+                return False
+        offset += rows
+    return True
 
 
 class StaticCache:

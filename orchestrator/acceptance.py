@@ -32,13 +32,13 @@ def accept(drafts: Drafts, scored: Scored, generator: torch.Generator, ahead: Dr
     """Greedy prefix match when the verify sent no target_probs (temperature 0), else rejection sampling with
     the generation's RNG.
 
-    With a guess drawn over as many ids as the target's rows, the bonus shares its Gumbel noise (the guess's
-    seed), so the draft's guess matches it as often as the two distributions allow; it is an exact draw from
-    the target's row all the same."""
+    With a guess drafted ahead, the bonus shares its noise (the guess's seed: speculation/sampling.py's race keys
+    each id's noise by the id alone, so a draft row narrower or wider than the target's draws the same noise for
+    the ids both have), so the draft's guess matches it as often as the two distributions allow; it is an exact
+    draw from the target's row all the same."""
     if scored.target_probs is None:
         return greedy_accept(drafts.token_ids, scored.argmax_token_ids)
     target_vocab = scored.target_probs.shape[1]
     draft_probs = drafts.draft_probs if drafts.draft_probs is not None else torch.zeros(0, target_vocab)
-    coupled = ahead is not None and ahead.width == target_vocab
     return rejection_sample(torch.tensor(drafts.token_ids, dtype=torch.long), over_target_ids(draft_probs, target_vocab),
-                            scored.target_probs, generator, bonus_seed=ahead.seed if coupled else None)
+                            scored.target_probs, generator, bonus_seed=ahead.seed if ahead is not None else None)

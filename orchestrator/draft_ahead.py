@@ -57,7 +57,6 @@ class DraftedAhead:
     guess: int  # for the bonus token
     next_drafts: Drafts  # the next round's, should the guess be right
     seed: int  # the guess is coupled_sample(its row, seed): draw the bonus with it too
-    width: int  # ids the guess was drawn over (0: greedy); the coupling needs the target's rows as wide
 
 
 class DraftAhead:
@@ -116,8 +115,7 @@ class DraftAhead:
         probs = proposal.draft_probs
         next_drafts = Drafts(proposal.token_ids[1:], probs[1:] if probs is not None else None,
                              drafts.base + drafts.gamma + 1, proposal.cached_len, proposal.drafter)
-        width = probs.shape[1] if probs is not None else 0
-        return DraftedAhead(proposal.token_ids[0], next_drafts, seed, width), proposal.call
+        return DraftedAhead(proposal.token_ids[0], next_drafts, seed), proposal.call
 
     def roll_back(self, drafts: Drafts, ahead: DraftedAhead | None, outcome: RoundOutcome) -> None:
         """Step 4: the draft's cache stays valid through the accepted drafts it was fed. A right guess was fed

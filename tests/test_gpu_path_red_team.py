@@ -20,29 +20,13 @@ from serving.runtimes.static import StaticRuntime
 from specdec_api import common_pb2, draft_pb2, draft_pb2_grpc, verify_pb2, verify_pb2_grpc
 from speculation.sampling import Sampling, coupled_sample, logits_to_probs, race, race_key, sample
 from tests.test_rejection_sampler import chi_square_p
+from tests.test_static_runtime import stand_in_graphs
 from tests.tiny_models import real_config, real_model
 
 
 def close(a, b):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
-
-
-def stand_in_graphs(runtime):
-    """No GPU: a graph whose replay reruns the captured function on the same static buffers."""
-
-    def stand_in(run):
-        out = run()
-
-        class Replay:
-            def replay(self):
-                out.copy_(run())
-
-        return Replay(), out
-
-    runtime._capture_graph = stand_in
-    runtime.use_graphs = True
-    return runtime
 
 
 def greedy_loop(runtime, prompt, steps):

@@ -28,6 +28,24 @@ def llama(context=128, kv_heads=2, bias=True):
     return LlamaForCausalLM(config).eval()
 
 
+def stand_in_graphs(runtime: StaticRuntime) -> StaticRuntime:
+    """No GPU: the runtime's graphs become stand-ins whose replay reruns the captured function on the same static
+    buffers, so everything around a graph (static inputs, padding, reading the rows back) runs for real."""
+
+    def stand_in(run):
+        out = run()
+
+        class Replay:
+            def replay(self):
+                out.copy_(run())
+
+        return Replay(), out
+
+    runtime._capture_graph = stand_in
+    runtime.use_graphs = True
+    return runtime
+
+
 def close(a, b):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
@@ -289,7 +307,7 @@ def test_the_graph_path_pads_onto_the_scratch_slot_and_a_failed_capture_runs_eag
     assert len([r for r in caplog.records if "runs eagerly" in r.message]) == 1
 
 
-def test_short_passes_replay_graphs_of_padded_shapes_and_write_only_their_own_slots(monkeypatch):
+def test_short_passes_replay_graphs_of_padded_shapes_and_write_only_their_own_slots():
     """No GPU here: `_capture_graph` is replaced by a stand-in whose replay reruns the captured function on the
     same static buffers, so what extend_batch does around a graph runs for real: every session padded to the
     pass's longest (a padding token's key and value go to the scratch slot), padding sessions on the scratch slot,
@@ -299,17 +317,7 @@ def test_short_passes_replay_graphs_of_padded_shapes_and_write_only_their_own_sl
     graphed = StaticRuntime(model, slots=6, length_step=16)
     eager = StaticRuntime(model, slots=6, length_step=16, graphs=False)
 
-    def stand_in(run):
-        out = run()
-
-        class Replay:
-            def replay(self):
-                out.copy_(run())
-
-        return Replay(), out
-
-    monkeypatch.setattr(graphed, "_capture_graph", stand_in)
-    graphed.use_graphs = True
+    stand_in_graphs(graphed)
     outputs, pools = [], []
     for runtime in (graphed, eager):
         caches = [runtime.new_cache() for _ in range(3)]

@@ -60,7 +60,30 @@ def auto_dtype(device_type: str, capability: tuple[int, int] | None = None) -> t
     return torch.bfloat16 if capability is not None and tuple(capability) >= (8, 0) else torch.float16
 
 
+def check_device(device: str) -> torch.device:
+    """The --device as a torch device; ValueError with what to do when this process cannot use it (a malformed
+    name, a CPU-only torch, no GPU visible, an index past the GPUs there are), before any weights are read."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1, ...): {error}") from None
+    if parsed.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"--device {device}: this torch ({torch.__version__}) is a CPU build; install a CUDA "
+                             f"build of torch (the image's default) or use --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"--device {device}: no CUDA device is visible to this process (check the driver, "
+                             f"CUDA_VISIBLE_DEVICES, and that the pod requests nvidia.com/gpu)")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"--device {device}: only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+    elif parsed.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"--device {device}: use cpu or cuda[:N]")
+    return parsed
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    check_device(device)
     if dtype == "auto":
         device_type = torch.device(device).type
         capability = torch.cuda.get_device_capability(device) if device_type == "cuda" else None

@@ -204,3 +204,20 @@ def test_dtype_auto_is_bfloat16_from_ampere_on_float16_before_and_float32_off_cu
 
     assert auto_dtype(device_type, capability) == expected
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("float16", "cpu") == torch.float16
+
+
+def test_a_device_this_process_cannot_use_is_refused_before_loading_with_what_to_do():
+    """`--device cuda` where torch cannot use it must not end in a traceback from deep inside torch: the service says
+    why and what to do (here, CPU-only torch: the build; on a GPU machine, an index past its GPUs)."""
+    from serving.model_loading import check_device, resolve_dtype
+
+    count = torch.cuda.device_count() if torch.backends.cuda.is_built() else 0
+    cuda_says = ("CPU build" if not torch.backends.cuda.is_built() else
+                 "no CUDA device is visible" if count == 0 else "only")
+    for device, says in [(f"cuda:{count + 6}", cuda_says), ("gpu", "not a device name"), ("meta", "use cpu or cuda")]:
+        with pytest.raises(ValueError, match=says):
+            resolve_dtype("auto", device)
+    if count == 0:
+        with pytest.raises(ValueError, match=cuda_says):
+            check_device("cuda")
+    assert check_device("cpu") == torch.device("cpu")

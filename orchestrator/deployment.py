@@ -44,6 +44,28 @@ class Deployment:
                 replicas.close()
 
 
+def shared_device(verify: common_pb2.ModelInfo, draft: common_pb2.ModelInfo | None) -> str:
+    """The accelerator draft and target both run on (ModelInfo.device_id), or "" when they do not share one (or say
+    none: a CPU, a drafter without a model, a service older than the field)."""
+    if draft is None or not verify.device_id or verify.device_id != draft.device_id:
+        return ""
+    return verify.device_id
+
+
+def overlap_choice(requested: bool | None, verify: common_pb2.ModelInfo,
+                   draft: common_pb2.ModelInfo | None) -> tuple[bool, str]:
+    """Whether the orchestrator drafts ahead while the target verifies, and why. Asked for (--overlap or
+    --no-overlap): as asked. Else on, unless draft and target share a GPU: there the drafted-ahead steps compete with
+    the verify for the one device instead of hiding behind it (on an H200, co-located, alpha 0.8: 1.12x the target
+    alone with overlap, 1.45x without; docs/benchmarks.md, GPU; speculation/placement.py predicts the same)."""
+    if requested is not None:
+        return requested, "--overlap" if requested else "--no-overlap"
+    shared = shared_device(verify, draft)
+    if shared:
+        return False, f"draft and target share {shared}: drafting ahead would compete with verification there"
+    return True, "draft and target on separate devices (the default)"
+
+
 def check_pair(draft: common_pb2.ModelInfo, target: common_pb2.ModelInfo) -> None:
     """Draft and target must share a vocabulary, or draft_probs and target_probs are not comparable.
 

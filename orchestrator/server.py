@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from orchestrator.deployment import connect
+from orchestrator.deployment import connect, overlap_choice
 from orchestrator.servicer import OrchestratorServicer
 from service_common.caller_limits import DEFAULT_MAX_WORKERS
 from service_common.server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
@@ -13,6 +14,7 @@ from specdec_api import orchestrator_pb2_grpc
 from transport import TLSSettings
 
 SERVICE_NAME = ORCHESTRATOR_SERVICE
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,7 +30,7 @@ class OrchestratorSettings:
     rpc_timeout_s: float = 30.0
     draft_timeout_s: float = 5.0
     gamma_policy: str = "fixed"
-    overlap: bool = True
+    overlap: bool | None = None  # None: on, unless draft and target share a GPU (deployment.overlap_choice)
     draft_confidence: float = 0.0
     ready_timeout_s: float = 120.0
     max_workers: int = DEFAULT_MAX_WORKERS  # handler threads (started as calls need them)
@@ -50,9 +52,12 @@ def start(settings: OrchestratorSettings, interceptors=()) -> RunningServer:
     deployment = connect(settings.verify, settings.draft, settings.tokenizer, settings.ready_timeout_s,
                          tls=settings.tls, api_key_file=settings.service_api_key_file,
                          resolve_interval_s=settings.resolve_interval_s)
+    overlap, why = overlap_choice(settings.overlap, deployment.verify_info, deployment.draft_info)
+    if deployment.draft is not None:
+        log.info("overlap %s: %s", "on" if overlap else "off", why)
     servicer = OrchestratorServicer(deployment, settings.num_draft_tokens, settings.max_draft_tokens,
                                     settings.rpc_timeout_s, settings.adaptive_cost_ratio,
-                                    settings.draft_timeout_s, settings.gamma_policy, settings.overlap,
+                                    settings.draft_timeout_s, settings.gamma_policy, overlap,
                                     settings.draft_confidence, settings.max_workers)
     try:
         running = start_server([(orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, servicer)],

@@ -82,6 +82,15 @@ def check_device(device: str) -> torch.device:
     return parsed
 
 
+def device_identity(device: torch.device) -> str:
+    """ModelInfo.device_id: "GPU-<uuid>" for a CUDA device (the UUID nvidia-smi shows, the same in every process on
+    the host), "" for anything else."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return ""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return f"GPU-{uuid}" if uuid is not None else ""
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     check_device(device)
     if dtype == "auto":

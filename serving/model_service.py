@@ -13,7 +13,7 @@ from opentelemetry import trace
 from service_common.callers import caller_of
 from service_common.errors import InvalidArgument, OutOfRange
 from serving.metrics import record_batch
-from serving.model_loading import LoadedModel, ModelIdentity
+from serving.model_loading import LoadedModel, ModelIdentity, device_identity
 from serving.runtimes.clock import clock_for
 from serving.model_worker import PASS_TOKENS, ModelWorker, PrefillLane, Timed
 from serving.sessions import Session, SessionStore, owner
@@ -39,6 +39,7 @@ class ModelServiceBase:
         self.max_draft_tokens = max_draft_tokens
         self.draining = False  # shutting down: sessions held are served, new ones refused (start_draining)
         self.instance = secrets.token_hex(8)  # new at every start (ReplicaLoad.instance)
+        self.device_id = "" if runner is None else device_identity(runner.device)  # ModelInfo.device_id
         self.worker = ModelWorker(self.run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                   max_queue=max_queue, on_batch=record_batch, tokens_of=self.tokens_of,
                                   prefill_lane=prefill_lane, chunk_tokens=chunk_tokens, split=self.split,
@@ -169,7 +170,7 @@ class ModelServiceBase:
             device=str(loaded.device), dtype="" if loaded.dtype is None else str(loaded.dtype).removeprefix("torch."),
             num_parameters=loaded.num_parameters, max_draft_tokens=self.max_draft_tokens, load=self.load(),
             weights_fingerprint=loaded.weights_fingerprint,
-            runtime="" if self.runner is None else self.runner.name)
+            runtime="" if self.runner is None else self.runner.name, device_id=self.device_id)
 
 
 def annotate_server_span(done: Timed, **attributes) -> None:

@@ -126,10 +126,12 @@ def serve(
         "fixed", envvar=_env("gamma_policy"),
         help="orchestrator: fixed (--num-draft-tokens; seeded runs reproducible) or load (gamma per session from "
              "measured acceptance and verify cost at the current batch size, down to 0 under heavy load)"),
-    overlap: bool = typer.Option(
-        True, envvar=_env("overlap"),
+    overlap: bool | None = typer.Option(
+        None, "--overlap/--no-overlap", envvar=_env("overlap"), show_default="on, unless draft and target share a GPU",
         help="orchestrator: while the target verifies, let the draft continue as if all drafts will be accepted; "
-             "when they are and its guess of the bonus token is right, the next round needs no draft call"),
+             "when they are and its guess of the bonus token is right, the next round needs no draft call. Unset: "
+             "on, except when the draft and verify services report the same GPU (ModelInfo.device_id), where the "
+             "drafted-ahead steps would compete with verification"),
     draft_confidence: float = typer.Option(
         0.0, envvar=_env("draft_confidence"),
         help="orchestrator: the draft stops proposing once its probability of a token falls below this (0: off)"),

@@ -69,7 +69,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "tokenizer_fingerprint", "device", "dtype", "num_parameters", "max_draft_tokens", "load", "drafter", "weights_fingerprint", "runtime")
+    __slots__ = ("model", "vocab_size", "max_context", "eos_token_ids", "tokenizer_fingerprint", "device", "dtype", "num_parameters", "max_draft_tokens", "load", "drafter", "weights_fingerprint", "runtime", "device_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,7 @@ class ModelInfo(_message.Message):
     DRAFTER_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     vocab_size: int
     max_context: int
@@ -96,7 +97,8 @@ class ModelInfo(_message.Message):
     drafter: str
     weights_fingerprint: str
     runtime: str
-    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., drafter: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
+    device_id: str
+    def __init__(self, model: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., num_parameters: _Optional[int] = ..., max_draft_tokens: _Optional[int] = ..., load: _Optional[_Union[ReplicaLoad, _Mapping]] = ..., drafter: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., runtime: _Optional[str] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class ReleaseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

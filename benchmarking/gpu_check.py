@@ -542,6 +542,13 @@ def section_verify(sec: Section, ctx: dict) -> None:
                          "met": None if done is None else done["ratio_to_floor"] <= 1.3}
     data["runtime_stats"] = runtime_stats(runtime)
     log(f"  done-when (5 tokens, 1 session <= 1.3x floor): {data['done_when']['ratio']} -> {data['done_when']['met']}")
+    if not sec.over("kernel profile of a verify pass", 5):
+        try:
+            data["kernel_profile_5_tokens_1_session"] = profile_verify(runtime, device, first, vocab)
+            log(f"  kernels per verify pass (5 tokens, 1 session): {data['kernel_profile_5_tokens_1_session']}")
+        except Exception as error:  # noqa: BLE001
+            data["kernel_profile_5_tokens_1_session"] = {"error": f"{type(error).__name__}: {error}"}
+        sec.write()
     if getattr(runtime, "use_graphs", False) and not sec.over("the same pass without graphs", 5):
         # The same weights without graphs (the fusion is shared, not copied): what the graphs are worth here.
         try:
@@ -594,33 +601,60 @@ def profile_decode(runtime, device, context: int, vocab: int, steps: int = 4) ->
     the most expensive kind (torch.profiler; kernels inside a replayed graph are recorded too). The gap between
     the summed kernel time and the weight-read floor is kernel count times each small kernel's minimum."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     rng = random.Random(2)
     caches = [runtime.new_cache()]
     try:
         prefill(runtime, caches, context, vocab, rng)
-        tokens = torch.tensor([rng.randrange(1, vocab)], device=device)
-        for _ in range(2):
-            tokens = runtime.decode_step(caches, tokens).argmax(-1)
-        sync(device)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for _ in range(steps):
-                tokens = runtime.decode_step(caches, tokens).argmax(-1)
-            sync(device)
-        kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None
-                   and str(e.device_type).endswith("CUDA")]
-        by_name: dict[str, float] = {}
-        for e in kernels:
-            by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total if hasattr(e, "device_time_total") \
-                else by_name.get(e.name, 0.0) + e.cuda_time_total
-        total_us = sum(by_name.values())
-        top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
-        return {"kernels_per_step": r(len(kernels) / steps, 1), "kernel_ms_per_step": r(total_us / steps / 1000, 4),
-                "top": [[name[:60], r(us / steps, 1)] for name, us in top]}
+        state = {"tokens": torch.tensor([rng.randrange(1, vocab)], device=device)}
+
+        def step():
+            state["tokens"] = runtime.decode_step(caches, state["tokens"]).argmax(-1)
+
+        return profile_kernels(step, device, steps)
     finally:
         release(caches)
+
+
+def profile_verify(runtime, device, context: int, vocab: int, new_tokens: int = 5, passes: int = 4) -> dict:
+    """The same for one verify pass of `new_tokens` at 1 session (rolled back after each, so every pass is alike)."""
+    rng = random.Random(3)
+    caches = [runtime.new_cache()]
+    try:
+        prefill(runtime, caches, context, vocab, rng)
+        tokens = [[rng.randrange(1, vocab) for _ in range(new_tokens)]]
+
+        def step():
+            runtime.extend_batch(caches, tokens, [new_tokens])
+            caches[0].crop(context)
+
+        return profile_kernels(step, device, passes)
+    finally:
+        release(caches)
+
+
+def profile_kernels(step, device, repeats: int) -> dict:
+    """Kernels per call of `step` on the device (after two warm-up calls), their device time, the costliest kinds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            step()
+        sync(device)
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) is not None
+               and str(e.device_type).endswith("CUDA")]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        us = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+        by_name[e.name] = by_name.get(e.name, 0.0) + us
+    total_us = sum(by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:6]
+    return {"kernels_per_step": r(len(kernels) / repeats, 1), "kernel_ms_per_step": r(total_us / repeats / 1000, 4),
+            "top": [[name[:60], r(us / repeats, 1)] for name, us in top]}
 
 
 def section_draft(sec: Section, ctx: dict) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from service_common.caller_limits import DEFAULT_MAX_WORKERS
 from service_common.server import DEFAULT_MAX_REQUEST_MB, RunningServer, start_server
-from serving.runtimes import RuntimeOptions, make_runtime, runtime_options
+from serving.runtimes import RuntimeOptions, make_runtime
 from serving.metrics import watch_sessions
 from serving.model_loading import LoadedModel, ModelIdentity, load_model
 from serving.model_worker import PASS_TOKENS, PrefillLane, parse_cpus
@@ -99,6 +99,7 @@ def prefill_lane_from(settings: ModelServerSettings) -> PrefillLane | None:
 
 
 def runtime_options_from(settings: ModelServerSettings) -> RuntimeOptions:
+    """What the flags size a runtime's KV pool by (make_runtime's `options`); ValueError for a flag out of range."""
     if settings.slot_tokens < 0:
         raise ValueError(f"--slot-tokens must be >= 0 (0: the model's context, at most 8192), got {settings.slot_tokens}")
     if not 0 < settings.gpu_memory_fraction <= 1:
@@ -147,8 +148,9 @@ class Hosted:
 
 def host_model(settings: ModelServerSettings) -> Hosted:
     """The usual host: a causal LM from --model and its runner (the verify service's target)."""
+    options = runtime_options_from(settings)
     loaded = load_model(settings.model, settings.device, settings.dtype)
-    runner = make_runtime(loaded.model, loaded.device, settings.runtime)
+    runner = make_runtime(loaded.model, loaded.device, settings.runtime, options)
     return Hosted(loaded, runner, runner.new_cache, runner)
 
 
@@ -163,8 +165,8 @@ def start_model_server(settings: ModelServerSettings, servicer_class, add_to_ser
     problems = worker_problems(settings)
     if problems:
         raise ValueError("; ".join(problems))
-    with runtime_options(runtime_options_from(settings)):  # the runtimes `host` makes are sized by the flags
-        hosted = host(settings)
+    runtime_options_from(settings)  # its flags refused before any weights are read, whoever builds the runtime
+    hosted = host(settings)
     max_sessions, max_bytes = fit_to_pool(hosted, settings)
     if lane is not None and hosted.runner is not None and not hosted.runner.capabilities.concurrent_passes:
         # Two forwards at once on one model: the lean runner keeps no state between calls but the

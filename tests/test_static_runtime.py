@@ -12,8 +12,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service_common.errors import OUT_OF_MEMORY, OutOfRange, ResourceExhausted, out_of_memory
-from serving.model_server import ModelServerSettings, fit_to_pool, sessions_for_slots
-from serving.runtimes import RuntimeOptions, make_runtime, runtime_options
+from serving.model_server import ModelServerSettings, fit_to_pool, runtime_options_from, sessions_for_slots
+from serving.runtimes import RuntimeOptions, make_runtime
 from serving.runtimes.hf import ModelRunner
 from serving.runtimes.static import StaticRuntime, length_bucket
 from serving.sessions import SessionStore
@@ -214,8 +214,8 @@ def test_auto_picks_lean_on_the_cpu_and_options_size_the_static_pool():
     assert runtime.name == "static" and runtime.slot_tokens == 64 and runtime.session_slots == 4 + 1 + 1
     assert runtime.capabilities.batches_sessions and not runtime.capabilities.concurrent_passes
     assert not runtime.capabilities.graphs  # CUDA graphs on CUDA only
-    with runtime_options(RuntimeOptions(slot_tokens=32, max_sessions=2)):
-        assert make_runtime(model, torch.device("cpu"), "static").slot_tokens == 32
+    settings = ModelServerSettings("m", runtime="static", slot_tokens=32, max_sessions=2, session_memory_mb=64)
+    assert make_runtime(model, torch.device("cpu"), "static", runtime_options_from(settings)).slot_tokens == 32
     assert runtime.stats()["free_slots"] == runtime.session_slots  # check()'s slot was given back
 
 

@@ -11,6 +11,7 @@ import torch
 from draft_service.drafters.base import Drafter, Proposal, ProposeJob
 from serving.runtimes import make_runtime
 from serving.model_loading import LoadedModel, load_model
+from serving.model_server import runtime_options_from
 from speculation.sampling import COUPLED_STREAM, DRAFT_STREAM, logits_to_probs, race, race_key
 
 
@@ -26,8 +27,9 @@ class ModelDrafter(Drafter):
     @classmethod
     def from_settings(cls, settings) -> ModelDrafter:
         """--model loaded the standard way, on --device in --dtype, run by --runtime."""
+        options = runtime_options_from(settings)
         loaded = load_model(settings.model, settings.device, settings.dtype)
-        return cls(loaded, make_runtime(loaded.model, loaded.device, settings.runtime))
+        return cls(loaded, make_runtime(loaded.model, loaded.device, settings.runtime, options))
 
     def new_cache(self):
         return self.runner.new_cache()

@@ -5,9 +5,6 @@ pool, CUDA graphs for decode steps: the GPU fast path, static.py). `make_runtime
 
 from __future__ import annotations
 
-import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,25 +25,11 @@ class RuntimeOptions:
     graphs: bool = True  # CUDA graphs for decode steps (static, on CUDA)
 
 
-_OPTIONS: contextvars.ContextVar[RuntimeOptions | None] = contextvars.ContextVar("runtime_options", default=None)
-
-
-@contextmanager
-def runtime_options(options: RuntimeOptions) -> Iterator[None]:
-    """Runtimes made inside (make_runtime without `options`) are sized by these: how a service's flags reach
-    the runtime a drafter builds for itself."""
-    token = _OPTIONS.set(options)
-    try:
-        yield
-    finally:
-        _OPTIONS.reset(token)
-
-
 def make_runtime(model: torch.nn.Module, device: torch.device, runtime: str = "auto",
                  options: RuntimeOptions | None = None) -> Runtime:
     """`hf`: the model's own forward, for any causal LM. `lean`: serving/runtimes/lean.py for the architectures
     it computes exactly (`lean.unsupported(config)` says why not). `static`: the same architectures on a KV
-    pool sized by `options` (else those of the enclosing `runtime_options`), with CUDA graphs on CUDA.
+    pool sized by `options` (a service's: serving/model_server.py runtime_options_from), with CUDA graphs on CUDA.
     `auto` (the default, for drafts and targets): static on CUDA and lean elsewhere where supported, else hf.
 
     Neither is bit-identical to `generate`'s one-token steps when it scores several positions at once:
@@ -65,7 +48,7 @@ def make_runtime(model: torch.nn.Module, device: torch.device, runtime: str = "a
 
     on_cuda = torch.device(device).type == "cuda"
     if runtime == "static" or (runtime == "auto" and on_cuda and not why_not and not static.unsupported_model(model)):
-        options = options or _OPTIONS.get() or RuntimeOptions()
+        options = options or RuntimeOptions()
         chosen: Runtime = static.StaticRuntime(
             model, slot_tokens=options.slot_tokens, pool_mb=options.session_memory_mb,
             gpu_memory_fraction=options.gpu_memory_fraction, max_sessions=options.max_sessions,
@@ -79,4 +62,4 @@ def make_runtime(model: torch.nn.Module, device: torch.device, runtime: str = "a
 
 
 __all__ = ["RUNTIMES", "Capabilities", "Cache", "DeviceClock", "Runtime", "RuntimeOptions", "clock_for",
-           "make_runtime", "runtime_options"]
+           "make_runtime"]

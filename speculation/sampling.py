@@ -143,15 +143,22 @@ def _ids(vocab: int, device) -> torch.Tensor:
 def race_bits(keys, vocab: int, device) -> torch.Tensor:
     """[rows, vocab] int64 in [1, 2**53): the race's random bits for ids 0..vocab-1, `keys` a list of race_key
     pairs (one per row). The value at (row, v) depends on the row's key and v alone, not on the width, the device or
-    the other rows. Bits 52..21 are fmix32(v ^ first), distinct across a row (a bijection of v); bits 20..1 refine
-    them (a keyed multiply of those); bit 0 is 1, so the uniform bits / 2**53 is never 0 or 1. One row's key enters
+    the other rows. Bits 52..21 are fmix32(fmix32(v ^ first) ^ second), distinct across a row (a bijection of v);
+    bits 20..1 refine them (a keyed multiply of those); bit 0 is 1, so the uniform bits / 2**53 is never 0 or 1.
+    Both key words enter non-linearly: with fmix32(v ^ first) alone, two keys whose `first` differ by d gave rows
+    that are one permutation of the other (row 2 at v = row 1 at v ^ d: a pair of correlated draws about once in
+    2**32 / vocab pairs of rows). One row's key enters
     as scalars; several rows' keys go to the device in one non-blocking copy (no host sync)."""
     if len(keys) == 1:
         first, second = keys[0]
     else:
-        words = torch.tensor(keys, dtype=torch.int64).to(device, non_blocking=True)  # [rows, 2]
+        words = torch.tensor(keys, dtype=torch.int64)  # [rows, 2]
+        if torch.device(device).type != "cpu":  # pinned, so that the copy does not block the host
+            words = (words.pin_memory() if torch.cuda.is_available() else words).to(device, non_blocking=True)
         first, second = words[:, :1], words[:, 1:]
     high = fmix32(_ids(vocab, device) ^ first)  # a new tensor, hashed in place
+    high ^= second
+    high = fmix32(high)
     low = high ^ second
     low *= _MUL_B
     low &= MASK32
@@ -208,5 +215,9 @@ def coupled_sample(probs: torch.Tensor, seed: int) -> int:
     The draft guesses the target's bonus token this way while the target verifies (the overlap's continuation;
     draft_service/drafters/model.py draws its first token with race_key(seed, COUPLED_STREAM, 0) on its device),
     and the orchestrator draws the bonus with the same seed, so a draft close to the target guesses it right
-    about as often as it would under greedy decoding. Reads the token to the host (for host tensors)."""
+    about as often as it would under greedy decoding. Reads the token to the host (for host tensors). Refuses a row
+    that is no distribution, as `sample` does (the race would pick a NaN's id, or id 0 of an all-zero row)."""
+    total = float(probs.sum(dtype=torch.float64))
+    if not (total > 0 and math.isfinite(total)):
+        raise ValueError(f"cannot sample from a row whose probabilities sum to {total}")
     return int(race(probs.reshape(1, -1), [race_key(seed, COUPLED_STREAM, 0)])[0])

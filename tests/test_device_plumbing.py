@@ -240,7 +240,7 @@ def fmix32_reference(x: int) -> int:
 
 
 def bits_reference(first: int, second: int, v: int) -> int:
-    high = fmix32_reference(v ^ first)
+    high = fmix32_reference(fmix32_reference(v ^ first) ^ second)
     low = (((high ^ second) * 0x735A2D97) % 2 ** 32) >> 11
     return (high << 21) | low | 1
 
@@ -363,3 +363,21 @@ def test_a_verify_pass_scores_on_the_device_and_syncs_once(model, kind, sampling
         else:
             assert not is_fake(got.target_probs) and got.target_probs.shape == (3, VOCAB)
             torch.testing.assert_close(got.target_probs, want.target_probs)
+
+
+def test_two_rows_whose_keys_differ_by_a_small_xor_are_not_each_others_permutation():
+    """Found in review: when the noise entered the key as fmix32(v ^ first) alone, two keys whose `first` words
+    differ by d < vocab made rows where row 2 at v equals row 1 at v ^ d, so on a flat row the second draw was the
+    first XOR d, every time. Seed 14975's draft steps 3 and 8 are such a pair at a 32,768-id vocabulary."""
+    from speculation.sampling import DRAFT_STREAM
+
+    vocab = 32_768
+    a, b = race_key(14975, DRAFT_STREAM, 3), race_key(14975, DRAFT_STREAM, 8)
+    d = a[0] ^ b[0]
+    assert d < vocab  # the pair is one of those (the keys themselves did not change)
+    row_a, row_b = race_bits([a], vocab, "cpu")[0] >> 21, race_bits([b], vocab, "cpu")[0] >> 21
+    mirrored = (row_b == row_a[torch.arange(vocab) ^ d]).float().mean().item()
+    assert mirrored < 0.001, mirrored
+    flat = torch.full((2, vocab), 1.0 / vocab)
+    picks = race(flat, [a, b])
+    assert int(picks[1]) != int(picks[0]) ^ d

@@ -41,7 +41,7 @@ def stand_in_graphs(runtime: StaticRuntime) -> StaticRuntime:
 
         return Replay(), out
 
-    runtime._capture_graph = stand_in
+    runtime._capture_graph_locked = stand_in  # the lock and the output accounting around it run for real
     runtime.use_graphs = True
     return runtime
 
@@ -350,3 +350,45 @@ def test_by_default_a_slot_is_the_models_context_up_to_8192_tokens():
     assert StaticRuntime(llama(context=128), slots=1).slot_tokens == 128
     assert StaticRuntime(llama(context=3 * DEFAULT_SLOT_TOKENS), slots=1,
                          slot_tokens=2 * DEFAULT_SLOT_TOKENS).max_context == 2 * DEFAULT_SLOT_TOKENS
+
+
+def test_graph_outputs_stay_within_their_budget_and_past_it_passes_run_without_a_graph(monkeypatch):
+    """Each graph keeps its output rows (float32 logits of every row of its shape) for as long as the runtime lives:
+    past GRAPH_OUTPUT_BYTES together, a new shape runs eagerly instead of capturing, and gives the same logits."""
+    from serving.runtimes import static
+
+    model = llama(context=160)
+    runtime = stand_in_graphs(StaticRuntime(model, slots=4, length_step=16))
+    eager = StaticRuntime(model, slots=4, length_step=16, graphs=False)
+    monkeypatch.setattr(static, "GRAPH_OUTPUT_BYTES", 11 * runtime.vocab * 4)  # 11 rows of logits in all
+    outputs = []
+    for rt in (runtime, eager):
+        cache = rt.new_cache()
+        out = rt.extend_batch([cache], [list(range(1, 9))], [8])  # 8 rows: captured
+        out += rt.extend_batch([cache], [[3, 4, 5, 6, 7]], [5])  # 5 more would pass 11: eager
+        out += rt.extend_batch([cache], [[9, 10, 11]], [3])  # 3 more fit: captured
+        out.append(rt.decode_step([cache], torch.tensor([12])))  # 1 more would pass 11: eager
+        outputs.append(torch.cat(out))
+    close(outputs[0], outputs[1])
+    stats = runtime.stats()
+    assert stats["extend_graph_shapes"] == [(1, 3, 16), (1, 8, 16)] and stats["extend_passes"] == 1
+    assert stats["graphs_captured"] == 0 and stats["eager_decode_steps"] == 1
+    assert runtime._graph_output_bytes == 11 * runtime.vocab * 4
+
+
+def test_a_new_session_never_sees_a_recycled_slots_old_values():
+    """A slot given back keeps what its session wrote, overflowed values included; the next session's first pass
+    zeroes it, so its masked-out positions are finite (0 * inf would be NaN) and its output is the clean run's."""
+    model = llama(context=160)
+    runtime = StaticRuntime(model, slots=1, length_step=16)
+    first = runtime.new_cache()
+    runtime.extend(first, list(range(1, 30)), 1)
+    runtime.kv[:, :, first.slot] = float("inf")  # as a fp16 overflow would leave it
+    slot = first.slot
+    del first
+    gc.collect()
+    second = runtime.new_cache()
+    assert second.slot == slot
+    logits = runtime.extend(second, [5, 6, 7], 3)
+    clean = StaticRuntime(model, slots=1, length_step=16)
+    close(logits, clean.extend(clean.new_cache(), [5, 6, 7], 3))

@@ -20,8 +20,14 @@ One forward serves both lanes:
   tokens device to device, the slots and positions in one pinned, non-blocking host copy (no host sync).
   Padding rows point at slot 0, a scratch slot no session gets. A shape whose capture fails runs eagerly
   (the same code), with one logged warning.
-- `extend_batch` (prefill, and the verify of gamma + 1 tokens) runs eagerly, its token ids, positions and
-  indices sent to the device in one copy.
+- `extend_batch` (prefill, and the verify of gamma + 1 tokens): a pass of at most GRAPH_TOKENS tokens a session
+  replays a graph too (every session padded to the pass's longest); longer ones run eagerly, their token ids,
+  positions and indices sent to the device in one copy.
+- Captures are one at a time in the process (two runtimes in one process: torch.cuda.graph synchronizes the device
+  on entry, an error while another thread captures), and the graphs' outputs together stay within
+  GRAPH_OUTPUT_BYTES (kept out of the KV pool), past which a new shape runs eagerly.
+- Fusing q/k/v and gate/up in place makes the model's parameters views of one tensor each: the model still runs
+  and its values are unchanged, but safetensors will not save tensors that share storage (save a copy).
 
 Weights: the model's own tensors, used through F.linear on their [out, in] layout: no copies (the lean
 runtime's fused, pre-transposed products double the weights in memory, which on a GPU buys little; a decode
@@ -54,6 +60,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)  # decode graphs are captured at these batc
 # too, captured per (batch bucket, tokens per session, length bucket); longer ones (prefills) run eagerly.
 GRAPH_TOKENS = 16
 MAX_EXTEND_GRAPHS = 192  # shapes beyond this many run eagerly (each graph holds its output rows)
+# What the graphs' static outputs (float32 logits of every row of their shape) may hold together; a shape whose
+# output would pass it runs eagerly. Kept out of the KV pool on CUDA, beside RESERVE_BYTES.
+GRAPH_OUTPUT_BYTES = 1 << 30
+# Captures are serialised across every runtime of the process: torch.cuda.graph synchronizes the device and empties
+# the allocator's cache on entry, which fails (and spoils the other's capture) while another thread captures.
+_CAPTURE_LOCK = threading.Lock()
 LENGTH_STEP = 256
 # A slot's tokens when --slot-tokens is 0: every session reserves its whole slot, so the model's own context would
 # leave room for few sessions (Llama-3.1-8B's 131,072 tokens are 16 GiB a slot in bf16: 3 sessions on an 80 GB card).
@@ -175,6 +187,7 @@ class StaticCache:
         self.capacity = runtime.slot_tokens
         self.length = 0
         self._nbytes = runtime.slot_bytes
+        self.zeroed = False  # its slot's keys and values are zeroed before its first pass (StaticRuntime._admit)
         # deque.append is atomic: the finalizer may run on any thread, in the middle of anything (no lock).
         self._release = weakref.finalize(self, runtime._free.append, slot)
 
@@ -292,9 +305,10 @@ class StaticRuntime(Runtime):
                 # Memory torch's caching allocator holds but no tensor uses (a runtime built and dropped before
                 # this one) is free to this process too.
                 free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-                budget = int(free * gpu_memory_fraction) - RESERVE_BYTES - self._activation_bytes()
+                kept_out = RESERVE_BYTES + self._activation_bytes() + (GRAPH_OUTPUT_BYTES if graphs else 0)
+                budget = int(free * gpu_memory_fraction) - kept_out
                 where = (f"{gpu_memory_fraction} of the {free >> 20} MiB free on {self.device} less "
-                         f"{(RESERVE_BYTES + self._activation_bytes()) >> 20} MiB for activations and graphs")
+                         f"{kept_out >> 20} MiB for activations and graphs")
             else:
                 budget = int((DEFAULT_POOL_MB if pool_mb is None else pool_mb) * (1 << 20))
                 where = f"{budget >> 20} MiB (--session-memory-mb)"
@@ -310,14 +324,14 @@ class StaticRuntime(Runtime):
         self.pool_bytes = self.kv.numel() * element
         self.kv[:, :, 0].zero_()
         self._free: deque[int] = deque(range(1, self.session_slots + 1))
-        # A slot's memory is zeroed on its first use (masked-out keys and values must be finite: 0 * NaN is
-        # NaN); on a CPU the pool's pages are then touched only as sessions come.
-        self._zeroed = bytearray(self.session_slots + 1)
-        self._zeroed[0] = 1
+        # A session's slot is zeroed before its first pass: masked-out keys and values must be finite (0 * inf is
+        # NaN), and a recycled slot may hold an earlier session's overflowed bf16/fp16 values; on a CPU the pool's
+        # pages are then touched only as sessions come.
 
         self.use_graphs = bool(graphs) and self.device.type == "cuda"
         self.capabilities = Capabilities(batches_sessions=True, concurrent_passes=False, graphs=self.use_graphs)
         self._graphs: dict[tuple[int, int], _Graph | None] = {}  # None: capture failed, that shape runs eagerly
+        self._graph_output_bytes = 0  # the captured graphs' static outputs, against GRAPH_OUTPUT_BYTES
         self._extend_graphs: dict[tuple[int, int, int], _ExtendGraph | None] = {}  # (bucket, per, length)
         self._graph_pool = None
         self._stats_lock = threading.Lock()
@@ -368,9 +382,9 @@ class StaticRuntime(Runtime):
                     f"the session would reach {cache.length + count} tokens, past the static runtime's "
                     f"{self.slot_tokens}-token slots (--slot-tokens; the service's max_context)")
         for cache in caches:
-            if not self._zeroed[cache.slot]:
+            if not cache.zeroed:
                 self.kv[:, :, cache.slot].zero_()
-                self._zeroed[cache.slot] = 1
+                cache.zeroed = True
 
     def _bucket(self, length: int) -> int:
         return min(self.slot_tokens, length_bucket(length, self.length_step))
@@ -531,7 +545,7 @@ class StaticRuntime(Runtime):
         key = (bucket, per, length)
         if key in self._extend_graphs:
             return self._extend_graphs[key]
-        if len(self._extend_graphs) >= MAX_EXTEND_GRAPHS:
+        if len(self._extend_graphs) >= MAX_EXTEND_GRAPHS or not self._output_fits(bucket * per):
             return None
         try:
             self._extend_graphs[key] = self._capture_extend(bucket, per, length)
@@ -551,8 +565,19 @@ class StaticRuntime(Runtime):
         out = self._capture_graph(lambda: self._extend_graphed(meta, bucket, per, length))
         return _ExtendGraph(out[0], meta, out[1])
 
+    def _output_fits(self, rows: int) -> bool:
+        """Whether a graph whose static output holds `rows` logit rows fits what graph outputs may hold together."""
+        return self._graph_output_bytes + rows * self.vocab * 4 <= GRAPH_OUTPUT_BYTES
+
     def _capture_graph(self, run):
-        """(graph, output) of `run` captured per PyTorch's recipe (torch.cuda.graph)."""
+        """(graph, output) of `run` captured per PyTorch's recipe (torch.cuda.graph), one capture in the process at
+        a time (_CAPTURE_LOCK)."""
+        with _CAPTURE_LOCK:
+            graph, out = self._capture_graph_locked(run)
+        self._graph_output_bytes += out.numel() * out.element_size()
+        return graph, out
+
+    def _capture_graph_locked(self, run):
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
@@ -602,6 +627,8 @@ class StaticRuntime(Runtime):
         key = (bucket, length)
         if key in self._graphs:
             return self._graphs[key]
+        if not self._output_fits(bucket):
+            return None
         try:
             self._graphs[key] = self._capture(bucket, length)
             self._count("graphs_captured")

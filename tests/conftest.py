@@ -19,7 +19,7 @@ import verify_service.server as verify_server
 from service_common.server import RunningServer
 from serving.model_server import ModelServerSettings
 from specdec_client import Client
-from tests.tiny_models import build_llama, build_tokenizer
+from tests.tiny_models import build_llama, build_tokenizer, save_noisy_copy
 
 torch.set_num_threads(1)
 
@@ -47,13 +47,7 @@ def tiny(tmp_path_factory) -> TinyModels:
         model.lm_head.weight[0] -= 5.0 * model.lm_head.weight[1:].mean(0)
     model.save_pretrained(target)
     draft = build_llama(root / "draft", tokenizer, hidden=32, layers=1, seed=2, sharpen=6.0)
-    noisy = AutoModelForCausalLM.from_pretrained(target)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in noisy.parameters():
-            p.add_(0.35 * p.std() * torch.randn_like(p))
-    noisy.save_pretrained(root / "noisy_draft")
-    tokenizer.save_pretrained(root / "noisy_draft")
+    save_noisy_copy(target, root / "noisy_draft", tokenizer)
     disagreeing = build_llama(root / "disagreeing_draft", tokenizer, hidden=32, layers=1, seed=4,
                               zero_final_norm=True)
     from reference_pair.tokenizer_build import train_tokenizer

@@ -154,18 +154,11 @@ def test_served_by_lean_exactly_like_generate(name, tokenizer, tmp_path):
 
     from specdec_api import common_pb2, draft_pb2_grpc, verify_pb2_grpc
     from tests.conftest import PROMPTS, start_stack
-    from tests.tiny_models import save_real_model
+    from tests.tiny_models import save_noisy_copy, save_real_model
 
     target_dir = save_real_model(tmp_path / "target", tokenizer, name, seed=1, sharpen=6.0)
     target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
-    noisy = AutoModelForCausalLM.from_pretrained(target_dir)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for parameter in noisy.parameters():
-            parameter.add_(0.35 * parameter.std() * torch.randn_like(parameter))
-    noisy.save_pretrained(tmp_path / "draft")
-    tokenizer.save_pretrained(tmp_path / "draft")
-    stack = start_stack(target_dir, tmp_path / "draft")
+    stack = start_stack(target_dir, save_noisy_copy(target_dir, tmp_path / "draft", tokenizer))
     try:
         request = common_pb2.GetModelInfoRequest()
         with grpc.insecure_channel(f"localhost:{stack.verify.port}") as verify, \

@@ -130,3 +130,18 @@ def save_real_model(out: Path, tokenizer, name: str, seed: int, sharpen: float =
     GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
                      bos_token_id=tokenizer.eos_token_id).save_pretrained(out)
     return out
+
+
+def save_noisy_copy(source: Path, out: Path, tokenizer, scale: float = 0.35, seed: int = 3) -> Path:
+    """A draft that mostly agrees with its target: the target's weights plus Gaussian noise of `scale` times each
+    tensor's spread (the tests need drafts that both accept and reject)."""
+    from transformers import AutoModelForCausalLM
+
+    noisy = AutoModelForCausalLM.from_pretrained(source)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for parameter in noisy.parameters():
+            parameter.add_(scale * parameter.std() * torch.randn_like(parameter))
+    noisy.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

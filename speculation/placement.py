@@ -272,9 +272,10 @@ def costs_from_devices(alpha: float, draft_params: float, target_params: float, 
     if target_memory_gb is not None:
         fits = draft_bytes + target_bytes <= memory_headroom * target_memory_gb * 1e9
         notes.append(f"co-located weights {(draft_bytes + target_bytes) / 1e9:.1f} GB of {target_memory_gb:.0f} GB")
-    return Costs(alpha=alpha, draft_step_ms=draft_bytes / (draft_bandwidth_gbs * 1e9) * 1e3,
-                 colocated_draft_step_ms=draft_bytes / (target_bandwidth_gbs * 1e9) * 1e3,
-                 verify_base_ms=target_bytes / (target_bandwidth_gbs * 1e9) * 1e3, verify_per_token_ms=0.0,
+    return Costs(alpha=alpha, draft_step_ms=weight_read_ms(draft_params, draft_dtype_bytes, draft_bandwidth_gbs),
+                 colocated_draft_step_ms=weight_read_ms(draft_params, draft_dtype_bytes, target_bandwidth_gbs),
+                 verify_base_ms=weight_read_ms(target_params, target_dtype_bytes, target_bandwidth_gbs),
+                 verify_per_token_ms=0.0,
                  overhead_ms=overhead_ms, rtt_ms=rtt_ms, colocated_fits=fits, notes=tuple(notes))
 
 

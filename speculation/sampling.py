@@ -169,11 +169,6 @@ def race_bits(keys, vocab: int, device) -> torch.Tensor:
     return high.reshape(len(keys), vocab)
 
 
-def race_uniform(keys, vocab: int, device) -> torch.Tensor:
-    """[rows, vocab] float64 uniforms in (0, 1) (race_bits / 2**53): what the race turns into Exp(1) noise."""
-    return race_bits(keys, vocab, device).to(torch.float64) * 2.0 ** -53
-
-
 def race(probs: torch.Tensor, keys) -> torch.Tensor:
     """[rows, vocab] probabilities (any scale, non-negative) -> [rows] token ids on probs' device, one draw per row,
     the race's noise fixed by `keys` (race_key pairs, one per row). No host sync, nothing but device ops."""

@@ -48,11 +48,6 @@ def forward_batch(runner, jobs: list[ScoreJob]) -> list[torch.Tensor]:
     return runner.extend_batch([j.cache for j in jobs], [j.tokens for j in jobs], [j.positions for j in jobs])
 
 
-def score(logits: torch.Tensor, sampling: Sampling) -> Scores:
-    """[gamma + 1, vocab] logits -> what the acceptance test needs (one job alone; score_batch does a pass's)."""
-    return score_all([logits], [sampling])[0]
-
-
 def score_batch(runner, jobs: list[ScoreJob]) -> list[Scores | None]:
     """The verify's pass: ONE forward for all sessions, then each job's scores, already on the host (None for a
     chunk's head). Inside the pass, so the device clock that times it covers the logits -> probabilities work and

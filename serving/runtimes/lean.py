@@ -238,10 +238,6 @@ class LeanLlama(Runtime):
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
-    def extend(self, cache: LeanCache, token_ids: list[int], keep: int) -> torch.Tensor:
-        """Append tokens; return float32 logits of the last `keep` positions [keep, vocab]."""
-        return self.extend_batch([cache], [token_ids], [keep])[0]
-
     def extend_batch(self, caches: list[LeanCache], token_lists: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
         """One forward for several sessions of different lengths (ragged: no padding, no cache copies).
 

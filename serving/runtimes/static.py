@@ -82,11 +82,6 @@ _MODULES = {
 }
 
 
-def unsupported(config) -> str:
-    """Why this runtime cannot serve a model of this config exactly; "" when it can: what lean computes."""
-    return lean.unsupported(config)
-
-
 def unsupported_model(model: torch.nn.Module) -> str:
     """What in the loaded model's layers this forward would leave out (a module it does not know); "" if none.
     A guard for architectures lean may learn before this runtime does."""
@@ -234,7 +229,7 @@ class StaticRuntime(Runtime):
         as many as fit in pool_mb (the --session-memory-mb budget); at most what max_sessions sessions need
         (the session store may admit a quarter more, and one more while it replaces a session's cache).
         graphs: replay decode steps as CUDA graphs (CUDA only; False: eager, for timing the difference)."""
-        why = unsupported(model.config) or unsupported_model(model)
+        why = lean.unsupported(model.config) or unsupported_model(model)
         if why:
             raise ValueError(f"the static runtime cannot serve this {model.config.model_type!r} model: {why}")
         config = self.config = model.config
@@ -251,7 +246,7 @@ class StaticRuntime(Runtime):
         self.final_norm = inner.norm.weight.detach()
         self.lm_head = model.lm_head.weight.detach()
         self.vocab = self.lm_head.shape[0]
-        windows = lean.attention_windows(config) if hasattr(lean, "attention_windows") else [None] * len(inner.layers)
+        windows = lean.attention_windows(config)
         self.window = next((w for w in windows if w is not None), None)
         self.layers: list[_Layer] = []
         for layer, window in zip(inner.layers, windows):

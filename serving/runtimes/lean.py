@@ -136,6 +136,24 @@ class _Layer:
     windowed: bool = False  # attends within the model's sliding window
 
 
+def rotary_tables(rotary: torch.nn.Module, positions: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [positions, head_dim] from a model's own rotary embedding (its inv_freq and attention_scaling:
+    every static RoPE type is in these two, unsupported() refuses the rest), tabulated as HF's rotary forward
+    computes them: float32, cast to the weights' dtype."""
+    at = torch.arange(positions, dtype=torch.float32, device=device)
+    freqs = at[:, None] * rotary.inv_freq.float().to(device)[None, :]  # [positions, head_dim / 2]
+    table = torch.cat([freqs, freqs], dim=-1)
+    scale = getattr(rotary, "attention_scaling", 1.0)
+    return (table.cos() * scale).to(dtype), (table.sin() * scale).to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, as HF's apply_rotary_pos_emb."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
 class LeanCache:
     """Per-session KV buffers [layers][kv_heads, capacity, head_dim], grown by doubling."""
 
@@ -210,13 +228,7 @@ class LeanLlama(Runtime):
             ))
         # The model's own frequencies and scale (every static RoPE type is in these two: unsupported() refuses
         # the rest), tabulated as HF's rotary forward computes them: float32, cast to the weights' dtype.
-        rotary = inner.rotary_emb
-        positions = torch.arange(config.max_position_embeddings, dtype=torch.float32, device=self.device)
-        freqs = positions[:, None] * rotary.inv_freq.float()[None, :]  # [max_pos, head_dim / 2]
-        table = torch.cat([freqs, freqs], dim=-1)
-        scale = getattr(rotary, "attention_scaling", 1.0)
-        self.cos = (table.cos() * scale).to(self.dtype)  # [max_pos, head_dim]
-        self.sin = (table.sin() * scale).to(self.dtype)
+        self.cos, self.sin = rotary_tables(inner.rotary_emb, config.max_position_embeddings, self.device, self.dtype)
 
     def new_cache(self) -> LeanCache:
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, self.dtype, self.device)
@@ -231,12 +243,6 @@ class LeanLlama(Runtime):
         skipped.layers = [self.layers[position] for position in kept]
         skipped.layer_indices = [self.layer_indices[position] for position in kept]
         return skipped
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
 
     def extend_batch(self, caches: list[LeanCache], token_lists: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
         """One forward for several sessions of different lengths (ragged: no padding, no cache copies).
@@ -298,7 +304,7 @@ class LeanLlama(Runtime):
             if layer.q_norm is not None:
                 q = F.rms_norm(q, (head_dim,), layer.q_norm, self.eps)
                 k = F.rms_norm(k, (head_dim,), layer.k_norm, self.eps)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             v = qkv[:, q_size + kv_size:].view(-1, kv_heads, head_dim)
             # Head-major views once per layer, so that each session takes plain slices of them.
             q_heads, k_heads, v_heads = q.transpose(0, 1)[None], k.transpose(0, 1), v.transpose(0, 1)

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from service_common.errors import OutOfRange, ResourceExhausted
 from serving.runtimes import lean
-from serving.runtimes.base import Capabilities, Runtime
+from serving.runtimes.base import Capabilities, Runtime, to_device
 
 log = logging.getLogger(__name__)
 
@@ -275,15 +275,8 @@ class StaticRuntime(Runtime):
         self.slot_tokens = min(context, slot_tokens or DEFAULT_SLOT_TOKENS)
         self.max_context = self.slot_tokens
         self.length_step = max(1, length_step)
-        # Rotary tables as the model's own rotary embedding has them (its inv_freq and attention_scaling),
-        # for the positions a slot holds.
-        rotary = inner.rotary_emb
-        positions = torch.arange(self.slot_tokens, dtype=torch.float32, device=self.device)
-        freqs = positions[:, None] * rotary.inv_freq.float().to(self.device)[None, :]
-        table = torch.cat([freqs, freqs], dim=-1)
-        scale = getattr(rotary, "attention_scaling", 1.0)
-        self.cos = (table.cos() * scale).to(self.dtype)  # [slot_tokens, head_dim]
-        self.sin = (table.sin() * scale).to(self.dtype)
+        # Rotary tables for the positions a slot holds, [slot_tokens, head_dim].
+        self.cos, self.sin = lean.rotary_tables(inner.rotary_emb, self.slot_tokens, self.device, self.dtype)
         # rotate_half(x) * sin == flip_halves(x) * signed_sin, where signed_sin is sin with its first half negated:
         # rotary in three kernels (flip, mul, addcmul) for q and k together instead of five each.
         half = self.head_dim // 2
@@ -392,14 +385,9 @@ class StaticRuntime(Runtime):
 
     def _to_device(self, values: list[int]) -> torch.Tensor:
         """Host integers to the device in one copy, non-blocking on CUDA (no host sync)."""
-        return self._host(values).to(self.device, non_blocking=True)
+        return to_device(torch.tensor(values, dtype=torch.long), self.device)
 
     # -- the forward -------------------------------------------------------------------------------------
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
-
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, write: torch.Tensor, slots: torch.Tensor,
                  query_positions: torch.Tensor, q_index: torch.Tensor | None, length: int) -> torch.Tensor:
         """The decoder over a pass's new tokens (flat, session after session); returns the last hidden states
@@ -438,7 +426,7 @@ class StaticRuntime(Runtime):
                     q = F.rms_norm(q, (head_dim,), layer.q_norm, self.eps)
                 if layer.k_norm is not None:
                     k = F.rms_norm(k, (head_dim,), layer.k_norm, self.eps)
-                q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+                q, k = lean.rotate(q, cos, sin), lean.rotate(k, cos, sin)
             pool_k = self.kv[i, 0].view(rows * capacity, kv_heads, head_dim)
             pool_v = self.kv[i, 1].view(rows * capacity, kv_heads, head_dim)
             pool_k.index_copy_(0, write, k)

@@ -13,7 +13,7 @@ from serving.runtimes import RuntimeOptions, make_runtime
 from serving.metrics import watch_sessions
 from serving.model_loading import LoadedModel, ModelIdentity, load_model
 from serving.model_worker import PASS_TOKENS, PrefillLane, parse_cpus
-from serving.sessions import SessionStore
+from serving.sessions import SessionStore, most_caches
 from transport import TLSSettings
 
 
@@ -109,11 +109,10 @@ def runtime_options_from(settings: ModelServerSettings) -> RuntimeOptions:
 
 
 def sessions_for_slots(slots: int) -> int:
-    """The most sessions a store may be bounded to when its caches take slots of a fixed pool: the store
-    admits a quarter over its bound for a caller below its fair share (serving/sessions.py), and holds a
-    session's old cache while it makes the new one (a restart at prefix 0)."""
+    """The most sessions a store may be bounded to when its caches take slots of a fixed pool (serving/sessions.py:
+    most_caches, its headroom over the bound and a restart's second cache, within the slots)."""
     bound = max(1, slots - 2)
-    while bound > 1 and bound + max(1, bound // 4) + 1 > slots:
+    while bound > 1 and most_caches(bound) > slots:
         bound -= 1
     return bound
 

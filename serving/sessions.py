@@ -47,6 +47,17 @@ class Session:
         del self.digests[length + 1:]
 
 
+def headroom(bound: int) -> int:
+    """Sessions a store bounded to `bound` admits over it for a caller below its fair share (SessionStore)."""
+    return max(1, bound // 4)
+
+
+def most_caches(bound: int) -> int:
+    """The most caches a store bounded to `bound` holds at once: its headroom, and one more while a session's new
+    cache replaces its old one (a restart at prefix 0). What a fixed pool of caches must have room for."""
+    return bound + headroom(bound) + 1
+
+
 def owner(key) -> Hashable:
     """Who holds a session: the caller part of a (caller, id) key; None for plain ids (one caller)."""
     return key[0] if isinstance(key, tuple) else None
@@ -212,8 +223,7 @@ class SessionStore:
                 break
             del self._sessions[victim]
             self.evictions += 1
-        headroom = max(1, self.max_sessions // 4)
-        if (need_slot and weight(requester) < 1.0 and len(self._sessions) < self.max_sessions + headroom
+        if (need_slot and weight(requester) < 1.0 and len(self._sessions) < self.max_sessions + headroom(self.max_sessions)
                 and sum(s.nbytes for s in self._sessions.values()) <= self.max_bytes):
             return  # below its share: admitted over the bound, taken back from the heaviest caller later
         if need_slot:

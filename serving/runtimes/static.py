@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from service_common.errors import OutOfRange, ResourceExhausted
 from serving.runtimes import lean
 from serving.runtimes.base import Capabilities, Runtime, to_device
+from serving.sessions import most_caches
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ class StaticRuntime(Runtime):
 
         element = torch.empty((), dtype=self.dtype).element_size()
         self.slot_bytes = len(self.layers) * 2 * self.slot_tokens * self.kv_heads * self.head_dim * element
-        most = max_sessions + max(1, max_sessions // 4) + 1
+        most = most_caches(max_sessions)
         if slots is None:
             if self.device.type == "cuda":
                 if not 0 < gpu_memory_fraction <= 1:

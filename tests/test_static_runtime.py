@@ -392,3 +392,22 @@ def test_a_new_session_never_sees_a_recycled_slots_old_values():
     logits = runtime.extend(second, [5, 6, 7], 3)
     clean = StaticRuntime(model, slots=1, length_step=16)
     close(logits, clean.extend(clean.new_cache(), [5, 6, 7], 3))
+
+
+def test_a_pass_of_one_token_a_session_replays_the_decode_steps_graph_not_a_second_one():
+    """One token per session is the decode step's computation: the same graph serves both, and the logits are the
+    eager runtime's."""
+    model = llama(context=160)
+    graphed = stand_in_graphs(StaticRuntime(model, slots=4, length_step=16))
+    eager = StaticRuntime(model, slots=4, length_step=16, graphs=False)
+    outputs = []
+    for runtime in (graphed, eager):
+        caches = [runtime.new_cache() for _ in range(2)]
+        out = runtime.extend_batch(caches, [list(range(1, 6)), [7, 8]], [1, 1])
+        out += runtime.extend_batch(caches, [[9], [10]], [1, 1])
+        out.append(runtime.decode_step(caches, torch.tensor([11, 12])))
+        outputs.append(torch.cat(out))
+    close(outputs[0], outputs[1])
+    stats = graphed.stats()
+    assert stats["graph_shapes"] == [(2, 16)] and stats["graph_replays"] == 2
+    assert all(per > 1 for _, per, _ in stats["extend_graph_shapes"])

@@ -459,8 +459,11 @@ class StaticRuntime(Runtime):
     @torch.inference_mode()
     def extend_batch(self, caches: list[StaticCache], token_lists: list[list[int]], keeps: list[int]) -> list[torch.Tensor]:
         """Prefill and verify passes (any number of new tokens per session, ragged). On CUDA a pass of at most
-        GRAPH_TOKENS tokens per session for at most 32 sessions replays a graph; others run eagerly."""
+        GRAPH_TOKENS tokens per session for at most 32 sessions replays a graph (one token a session: the decode
+        step's, not a second graph of the same computation); others run eagerly."""
         counts = [len(tokens) for tokens in token_lists]
+        if self.use_graphs and max(counts) == 1:  # one token a session (so one row kept): a decode step's graph
+            return list(self.decode_step(caches, self._to_device([t for tokens in token_lists for t in tokens])).split(1))
         self._admit(caches, counts)
         n, per, total = len(caches), max(counts), sum(counts)
         starts = [cache.length for cache in caches]
@@ -526,21 +529,28 @@ class StaticRuntime(Runtime):
         return self._logits(x)
 
     def _extend_graph(self, bucket: int, per: int, length: int) -> _ExtendGraph | None:
-        key = (bucket, per, length)
-        if key in self._extend_graphs:
-            return self._extend_graphs[key]
-        if len(self._extend_graphs) >= MAX_EXTEND_GRAPHS or not self._output_fits(bucket * per):
+        if len(self._extend_graphs) >= MAX_EXTEND_GRAPHS and (bucket, per, length) not in self._extend_graphs:
+            return None
+        return self._cached_graph(self._extend_graphs, (bucket, per, length), bucket * per, self._capture_extend,
+                                  "extend_", f"a pass of {per} tokens for {bucket} sessions at length {length}",
+                                  "such passes go without a graph")
+
+    def _cached_graph(self, graphs: dict, key: tuple, rows: int, capture, counters: str, shape: str, fallback: str):
+        """The graph of this shape in `graphs`, captured on first use; None, so that the shape runs eagerly (as
+        exact), when its output of `rows` rows would not fit GRAPH_OUTPUT_BYTES or its capture failed (said once)."""
+        if key in graphs:
+            return graphs[key]
+        if not self._output_fits(rows):
             return None
         try:
-            self._extend_graphs[key] = self._capture_extend(bucket, per, length)
-            self._count("extend_graphs_captured")
+            graphs[key] = capture(*key)
+            self._count(counters + "graphs_captured")
         except Exception as error:  # noqa: BLE001 - any capture failure: that shape runs eagerly, as exact
-            self._extend_graphs[key] = None
-            self._count("extend_capture_failures")
-            log.warning("static runtime: capturing the graph of a pass of %d tokens for %d sessions at length %d "
-                        "failed (%s: %s); such passes go without a graph", per, bucket, length,
-                        type(error).__name__, error)
-        return self._extend_graphs[key]
+            graphs[key] = None
+            self._count(counters + "capture_failures")
+            log.warning("static runtime: capturing the graph of %s failed (%s: %s); %s", shape,
+                        type(error).__name__, error, fallback)
+        return graphs[key]
 
     def _capture_extend(self, bucket: int, per: int, length: int) -> _ExtendGraph:
         """As _capture: warm up on a side stream, capture into the shared pool; all-zero inputs point every row at
@@ -607,21 +617,9 @@ class StaticRuntime(Runtime):
         return out
 
     def _graph(self, bucket: int, length: int) -> _Graph | None:
-        """The decode graph of this shape, captured on first use; None when its capture failed (eager)."""
-        key = (bucket, length)
-        if key in self._graphs:
-            return self._graphs[key]
-        if not self._output_fits(bucket):
-            return None
-        try:
-            self._graphs[key] = self._capture(bucket, length)
-            self._count("graphs_captured")
-        except Exception as error:  # noqa: BLE001 - any capture failure: that shape runs eagerly, as exact
-            self._graphs[key] = None
-            self._count("capture_failures")
-            log.warning("static runtime: capturing the decode graph for %d sessions at length %d failed (%s: %s); "
-                        "that shape runs eagerly", bucket, length, type(error).__name__, error)
-        return self._graphs[key]
+        """The decode graph of this shape, captured on first use; None when it runs eagerly."""
+        return self._cached_graph(self._graphs, (bucket, length), bucket, self._capture, "",
+                                  f"a decode step for {bucket} sessions at length {length}", "that shape runs eagerly")
 
     def _capture(self, bucket: int, length: int) -> _Graph:
         """Per PyTorch's recipe (torch.cuda.graph): warm up on a side stream, then capture into the pool shared

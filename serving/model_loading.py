@@ -190,12 +190,17 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     evenly spaced positions. Two checkpoints that differ anywhere a training step or a fine-tune touches differ
     here too (a rolling update that puts new weights under the same path), while reading ~64 values per tensor
     keeps it cheap for a model of any size (one small gather per tensor on the device, one copy to the host)."""
-    digest = hashlib.blake2b(digest_size=16)
+    headers, samples = [], []
     for name, tensor in model.state_dict().items():
         flat = tensor.detach().reshape(-1)
-        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        if flat.numel():
-            positions = torch.linspace(0, flat.numel() - 1, min(WEIGHT_SAMPLES, flat.numel()), device=flat.device)
-            sample = flat[positions.round().long()].float().cpu().numpy()
-            digest.update(sample.tobytes())
+        headers.append(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        positions = torch.linspace(0, flat.numel() - 1, min(WEIGHT_SAMPLES, flat.numel()), device=flat.device)
+        samples.append(flat[positions.round().long()].float())
+    # All the samples reach the host in one copy (one sync on a GPU, not one per tensor).
+    host = torch.cat([sample.to(samples[0].device) for sample in samples]).cpu() if samples else torch.empty(0)
+    digest = hashlib.blake2b(digest_size=16)
+    for header, values in zip(headers, host.split([len(sample) for sample in samples])):
+        digest.update(header)
+        if len(values):
+            digest.update(values.numpy().tobytes())
     return digest.hexdigest()

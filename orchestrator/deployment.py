@@ -35,8 +35,7 @@ class Deployment:
     @property
     def channels(self) -> list[grpc.Channel]:
         """Every replica's channel now (replicas come and go with dns:/// names)."""
-        sets = [self.verify] + ([self.draft] if self.draft else [])
-        return [r.channel for s in sets for r in s._replicas.values() if r.channel is not None]
+        return [c for s in (self.verify, self.draft) if s is not None for c in s.channels()]
 
     def close(self) -> None:
         for replicas in (self.verify, self.draft):

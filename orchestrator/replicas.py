@@ -155,7 +155,6 @@ class Replica:
         self.address = address
         self.stub = stub
         self.channel = channel
-        self.info: common_pb2.ModelInfo | None = None
         self.answering = channel is None  # answered its last call or probe (a replica given as a stub: yes)
         self.refused: str | None = None  # why it may take no session (serves the wrong model)
         self.draining = False
@@ -296,7 +295,6 @@ class ReplicaSet:
             if problem and replica.refused != problem:
                 log.error("%s replica %s takes no session: %s", self.role, replica.address, problem)
             replica.refused = problem
-            replica.info = info
             replica.instance = "" if problem else info.load.instance
             replica.answering = True
             replica.last_error = ""
@@ -500,7 +498,7 @@ class ReplicaSet:
         with self._lock:
             return replica.refused is None and replica.instance == instance
 
-    def release_elsewhere(self, replica: Replica, release_path: str, session_id: str) -> None:
+    def release_elsewhere(self, replica: Replica, session_id: str) -> None:
         """Ask a replica a session left to drop its cache (best effort, in the background): a replica that
         is still up would otherwise hold it until its TTL, and a drain would wait for it."""
         def release() -> None:
@@ -519,6 +517,11 @@ class ReplicaSet:
         """At most one replica can take sessions: its calls may wait for it to come back (wait_for_ready)."""
         with self._lock:
             return sum(1 for r in self._replicas.values() if r.takes_sessions()) <= 1
+
+    def channels(self) -> list[grpc.Channel]:
+        """Every replica's channel now (replicas come and go with dns:/// names)."""
+        with self._lock:
+            return [r.channel for r in self._replicas.values() if r.channel is not None]
 
     def snapshot(self) -> list[tuple[str, int, bool]]:
         """(address, sessions bound, takes new sessions now) per replica, for reports and tests."""

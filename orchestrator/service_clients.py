@@ -54,9 +54,12 @@ class VerifyFailed(Exception):
         self.code, self.details = code, details
 
 
-_DRAFT_OUTAGE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED,
-                       grpc.StatusCode.UNKNOWN}
+# What a replica's status says of it: gone (down, draining, stopping), broken (its model failed), and every status
+# on which a session moves to another replica; a draft call failing with one of those, or timing out, is an outage.
+_GONE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+_BROKEN_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+_REPLICA_FAULT_CODES = _GONE_CODES | _BROKEN_CODES | {grpc.StatusCode.RESOURCE_EXHAUSTED}
+_DRAFT_OUTAGE_CODES = _REPLICA_FAULT_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}
 # With another replica to move to, one attempt of a call gets this share of the time left.
 ATTEMPT_SHARE = 0.5
 
@@ -165,7 +168,7 @@ class SessionClient:
         sends the whole prefix. The replica it leaves is asked to release the session's cache (it may
         still be up: a refusal, a timeout), in the background, best effort."""
         if self.replica is not None and self.synced_len > 0:
-            self.replicas.release_elsewhere(self.replica, self.release_path, self.session_id)
+            self.replicas.release_elsewhere(self.replica, self.session_id)
         self._unbind()
         if self.synced_len > 0:  # it held some of the session: the next replica is sent all of it
             self.reprefills += 1
@@ -228,13 +231,13 @@ class SessionClient:
                     self.chain.reset()  # in case its own hashes were the stale part (PrefixChain's window)
                     continue
                 timed_out = code == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() < deadline - 0.01
-                gone = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-                broken = timed_out or code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
+                gone = code in _GONE_CODES
+                broken = timed_out or code in _BROKEN_CODES
                 if gone or broken:
                     # No new session goes there until a probe finds it back (a hung or failing one: for a
                     # while even then, since its probe may answer while its model does not).
                     self.replicas.failed(replica, draining=is_draining(error), hold=broken)
-                if (gone or broken or code == grpc.StatusCode.RESOURCE_EXHAUSTED) and \
+                if (timed_out or code in _REPLICA_FAULT_CODES) and \
                         self.replicas.others_take_sessions(replica, given_up):
                     given_up.add(replica.address)
                     self._move()

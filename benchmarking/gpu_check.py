@@ -39,9 +39,7 @@ rounding (the oracle's continuation, computed once target-only, stays the target
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import inspect
 import json
 import os
 import platform
@@ -58,7 +56,9 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from local_stack.paths import REPO_ROOT
+from speculation.rejection import greedy_accept
+
 SECTIONS = ("environment", "verify", "draft", "exactness", "services")
 
 LLAMA3_ROPE_8B = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -297,31 +297,12 @@ def kv_bytes_per_token(cfg: dict, element: int) -> int:
     return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * element
 
 
-def static_class():
-    """serving.runtimes.static's runtime class, or (None, why not)."""
-    try:
-        from serving.runtimes import static
-    except Exception as error:  # noqa: BLE001 - missing or broken: recorded, the check goes on without it
-        return None, f"serving.runtimes.static not importable ({type(error).__name__}: {error})"
-    from serving.runtimes.base import Runtime
-
-    for value in vars(static).values():
-        if isinstance(value, type) and issubclass(value, Runtime) and getattr(value, "name", "") == "static":
-            return value, ""
-    return None, "serving.runtimes.static has no Runtime named 'static'"
-
-
 def build_static(model, graphs: bool, **sizes):
-    """The static runtime on this model, with the keyword arguments its constructor takes; (None, why) if not."""
-    cls, why = static_class()
-    if cls is None:
-        return None, why
-    params = inspect.signature(cls).parameters
-    if not graphs and "graphs" not in params:
-        return None, "the static runtime takes no graphs= argument"
-    kwargs = {k: v for k, v in {**sizes, "graphs": graphs}.items() if k in params}
+    """The static runtime on this model (sizes: its constructor's slots / slot_tokens); (None, why) if it refuses."""
+    from serving.runtimes.static import StaticRuntime
+
     try:
-        runtime = cls(model, **kwargs)
+        runtime = StaticRuntime(model, graphs=graphs, **sizes)
         runtime.check()
     except Exception as error:  # noqa: BLE001 - it refuses the model, or fails: the caller falls back
         return None, f"static runtime refused: {type(error).__name__}: {error}"
@@ -329,17 +310,11 @@ def build_static(model, graphs: bool, **sizes):
 
 
 def make_rt(model, device, name: str, sessions: int, slot_tokens: int):
-    """make_runtime(model, device, name), with a pooled runtime (static) sized for `sessions` sessions of
-    `slot_tokens` where make_runtime takes options (else its defaults: 90 % of the free GPU memory)."""
-    from serving import runtimes
+    """make_runtime(model, device, name), a pooled runtime (static) sized for `sessions` sessions of `slot_tokens`
+    (not make_runtime's default of 90 % of the free GPU memory)."""
+    from serving.runtimes import RuntimeOptions, make_runtime
 
-    options = getattr(runtimes, "RuntimeOptions", None)
-    if options is not None and "options" in inspect.signature(runtimes.make_runtime).parameters:
-        fields = inspect.signature(options).parameters
-        wanted = {"max_sessions": sessions, "slot_tokens": slot_tokens}
-        return runtimes.make_runtime(model, device, name,
-                                     options=options(**{k: v for k, v in wanted.items() if k in fields}))
-    return runtimes.make_runtime(model, device, name)
+    return make_runtime(model, device, name, RuntimeOptions(max_sessions=sessions, slot_tokens=slot_tokens))
 
 
 def serving_runtime(model, device, slots: int, slot_tokens: int):
@@ -678,18 +653,13 @@ def section_draft(sec: Section, ctx: dict) -> None:
             data["graphs"] = f"unavailable: {why or 'the static runtime did not turn graphs on'}"
             if graphs is not None:
                 variants["static_no_graphs"] = graphs
-        eager, why = build_static(model, False, **sizes)
-        if eager is not None:
-            variants["static_eager"] = eager
-        else:
-            data["static_eager"] = f"unavailable: {why}"
     else:
         data["graphs"] = "unavailable: CUDA graphs need a CUDA device"
-        eager, why = build_static(model, False, **sizes)
-        if eager is not None:
-            variants["static_eager"] = eager
-        else:
-            data["static_eager"] = f"unavailable: {why}"
+    eager, why = build_static(model, False, **sizes)
+    if eager is not None:
+        variants["static_eager"] = eager
+    else:
+        data["static_eager"] = f"unavailable: {why}"
     try:
         lean = make_runtime(model, device, "lean")
         variants["lean_eager"] = lean
@@ -729,8 +699,6 @@ def section_draft(sec: Section, ctx: dict) -> None:
                                       "graphs=True)", "speedup": speedup,
                          "met": None if speedup is None else speedup >= 2.0}
     log(f"  done-when (graphs >= 2x eager): {speedup} -> {data['done_when']['met']}")
-    del variants, model
-    free_device(device)
 
 
 def spec_greedy(target_rt, draft_rt, prompt: list[int], gamma: int, max_new: int, eos: set[int]) -> list[int]:
@@ -755,11 +723,9 @@ def spec_greedy(target_rt, draft_rt, prompt: list[int], gamma: int, max_new: int
             if j < gamma - 1:  # the draft's inner loop: decode_step (a CUDA graph on the static runtime)
                 logits = draft_rt.decode_step([dc], torch.tensor([token], device=device))
         scores = target_rt.extend(tc, [seq[-1]] + drafts, gamma + 1).argmax(-1).tolist()
-        accepted = 0
-        while accepted < gamma and scores[accepted] == drafts[accepted]:
-            accepted += 1
-        new = drafts[:accepted] + [scores[accepted]]
-        for token in new:
+        outcome = greedy_accept(drafts, scores)
+        accepted = outcome.accepted
+        for token in outcome.tokens(drafts):
             out.append(token)
             seq.append(token)
             if token in eos or len(out) >= max_new:
@@ -803,22 +769,12 @@ def section_exactness(sec: Section, ctx: dict) -> None:
     pair["prompts"], pair["max_new_tokens"], pair["gammas"] = len(prompts), max_new, plan["gammas_exact"]
     pair["generate_s"] = r(time.perf_counter() - t0, 2)
     checks = pair["checks"] = []
-    names = [name for name in RUNTIMES if name != "auto"]
-    if "static" not in names:
-        names.append("static")  # feature-detected below when make_runtime does not know it yet
-    for name in names:
+    for name in [name for name in RUNTIMES if name != "auto"]:
         if sec.over(f"exactness through runtime {name}", 3):
             break
         try:
-            if name == "static" and "static" not in RUNTIMES:
-                t_rt, why = build_static(target, True, slots=4, slot_tokens=1024)
-                d_rt, why2 = build_static(draft, True, slots=4, slot_tokens=1024)
-                if t_rt is None or d_rt is None:
-                    checks.append({"runtime": name, "skipped": why or why2})
-                    continue
-            else:
-                t_rt = make_rt(target, device, name, 4, 1024)
-                d_rt = make_rt(draft, device, name, 4, 1024)
+            t_rt = make_rt(target, device, name, 4, 1024)
+            d_rt = make_rt(draft, device, name, 4, 1024)
         except Exception as error:  # noqa: BLE001 - a runtime that cannot serve the pair here
             checks.append({"runtime": name, "skipped": f"{type(error).__name__}: {error}"})
             continue
@@ -834,9 +790,8 @@ def section_exactness(sec: Section, ctx: dict) -> None:
     # ... and through the services (in this process; their auto runtimes, the orchestrator's acceptance)
     if not sec.over("exactness through the services", 5):
         # A pooled runtime (static, auto's choice on CUDA) sized for a few sessions, not 90 % of the GPU.
-        settings = dict(device=str(device), dtype="float32", host="localhost", max_sessions=16)
-        known = {f.name for f in dataclasses.fields(ModelServerSettings)}
-        settings.update({k: v for k, v in {"gpu_memory_fraction": 0.2, "slot_tokens": 1024}.items() if k in known})
+        settings = dict(device=str(device), dtype="float32", host="localhost", max_sessions=16,
+                        gpu_memory_fraction=0.2, slot_tokens=1024)
         verify = drafter = orchestrator = None
         t0 = time.perf_counter()
         try:
@@ -862,7 +817,7 @@ def section_exactness(sec: Section, ctx: dict) -> None:
     pair["runs"] = len(ran)
     sec.write()
     del target, draft
-    free_device(device)
+    free_device(device)  # before the drift model is built
     # (b) bf16 drift on a random model: greedy argmax of bf16 vs float32 over N teacher-forced positions
     if sec.over("bf16 drift"):
         return
@@ -884,8 +839,6 @@ def section_exactness(sec: Section, ctx: dict) -> None:
                           "max_abs_logit_diff": r(float((logits32 - logits16).abs().max()), 4),
                           "note": "expected: random weights give near-tied logits; a number, not a failure"}
     log(f"  bf16 drift: {differ}/{n} positions' argmax differ from fp32 ({data['bf16_drift']['rate']})")
-    del model, logits32, logits16
-    free_device(device)
 
 
 # -- section 5: the services as processes -----------------------------------------------------------------

@@ -141,7 +141,7 @@ def propose(blocks: int = 7, calls: int = 20, gamma: int = 4, context: int = 200
         def run():
             for cache in caches:
                 cache.crop(context)
-            propose_batch(draft, [ProposeJob(cache, [7], gamma, Sampling(0.0, 0, 1.0), None) for cache in caches])
+            propose_batch(draft, [ProposeJob(cache, [7], gamma, Sampling(0.0, 0, 1.0)) for cache in caches])
         run()
         per_call = []
         for _ in range(blocks):

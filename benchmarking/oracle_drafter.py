@@ -63,7 +63,6 @@ class OracleDrafter(Drafter):
         self.alpha = 0.0
         self.sequences: list[list[int]] = []
         self.rng = random.Random(0)
-        self.proposed = self.oracle_right = 0  # counters, for the check's report
 
     def new_cache(self) -> OracleCache:
         return OracleCache(self.runner.new_cache())
@@ -109,11 +108,9 @@ class OracleDrafter(Drafter):
                     truth = known[position] if known is not None and position < len(known) else None
                     if truth is not None and self.rng.random() < self.alpha:
                         tokens.append(truth)
-                        self.oracle_right += 1
                     else:
                         wrong = own if truth is None or own != truth else (truth % (vocab - 1)) + 1
                         tokens.append(wrong)
-                    self.proposed += 1
             limit = job.vocab_limit or vocab
             tokens = [t if t < limit else 1 for t in tokens]
             proposal.token_ids = tokens

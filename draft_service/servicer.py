@@ -48,7 +48,7 @@ class DraftServicer(ModelServiceBase, draft_pb2_grpc.DraftServiceServicer):
         with self.session(request, context) as session:
             # No generator: sampled drafts are the race keyed by the request's seed (speculation/sampling.py), so a
             # retried pass draws what it would have drawn alone with nothing to put back.
-            job = ProposeJob(session.cache, append, gamma, sampling, None, request.min_confidence,
+            job = ProposeJob(session.cache, append, gamma, sampling, request.min_confidence,
                              request.vocab_limit, request.seed)
             done = self.submit(job, session, context)
             # The cache holds the append and as many of its own proposals as the drafter fed (the model: all but

@@ -293,10 +293,10 @@ SAMPLED = Sampling(0.9, top_k=20)
 
 def draft_jobs(runtime, sampling, min_confidence=0.0):
     """Three sessions with ragged gammas, one of them under a vocab_limit, one feeding a chunk (gamma 0)."""
-    return [ProposeJob(runtime.new_cache(), [1, 2, 3, 4], 4, sampling, None, min_confidence, 0, 11),
-            ProposeJob(runtime.new_cache(), [5, 6], 2, sampling, None, min_confidence, VOCAB - 10, 12),
-            ProposeJob(runtime.new_cache(), [7, 8, 9], 3, Sampling(1.0), None, min_confidence, 0, 13),
-            ProposeJob(runtime.new_cache(), [10, 11], 0, sampling, None, min_confidence, 0, 14)]
+    return [ProposeJob(runtime.new_cache(), [1, 2, 3, 4], 4, sampling, min_confidence, 0, 11),
+            ProposeJob(runtime.new_cache(), [5, 6], 2, sampling, min_confidence, VOCAB - 10, 12),
+            ProposeJob(runtime.new_cache(), [7, 8, 9], 3, Sampling(1.0), min_confidence, 0, 13),
+            ProposeJob(runtime.new_cache(), [10, 11], 0, sampling, min_confidence, 0, 14)]
 
 
 def report(what, fake):
@@ -316,7 +316,7 @@ def test_a_draft_proposal_stays_on_the_device_and_syncs_once(model, kind, sampli
         assert fake.syncs("caller") <= 1, fake.where
         assert kind != "lean" or fake.syncs("runtime") == 0, fake.where
         fake.reset()  # the next proposal on the same caches: the last token fed, then decode steps only
-        propose_batch(runtime, [ProposeJob(job.cache, proposal.token_ids[-1:] or [3], 2, sampling, None, 0.0, 0, 20 + n)
+        propose_batch(runtime, [ProposeJob(job.cache, proposal.token_ids[-1:] or [3], 2, sampling, 0.0, 0, 20 + n)
                                 for n, (job, proposal) in enumerate(zip(jobs, proposals))])
         assert fake.syncs("caller") <= 1, fake.where
         assert kind != "lean" or fake.syncs("runtime") == 0, fake.where

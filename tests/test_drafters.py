@@ -129,7 +129,7 @@ def test_lookup_cost_does_not_grow_with_the_context():
 def test_under_sampling_proposals_are_one_hot_rows_sent_sparse(tiny):
     drafter = NgramDrafter(read_identity(str(tiny.target)))
     cache = drafter.new_cache()
-    job = ProposeJob(cache, [5, 6, 7, 5, 6], 3, Sampling(1.0), torch.Generator().manual_seed(0), vocab_limit=0, seed=9)
+    job = ProposeJob(cache, [5, 6, 7, 5, 6], 3, Sampling(1.0), vocab_limit=0, seed=9)
     (proposal,) = drafter.propose_batch([job])
     assert proposal.token_ids == [7, 5, 6] and proposal.drafter == "ngram" and cache.length == 5
     encoded = encode_rows(proposal.draft_probs)
@@ -139,7 +139,7 @@ def test_under_sampling_proposals_are_one_hot_rows_sent_sparse(tiny):
     assert rows.shape == (3, VOCAB) and torch.equal(rows, torch.nn.functional.one_hot(torch.tensor([7, 5, 6]), VOCAB).float())
     assert torch.equal(one_hot_rows([1, 1], 4).to_dense(), torch.tensor([[0.0, 1, 0, 0], [0, 1, 0, 0]]))
     # greedy: no rows; ids past vocab_limit are not proposed (the proposal stops before the first)
-    (greedy,) = drafter.propose_batch([ProposeJob(cache, [7], 4, GREEDY, None, vocab_limit=6)])
+    (greedy,) = drafter.propose_batch([ProposeJob(cache, [7], 4, GREEDY, vocab_limit=6)])
     assert greedy.token_ids == [5] and greedy.draft_probs is None
 
 
@@ -170,7 +170,7 @@ def test_a_chain_feeds_its_model_the_tokens_ngram_rounds_skipped(tiny):
     while len(committed) < 150:
         gamma = rng.choice([1, 3, 5])
         with store.use("s", synced, fingerprint(committed[:synced]) if synced else b"") as session:
-            job = ProposeJob(session.cache, committed[synced:], gamma, GREEDY, None)
+            job = ProposeJob(session.cache, committed[synced:], gamma, GREEDY)
             (proposal,) = chain.propose_batch([job])
             session.record(job.append + proposal.token_ids)
             cached_len = session.length
@@ -179,7 +179,7 @@ def test_a_chain_feeds_its_model_the_tokens_ngram_rounds_skipped(tiny):
         used[proposal.drafter] += 1
         if proposal.drafter == "model":
             fresh = model.new_cache()
-            (expected,) = model.propose_batch([ProposeJob(fresh, list(committed), gamma, GREEDY, None)])
+            (expected,) = model.propose_batch([ProposeJob(fresh, list(committed), gamma, GREEDY)])
             assert proposal.token_ids == expected.token_ids, len(committed)
         else:
             assert proposal.token_ids == lookup_by_scan(committed, gamma, 2, 3)

@@ -167,7 +167,7 @@ def test_a_batched_proposal_draws_what_each_job_draws_alone_and_its_guess_is_the
             ([1, 2], 0, Sampling(1.0), 0, 5),
             (list(range(100, 120)), 6, Sampling(1.2, top_p=0.7), 0, 1 << 60),
         ]
-        return [ProposeJob(runtime.new_cache(), append, gamma, sampling, None, 0.0, limit, seed)
+        return [ProposeJob(runtime.new_cache(), append, gamma, sampling, 0.0, limit, seed)
                 for i, (append, gamma, sampling, limit, seed) in enumerate(specs) if i in which]
 
     batched_rt = stand_in_graphs(StaticRuntime(model, slots=8, length_step=16))

@@ -116,7 +116,7 @@ def test_proposals_are_the_skipped_models_and_sampled_rows_its_probabilities(fou
     reference_model = hf_without(four_model, (1, 2))
     # greedy, several sessions in one call: each the argmax chain of the pruned HF model
     prompts = [TOKENS[:7], TOKENS[3:15], TOKENS]
-    jobs = [ProposeJob(drafter.new_cache(), list(p), 5, GREEDY, None) for p in prompts]
+    jobs = [ProposeJob(drafter.new_cache(), list(p), 5, GREEDY) for p in prompts]
     for job, prompt, proposal in zip(jobs, prompts, drafter.propose_batch(jobs)):
         with torch.inference_mode():
             expected = reference_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=5,
@@ -125,8 +125,7 @@ def test_proposals_are_the_skipped_models_and_sampled_rows_its_probabilities(fou
         assert job.cache.length == len(prompt) + 4  # all but the last proposal fed, as the model drafter
     # sampled: the first row is the shared transform of the pruned model's logits
     sampling = Sampling(0.8, top_k=20)
-    (proposal,) = drafter.propose_batch([ProposeJob(drafter.new_cache(), TOKENS, 3, sampling,
-                                                    torch.Generator().manual_seed(1), seed=5)])
+    (proposal,) = drafter.propose_batch([ProposeJob(drafter.new_cache(), TOKENS, 3, sampling, seed=5)])
     with torch.inference_mode():
         logits = reference_model(torch.tensor([TOKENS]), use_cache=False).logits[0, -1:]
     assert proposal.draft_probs.shape == (3, VOCAB)

@@ -27,10 +27,11 @@ class ProposeJob:
     append: list[int]  # committed tokens after the cache's length: at least one
     gamma: int  # 0: a chunk of a longer append (chunked prefill): feed it, propose nothing
     sampling: Sampling
-    generator: torch.Generator | None  # unused by the model drafter (its noise is keyed by seed and step): None
     min_confidence: float = 0.0
     vocab_limit: int = 0  # propose only ids below this (0: all); see ProposeRequest.vocab_limit
-    seed: int = 0  # the request's seed: the first token is coupled_sample(probs, seed), the rest race on its draft stream
+    # The request's seed: the first token is coupled_sample(probs, seed), the rest race on its draft stream (no
+    # generator: a retried pass redraws the same tokens).
+    seed: int = 0
 
 
 @dataclass

@@ -40,6 +40,10 @@ class ChainCache:
 
 
 class ChainDrafter(Drafter):
+    # tokens_of is the base's: a round costs as a model member's (the append and its drafts but the last); what a
+    # lagging member catches up on is not counted, since which member a round reaches is known only once the
+    # lookups before it have run.
+
     def __init__(self, members: list[Drafter]):
         if len(members) < 2:
             raise ValueError("a chain needs at least two drafters")
@@ -85,8 +89,3 @@ class ChainDrafter(Drafter):
                     still.append(i)
             asked = still
         return results
-
-    def tokens_of(self, job: ProposeJob) -> int:
-        """As a model member's round: the append and its drafts but the last. What a lagging member catches up
-        on is not counted: which member a round reaches is known only once the lookups before it have run."""
-        return len(job.append) + max(job.gamma - 1, 0)

@@ -1,7 +1,7 @@
 """The model drafter: a small causal LM proposes with the ordinary decode loop, one token at a time.
 
 The loop (propose_batch) knows nothing about gRPC; it takes a runner, the jobs' caches (the runner's KV caches),
-sampling settings and generators. ModelDrafter is it behind the drafter seam (base.py).
+sampling settings and seeds. ModelDrafter is it behind the drafter seam (base.py).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarking.bench import specdec_generate
 from local_stack.paths import DEFAULT_DRAFT, DEFAULT_PROMPTS, DEFAULT_TARGET, REPO_ROOT, load_prompts
 from local_stack.processes import spawn, stop_processes, wait_healthy
 from specdec_client import Client
@@ -292,14 +293,8 @@ def our_stacks(target: str, draft: str, drafters: list[str], *, target_cpu: int 
 
 
 def ours_generate(client: Client, prompt: str, max_new_tokens: int, gamma: int) -> dict:
-    token_ids: list[int] = []
-    stats: dict = {}
-    started = time.perf_counter()
-    for chunk in client.stream(prompt, max_new_tokens, num_draft_tokens=gamma):
-        token_ids.extend(chunk.token_ids)
-        if chunk.stats is not None:
-            stats = chunk.stats
-    return {"token_ids": token_ids, "wall_s": time.perf_counter() - started, "stats": stats}
+    row, _rounds, stats = specdec_generate(client, prompt, max_new_tokens, {"num_draft_tokens": gamma})
+    return {"token_ids": row["token_ids"], "wall_s": row["wall_s"], "stats": stats}
 
 
 # --- the run -------------------------------------------------------------------------------------------------
